@@ -1,0 +1,1 @@
+//! umdev-proto.
