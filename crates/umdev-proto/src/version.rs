@@ -73,7 +73,9 @@ impl Capabilities {
         let nul = tail
             .iter()
             .position(|b| *b == 0)
-            .ok_or(ProtoError::BadVersionData("capabilities are not NUL-terminated"))?;
+            .ok_or(ProtoError::BadVersionData(
+                "capabilities are not NUL-terminated",
+            ))?;
         let text = core::str::from_utf8(&tail[..nul])
             .map_err(|_| ProtoError::BadVersionData("capabilities are not UTF-8"))?;
         if text.trim().is_empty() {
@@ -81,17 +83,24 @@ impl Capabilities {
         }
         let root: Value = serde_json::from_str(text)
             .map_err(|_| ProtoError::BadVersionData("capabilities are not JSON"))?;
-        let root = root
-            .as_object()
-            .ok_or(ProtoError::BadVersionData("version data is not a JSON object"))?;
+        let root = root.as_object().ok_or(ProtoError::BadVersionData(
+            "version data is not a JSON object",
+        ))?;
         let caps = match root.get("capabilities") {
             None => return Ok(Capabilities::default()),
             Some(Value::Object(m)) => m,
-            Some(_) => return Err(ProtoError::BadCapability { key: "capabilities" }),
+            Some(_) => {
+                return Err(ProtoError::BadCapability {
+                    key: "capabilities",
+                })
+            }
         };
         let pgsizes = match caps.get("pgsizes") {
             None => None,
-            Some(v) => Some(v.as_u64().ok_or(ProtoError::BadCapability { key: "pgsizes" })?),
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or(ProtoError::BadCapability { key: "pgsizes" })?,
+            ),
         };
         let migration = match caps.get("migration") {
             None => None,
@@ -102,10 +111,9 @@ impl Capabilities {
         };
         let write_multiple = match caps.get("write_multiple") {
             None => None,
-            Some(v) => Some(
-                v.as_bool()
-                    .ok_or(ProtoError::BadCapability { key: "write_multiple" })?,
-            ),
+            Some(v) => Some(v.as_bool().ok_or(ProtoError::BadCapability {
+                key: "write_multiple",
+            })?),
         };
         let twin_socket = match caps.get("twin_socket") {
             None => None,
@@ -168,7 +176,8 @@ impl Capabilities {
 
     /// `max_data_xfer_size` with the spec's default applied.
     pub fn max_data_xfer_size_or_default(&self) -> u32 {
-        self.max_data_xfer_size.unwrap_or(DEFAULT_MAX_DATA_XFER_SIZE)
+        self.max_data_xfer_size
+            .unwrap_or(DEFAULT_MAX_DATA_XFER_SIZE)
     }
 
     /// `max_dma_maps` with the spec's default applied.

@@ -202,7 +202,10 @@ mod tests {
     fn split_refuses_short_bodies_and_keeps_the_tail() {
         let body = [1u8, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0, 9, 9];
         let (info, tail) = split::<DeviceInfo>(&body, "info").unwrap();
-        assert_eq!((info.argsz, info.flags, info.num_regions, info.num_irqs), (1, 2, 3, 4));
+        assert_eq!(
+            (info.argsz, info.flags, info.num_regions, info.num_irqs),
+            (1, 2, 3, 4)
+        );
         assert_eq!(tail, &[9, 9]);
         assert!(split::<DeviceInfo>(&body[..15], "info").is_err());
     }
