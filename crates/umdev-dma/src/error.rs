@@ -167,6 +167,7 @@ impl DmaError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A test that fails should panic.
 mod tests {
     use super::*;
 

@@ -46,10 +46,13 @@
 //! # }
 //! ```
 
+mod copy;
 mod error;
 mod mapping;
 mod range;
 mod space;
+#[cfg(test)]
+mod testutil;
 
 pub use error::DmaError;
 pub use mapping::Backing;

@@ -174,6 +174,7 @@ pub(crate) fn write_mmap(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A test that fails should panic.
 mod tests {
     use super::*;
     use rustix::fs::{memfd_create, MemfdFlags};

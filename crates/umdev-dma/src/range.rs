@@ -123,6 +123,7 @@ impl Prot {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // A test that fails should panic.
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -1,4 +1,4 @@
-//! The address space of one client: the mapping table and the copies through it.
+//! The address space of one client: the mapping table (the copies are in `copy`).
 //!
 //! # Locking and the unmap guarantee
 //!
@@ -25,9 +25,9 @@ use std::ops::Bound;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use crate::error::DmaError;
-use crate::mapping::{read_mmap, write_mmap, Backing, Mapping, Memory};
+use crate::mapping::{Backing, Mapping};
 use crate::range::{IovaRange, Prot};
-use crate::{Dma, RemoteDma};
+use crate::RemoteDma;
 
 /// Limits of one address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl MappingInfo {
     }
 }
 
-type Table = BTreeMap<u64, Mapping>;
+pub(crate) type Table = BTreeMap<u64, Mapping>;
 
 /// The DMA address space of one client: its mappings and the copies through them.
 ///
@@ -90,28 +90,6 @@ impl std::fmt::Debug for AddressSpace {
 impl Default for AddressSpace {
     fn default() -> Self {
         Self::new(DmaLimits::default())
-    }
-}
-
-/// Whether a copy reads from or writes to client memory, with its buffer.
-enum Transfer<'a> {
-    Read(&'a mut [u8]),
-    Write(&'a [u8]),
-}
-
-impl Transfer<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Transfer::Read(b) => b.len(),
-            Transfer::Write(d) => d.len(),
-        }
-    }
-
-    fn needed(&self) -> Prot {
-        match self {
-            Transfer::Read(_) => Prot::READ,
-            Transfer::Write(_) => Prot::WRITE,
-        }
     }
 }
 
@@ -207,7 +185,7 @@ impl AddressSpace {
         &self.limits
     }
 
-    fn read_table(&self) -> RwLockReadGuard<'_, Table> {
+    pub(crate) fn read_table(&self) -> RwLockReadGuard<'_, Table> {
         // Copies and lookups never leave the table half-changed, and map/unmap change it
         // with single BTreeMap operations: a poisoned lock still guards a consistent table.
         self.table.read().unwrap_or_else(PoisonError::into_inner)
@@ -235,95 +213,16 @@ impl AddressSpace {
         Ok(())
     }
 
-    fn remote(&self) -> Option<Arc<dyn RemoteDma>> {
+    pub(crate) fn remote(&self) -> Option<Arc<dyn RemoteDma>> {
         self.remote
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
-
-    /// The copy loop shared by `read` and `write`.
-    fn transfer(&self, iova: u64, mut xfer: Transfer<'_>) -> Result<(), DmaError> {
-        let total = xfer.len();
-        if total == 0 {
-            return Ok(());
-        }
-        let len = u64::try_from(total).map_err(|_| DmaError::InvalidRange {
-            start: iova,
-            len: u64::MAX,
-        })?;
-        let end = iova
-            .checked_add(len)
-            .ok_or(DmaError::InvalidRange { start: iova, len })?;
-        let needed = xfer.needed();
-
-        let mut guard = Some(self.read_table());
-        // Check every byte before copying any, so that a refused access changes nothing.
-        if let Some(table) = &guard {
-            check_access(table, iova, end, needed)?;
-        }
-
-        let mut cur = iova;
-        while cur < end {
-            // The lock is dropped around remote calls; take it again (and look up again,
-            // the table may have changed) for what follows.
-            let table = match guard.take() {
-                Some(t) => t,
-                None => self.read_table(),
-            };
-            let m = find_with(&table, cur, needed)?;
-            let seg_end = end.min(m.range.end());
-            // All three fit in usize: they are at most `total`, or inside a mapping whose
-            // length was converted to usize when it was mmapped.
-            let buf_at = to_usize(cur - iova, iova)?;
-            let buf_end = to_usize(seg_end - iova, iova)?;
-            match &m.memory {
-                Memory::Mmap(region) => {
-                    let off = to_usize(cur - m.range.start(), cur)?;
-                    match &mut xfer {
-                        Transfer::Read(buf) => {
-                            read_mmap(region, off, &mut buf[buf_at..buf_end], cur)?
-                        }
-                        Transfer::Write(data) => {
-                            write_mmap(region, off, &data[buf_at..buf_end], cur)?
-                        }
-                    }
-                    // Keep holding the lock for the next segment (see module docs).
-                    guard = Some(table);
-                }
-                Memory::Remote => {
-                    drop(table);
-                    let remote = self.remote().ok_or(DmaError::NoRemote { iova: cur })?;
-                    match &mut xfer {
-                        Transfer::Read(buf) => {
-                            remote_read(&*remote, cur, &mut buf[buf_at..buf_end])?
-                        }
-                        Transfer::Write(data) => {
-                            remote_write(&*remote, cur, &data[buf_at..buf_end])?
-                        }
-                    }
-                }
-            }
-            cur = seg_end;
-        }
-        Ok(())
-    }
-}
-
-impl Dma for AddressSpace {
-    /// Reads `buf.len()` bytes at `iova`; every byte must be mapped with [`Prot::READ`].
-    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.transfer(iova, Transfer::Read(buf))
-    }
-
-    /// Writes `data` at `iova`; every byte must be mapped with [`Prot::WRITE`].
-    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.transfer(iova, Transfer::Write(data))
-    }
 }
 
 /// The mapping containing `iova`: the last one starting at or before it, if it reaches it.
-fn find(table: &Table, iova: u64) -> Option<&Mapping> {
+pub(crate) fn find(table: &Table, iova: u64) -> Option<&Mapping> {
     table
         .range(..=iova)
         .next_back()
@@ -331,65 +230,240 @@ fn find(table: &Table, iova: u64) -> Option<&Mapping> {
         .filter(|m| m.range.contains(iova))
 }
 
-fn find_with(table: &Table, iova: u64, needed: Prot) -> Result<&Mapping, DmaError> {
-    let m = find(table, iova).ok_or(DmaError::Fault { iova })?;
-    if !m.prot.contains(needed) {
-        return Err(DmaError::PermissionDenied {
-            iova,
-            needed,
-            has: m.prot,
-        });
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // A test that fails should panic.
+mod tests {
+    use super::*;
+    use crate::testutil::{memfd, memfd_pair, range, space};
+    use crate::{Dma, PAGE_SIZE};
+    use rustix::io::Errno;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn default_limit_is_65535_mappings() {
+        assert_eq!(space().limits().max_mappings, 65_535);
     }
-    Ok(m)
-}
 
-/// Checks that `[iova, end)` is covered by adjacent mappings that all allow `needed`.
-fn check_access(table: &Table, iova: u64, end: u64, needed: Prot) -> Result<(), DmaError> {
-    let mut cur = iova;
-    while cur < end {
-        cur = find_with(table, cur, needed)?.range.end();
+    #[test]
+    fn overlapping_map_is_eexist() {
+        let s = space();
+        s.map(range(0x1000, 0x2000), Prot::READ, Backing::Remote)
+            .unwrap();
+        for (start, len) in [
+            (0x1000, 0x2000),
+            (0x0, 0x1001),
+            (0x2fff, 1),
+            (0x1800, 0x10),
+            (0, 0x10000),
+        ] {
+            let err = s
+                .map(range(start, len), Prot::READ, Backing::Remote)
+                .unwrap_err();
+            assert_eq!(err.as_errno(), Errno::EXIST, "{start:#x}+{len:#x}");
+        }
+        assert_eq!(s.len(), 1);
     }
-    Ok(())
-}
 
-fn to_usize(v: u64, iova: u64) -> Result<usize, DmaError> {
-    usize::try_from(v).map_err(|_| DmaError::InvalidRange {
-        start: iova,
-        len: v,
-    })
-}
-
-fn chunk_size(remote: &dyn RemoteDma) -> Result<usize, DmaError> {
-    match remote.max_transfer() {
-        0 => Err(DmaError::ZeroMaxTransfer),
-        n => Ok(n),
+    #[test]
+    fn adjacent_maps_are_accepted() {
+        let s = space();
+        s.map(range(0x1000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        s.map(range(0x0, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        s.map(range(0x2000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        assert_eq!(s.len(), 3);
     }
-}
 
-fn remote_read(remote: &dyn RemoteDma, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-    let mut at = iova;
-    for chunk in buf.chunks_mut(chunk_size(remote)?) {
-        remote.read(at, chunk)?;
-        at = advance(at, chunk.len())?;
+    #[test]
+    fn overlapping_map_closes_the_rejected_fd() {
+        let s = space();
+        s.map(range(0, PAGE_SIZE), Prot::READ, Backing::Remote)
+            .unwrap();
+        let fd = memfd("umdev-dma-rejected", PAGE_SIZE);
+        let probe = fd.try_clone().unwrap();
+        let err = s
+            .map(
+                range(0, PAGE_SIZE),
+                Prot::READ,
+                Backing::Fd { fd, offset: 0 },
+            )
+            .unwrap_err();
+        assert!(matches!(err, DmaError::Overlap { .. }));
+        // Only our probe still refers to the file.
+        drop(probe);
     }
-    Ok(())
-}
 
-fn remote_write(remote: &dyn RemoteDma, iova: u64, data: &[u8]) -> Result<(), DmaError> {
-    let mut at = iova;
-    for chunk in data.chunks(chunk_size(remote)?) {
-        remote.write(at, chunk)?;
-        at = advance(at, chunk.len())?;
+    #[test]
+    fn empty_prot_map_is_einval() {
+        let err = space()
+            .map(range(0, 0x1000), Prot::NONE, Backing::Remote)
+            .unwrap_err();
+        assert_eq!(err.as_errno(), Errno::INVAL);
     }
-    Ok(())
-}
 
-fn advance(iova: u64, by: usize) -> Result<u64, DmaError> {
-    u64::try_from(by)
-        .ok()
-        .and_then(|by| iova.checked_add(by))
-        .ok_or(DmaError::InvalidRange {
-            start: iova,
-            len: u64::MAX,
-        })
+    #[test]
+    fn unmap_removes_exact_match() {
+        let s = space();
+        s.map(range(0x1000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        s.map(range(0x2000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        s.unmap(range(0x1000, 0x1000)).unwrap();
+        let left: Vec<_> = s.mappings().iter().map(|m| m.range).collect();
+        assert_eq!(left, vec![range(0x2000, 0x1000)]);
+    }
+
+    #[test]
+    fn unmap_of_part_or_superset_is_enoent() {
+        let s = space();
+        s.map(range(0x1000, 0x2000), Prot::READ, Backing::Remote)
+            .unwrap();
+        for (start, len) in [
+            (0x1000, 0x1000),
+            (0x1000, 0x3000),
+            (0x2000, 0x1000),
+            (0x0, 0x4000),
+        ] {
+            let err = s.unmap(range(start, len)).unwrap_err();
+            assert_eq!(err.as_errno(), Errno::NOENT, "{start:#x}+{len:#x}");
+        }
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn unmap_of_never_mapped_range_is_enoent() {
+        let err = space().unmap(range(0x1000, 0x1000)).unwrap_err();
+        assert!(matches!(err, DmaError::NotMapped { .. }));
+        assert_eq!(err.errno(), Errno::NOENT.raw_os_error());
+    }
+
+    #[test]
+    fn map_beyond_limit_is_enospc() {
+        let s = AddressSpace::new(DmaLimits { max_mappings: 2 });
+        s.map(range(0, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        s.map(range(0x1000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+        let err = s
+            .map(range(0x2000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap_err();
+        assert_eq!(err.as_errno(), Errno::NOSPC);
+        // Room again after an unmap.
+        s.unmap(range(0, 0x1000)).unwrap();
+        s.map(range(0x2000, 0x1000), Prot::READ, Backing::Remote)
+            .unwrap();
+    }
+
+    #[test]
+    fn mappings_are_sorted_by_start() {
+        let s = space();
+        for start in [0x5000, 0x1000, 0x3000] {
+            s.map(range(start, 0x1000), Prot::READ_WRITE, Backing::Remote)
+                .unwrap();
+        }
+        let starts: Vec<_> = s.mappings().iter().map(|m| m.range.start()).collect();
+        assert_eq!(starts, vec![0x1000, 0x3000, 0x5000]);
+        assert!(s
+            .mappings()
+            .iter()
+            .all(|m| !m.fd_backed && m.prot == Prot::READ_WRITE));
+    }
+
+    /// The target of `/proc/self/fd/<fd>`, if that fd is open.
+    fn fd_target(fd: i32) -> Option<String> {
+        std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    fn maps_mention(name: &str) -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .contains(name)
+    }
+
+    #[test]
+    fn unmap_all_closes_fds_and_munmaps() {
+        // Names unique to this test: other tests run in parallel and reuse fd numbers.
+        let names = ["umdev-dma-unmap-all-a", "umdev-dma-unmap-all-b"];
+        let s = space();
+        let mut raw = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let fd = memfd(name, PAGE_SIZE);
+            raw.push(fd.as_raw_fd());
+            let start = u64::try_from(i).unwrap() * PAGE_SIZE;
+            s.map(
+                range(start, PAGE_SIZE),
+                Prot::READ,
+                Backing::Fd { fd, offset: 0 },
+            )
+            .unwrap();
+        }
+        s.map(range(0x10000, PAGE_SIZE), Prot::READ, Backing::Remote)
+            .unwrap();
+        for (fd, name) in raw.iter().zip(names) {
+            assert!(fd_target(*fd).unwrap().contains(name));
+            assert!(maps_mention(name));
+        }
+
+        assert_eq!(s.unmap_all(), 3);
+        assert!(s.is_empty());
+        for (fd, name) in raw.iter().zip(names) {
+            assert!(
+                !fd_target(*fd).is_some_and(|t| t.contains(name)),
+                "fd {fd} still open"
+            );
+            assert!(!maps_mention(name), "{name} still mapped");
+        }
+    }
+
+    #[test]
+    fn unmap_closes_the_fd() {
+        let name = "umdev-dma-unmap-one";
+        let s = space();
+        let fd = memfd(name, PAGE_SIZE);
+        let raw = fd.as_raw_fd();
+        s.map(
+            range(0, PAGE_SIZE),
+            Prot::READ,
+            Backing::Fd { fd, offset: 0 },
+        )
+        .unwrap();
+        s.unmap(range(0, PAGE_SIZE)).unwrap();
+        assert!(!fd_target(raw).is_some_and(|t| t.contains(name)));
+        assert!(!maps_mention(name));
+    }
+
+    #[test]
+    fn unmap_waits_for_in_flight_fd_copy() {
+        // The copy writes front to back while holding the read lock. If unmap returned
+        // while it was still running, the last byte of the file would not be written yet.
+        const SIZE: u64 = 32 << 20;
+        let s = Arc::new(space());
+        for _attempt in 0..20 {
+            let (backing, file) = memfd_pair("umdev-dma-inflight", SIZE);
+            s.map(range(0, SIZE), Prot::READ_WRITE, backing).unwrap();
+            let writer = {
+                let s = s.clone();
+                std::thread::spawn(move || s.write(0, &vec![0x5au8; 32 << 20]))
+            };
+            // Wait until the copy holds the read lock.
+            while s.table.try_write().is_ok() && !writer.is_finished() {
+                std::thread::yield_now();
+            }
+            let caught_in_flight = !writer.is_finished();
+            s.unmap(range(0, SIZE)).unwrap();
+            let mut last = [0u8; 1];
+            file.read_exact_at(&mut last, SIZE - 1).unwrap();
+            writer.join().unwrap().unwrap();
+            if caught_in_flight {
+                assert_eq!(last, [0x5a], "unmap returned during the copy");
+                return;
+            }
+        }
+        panic!("never caught the copy in flight");
+    }
 }
