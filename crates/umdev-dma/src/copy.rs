@@ -29,6 +29,7 @@ impl Transfer<'_> {
         }
     }
 }
+
 impl AddressSpace {
     /// The copy loop shared by `read` and `write`.
     fn transfer(&self, iova: u64, mut xfer: Transfer<'_>) -> Result<(), DmaError> {
@@ -45,11 +46,10 @@ impl AddressSpace {
             .ok_or(DmaError::InvalidRange { start: iova, len })?;
         let needed = xfer.needed();
 
-        let mut guard = Some(self.read_table());
+        let table = self.read_table();
         // Check every byte before copying any, so that a refused access changes nothing.
-        if let Some(table) = &guard {
-            check_access(table, iova, end, needed)?;
-        }
+        check_access(&table, iova, end, needed)?;
+        let mut guard = Some(table);
 
         let mut cur = iova;
         while cur < end {

@@ -236,6 +236,7 @@ mod tests {
     use super::*;
     use crate::testutil::{memfd, memfd_pair, range, space};
     use crate::{Dma, PAGE_SIZE};
+    use proptest::prelude::*;
     use rustix::io::Errno;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
@@ -465,5 +466,148 @@ mod tests {
             }
         }
         panic!("never caught the copy in flight");
+    }
+
+    /// A client whose memory reads as zeros and swallows writes.
+    struct NullClient;
+
+    impl RemoteDma for NullClient {
+        fn read(&self, _iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            buf.fill(0);
+            Ok(())
+        }
+
+        fn write(&self, _iova: u64, _data: &[u8]) -> Result<(), DmaError> {
+            Ok(())
+        }
+
+        fn max_transfer(&self) -> usize {
+            3
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Map(u64, u64, u8),
+        Unmap(u64, u64),
+        UnmapAll,
+        Lookup(u64),
+        Read(u64, usize),
+        Write(u64, usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..64, 1u64..16, 1u8..=3).prop_map(|(s, l, p)| Op::Map(s, l, p)),
+            2 => (0u64..64, 1u64..16).prop_map(|(s, l)| Op::Unmap(s, l)),
+            1 => Just(Op::UnmapAll),
+            2 => (0u64..80).prop_map(Op::Lookup),
+            2 => (0u64..80, 0usize..24).prop_map(|(s, l)| Op::Read(s, l)),
+            2 => (0u64..80, 0usize..24).prop_map(|(s, l)| Op::Write(s, l)),
+        ]
+    }
+
+    /// The naive model: a list of (start, len, prot), scanned linearly, byte by byte.
+    #[derive(Default)]
+    struct Model {
+        maps: Vec<(u64, u64, Prot)>,
+    }
+
+    const MODEL_LIMIT: usize = 6;
+
+    impl Model {
+        fn find(&self, iova: u64) -> Option<(u64, u64, Prot)> {
+            self.maps
+                .iter()
+                .copied()
+                .find(|&(s, l, _)| s <= iova && iova < s + l)
+        }
+
+        fn map(&mut self, start: u64, len: u64, prot: Prot) -> Result<(), Errno> {
+            let overlaps = (start..start + len).any(|x| self.find(x).is_some());
+            if overlaps {
+                return Err(Errno::EXIST);
+            }
+            if self.maps.len() >= MODEL_LIMIT {
+                return Err(Errno::NOSPC);
+            }
+            self.maps.push((start, len, prot));
+            Ok(())
+        }
+
+        fn unmap(&mut self, start: u64, len: u64) -> Result<(), Errno> {
+            let i = self
+                .maps
+                .iter()
+                .position(|&(s, l, _)| s == start && l == len)
+                .ok_or(Errno::NOENT)?;
+            self.maps.remove(i);
+            Ok(())
+        }
+
+        fn access(&self, iova: u64, len: usize, needed: Prot) -> Result<(), Errno> {
+            for x in iova..iova + u64::try_from(len).unwrap() {
+                match self.find(x) {
+                    None => return Err(Errno::FAULT),
+                    Some((_, _, p)) if !p.contains(needed) => return Err(Errno::PERM),
+                    Some(_) => {}
+                }
+            }
+            Ok(())
+        }
+
+        fn sorted(&self) -> Vec<(u64, u64, Prot)> {
+            let mut v = self.maps.clone();
+            v.sort_unstable_by_key(|m| m.0);
+            v
+        }
+    }
+
+    fn errno<T>(r: Result<T, DmaError>) -> Result<T, Errno> {
+        r.map_err(|e| e.as_errno())
+    }
+
+    proptest! {
+        #[test]
+        fn table_agrees_with_naive_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let s = AddressSpace::new(DmaLimits { max_mappings: MODEL_LIMIT });
+            s.set_remote(Some(Arc::new(NullClient)));
+            let mut model = Model::default();
+            for op in ops {
+                match op {
+                    Op::Map(start, len, bits) => {
+                        let prot = Prot::from_bits(bits).unwrap();
+                        let got = errno(s.map(range(start, len), prot, Backing::Remote));
+                        prop_assert_eq!(got, model.map(start, len, prot), "{:?}", op);
+                    }
+                    Op::Unmap(start, len) => {
+                        prop_assert_eq!(errno(s.unmap(range(start, len))), model.unmap(start, len));
+                    }
+                    Op::UnmapAll => {
+                        prop_assert_eq!(s.unmap_all(), model.maps.len());
+                        model.maps.clear();
+                    }
+                    Op::Lookup(iova) => {
+                        let got = s.lookup(iova).map(|m| (m.range.start(), m.range.len(), m.prot));
+                        prop_assert_eq!(got, model.find(iova));
+                    }
+                    Op::Read(iova, len) => {
+                        let got = errno(s.read(iova, &mut vec![0; len]));
+                        prop_assert_eq!(got, model.access(iova, len, Prot::READ), "{:?}", op);
+                    }
+                    Op::Write(iova, len) => {
+                        let got = errno(s.write(iova, &vec![0; len]));
+                        prop_assert_eq!(got, model.access(iova, len, Prot::WRITE), "{:?}", op);
+                    }
+                }
+                let table: Vec<_> = s
+                    .mappings()
+                    .iter()
+                    .map(|m| (m.range.start(), m.range.len(), m.prot))
+                    .collect();
+                prop_assert_eq!(table, model.sorted());
+                prop_assert_eq!(s.len(), model.maps.len());
+            }
+        }
     }
 }
