@@ -127,6 +127,7 @@ impl AddressSpace {
         // Checked again: another map may have raced in since the read lock was dropped.
         // On error the guard, declared after `mapping`, is released before the munmap.
         self.check_insert(&table, range)?;
+        tracing::debug!(%range, ?prot, fd_backed = mapping.fd_backed(), "DMA map");
         table.insert(range.start(), mapping);
         Ok(())
     }
@@ -146,6 +147,7 @@ impl AddressSpace {
         };
         // munmap and close outside the lock: no copy can reach this entry any more.
         drop(removed);
+        tracing::debug!(%range, "DMA unmap");
         Ok(())
     }
 
@@ -157,6 +159,7 @@ impl AddressSpace {
             std::mem::take(&mut *self.table.write().unwrap_or_else(PoisonError::into_inner));
         let count = removed.len();
         drop(removed);
+        tracing::debug!(count, "DMA unmap all");
         count
     }
 
@@ -242,6 +245,12 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     #[test]
+    fn address_space_is_send_and_sync() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<AddressSpace>();
+    }
+
+    #[test]
     fn default_limit_is_65535_mappings() {
         assert_eq!(space().limits().max_mappings, 65_535);
     }
@@ -279,12 +288,13 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_map_closes_the_rejected_fd() {
+    fn refused_map_closes_the_fd() {
+        let name = "umdev-dma-refused";
         let s = space();
         s.map(range(0, PAGE_SIZE), Prot::READ, Backing::Remote)
             .unwrap();
-        let fd = memfd("umdev-dma-rejected", PAGE_SIZE);
-        let probe = fd.try_clone().unwrap();
+        let fd = memfd(name, PAGE_SIZE);
+        let raw = fd.as_raw_fd();
         let err = s
             .map(
                 range(0, PAGE_SIZE),
@@ -293,8 +303,7 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, DmaError::Overlap { .. }));
-        // Only our probe still refers to the file.
-        drop(probe);
+        assert!(!fd_target(raw).is_some_and(|t| t.contains(name)));
     }
 
     #[test]
