@@ -1,0 +1,739 @@
+//! A served PCI function: the framework's config space, MSI-X table and interrupts around a
+//! device that only implements its BARs.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use umdev_dma::Dma;
+
+use crate::config::ConfigSpace;
+use crate::error::DeviceError;
+use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState};
+use crate::spec::{ranges_overlap, PciDeviceSpec};
+use crate::{BarIndex, IrqIndex, CONFIG_REGION, NUM_IRQS, NUM_REGIONS, ROM_REGION, VGA_REGION};
+
+/// Device info flag: the device supports reset.
+pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
+/// Device info flag: the device is a PCI device.
+pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
+/// Region info flag: readable.
+pub const REGION_INFO_FLAG_READ: u32 = 1 << 0;
+/// Region info flag: writable.
+pub const REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
+/// Region info flag: mmap-able through [`RegionInfo::mmap`].
+pub const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+/// IRQ info flag: eventfds can be attached.
+pub const IRQ_INFO_EVENTFD: u32 = 1 << 0;
+/// IRQ info flag: the index can be masked.
+pub const IRQ_INFO_MASKABLE: u32 = 1 << 1;
+/// IRQ info flag: the interrupt masks itself when signalled (INTx).
+pub const IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
+/// IRQ info flag: the number of vectors cannot change while enabled.
+pub const IRQ_INFO_NORESIZE: u32 = 1 << 3;
+
+/// What a device implements: its BARs, and optional lifecycle hooks.
+///
+/// Accesses reach the device with the client's offset and size unchanged, already
+/// bounds-checked against the BAR; accesses to an emulated MSI-X table or PBA never do.
+pub trait PciDevice: Send {
+    /// Reads `data.len()` bytes at `offset` of BAR `bar`.
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    /// Writes `data` at `offset` of BAR `bar`.
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    /// Device reset (after the framework has reset config space and interrupts).
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// A client attaches; a device may refuse with `Err(DeviceError::Refused(errno))`.
+    fn open(&mut self, _ctx: DeviceContext) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// The client has gone; its eventfds are already dropped.
+    fn close(&mut self) {}
+    /// The client switched the interrupt mode through SET_IRQS.
+    fn irq_mode_changed(&mut self, _mode: IrqMode) {}
+}
+
+/// What a device gets when a client attaches.
+#[derive(Clone)]
+pub struct DeviceContext {
+    /// The function's interrupts; keep the handle to raise interrupts later.
+    pub irqs: Interrupts,
+    /// Copies to and from the client's memory.
+    pub dma: Arc<dyn Dma>,
+}
+
+impl std::fmt::Debug for DeviceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceContext")
+            .field("irqs", &self.irqs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Answer to DEVICE_GET_INFO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// [`DEVICE_FLAGS_RESET`] | [`DEVICE_FLAGS_PCI`].
+    pub flags: u32,
+    /// Always [`NUM_REGIONS`].
+    pub num_regions: u32,
+    /// Always [`NUM_IRQS`].
+    pub num_irqs: u32,
+}
+
+/// A mappable file behind a region.
+#[derive(Clone, Debug)]
+pub struct RegionMmap {
+    /// The file to map.
+    pub fd: Arc<OwnedFd>,
+    /// Offset of the region's first byte within the file.
+    pub offset: u64,
+    /// Sparse `(offset, size)` areas within the region; empty means the whole region.
+    pub areas: Vec<(u64, u64)>,
+}
+
+/// Answer to GET_REGION_INFO.
+#[derive(Clone, Debug)]
+pub struct RegionInfo {
+    /// Size in bytes; 0 for an absent region.
+    pub size: u64,
+    /// `REGION_INFO_FLAG_*` bits; 0 for an absent region.
+    pub flags: u32,
+    /// The file to mmap, when [`REGION_INFO_FLAG_MMAP`] is set.
+    pub mmap: Option<RegionMmap>,
+}
+
+/// Answer to GET_IRQ_INFO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// Number of vectors.
+    pub count: u32,
+    /// `IRQ_INFO_*` bits.
+    pub flags: u32,
+}
+
+/// Where a BAR access goes.
+enum Target {
+    Device(BarIndex),
+    MsixTable(usize),
+    MsixPba(usize),
+}
+
+/// One PCI function served to a client: spec, config space, interrupts and the device.
+pub struct PciFunction {
+    spec: PciDeviceSpec,
+    config: ConfigSpace,
+    irqs: Interrupts,
+    device: Box<dyn PciDevice>,
+}
+
+impl std::fmt::Debug for PciFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciFunction")
+            .field("spec", &self.spec)
+            .field("irqs", &self.irqs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PciFunction {
+    /// Serves `device` as described by `spec`, with config space at power-on values.
+    pub fn new(spec: PciDeviceSpec, device: Box<dyn PciDevice>) -> Self {
+        let intx = u32::from(spec.interrupt_pin() != 0);
+        let msi = spec.msi().map_or(0, |m| m.vectors);
+        let msix = spec.msix().map_or(0, |m| m.vectors);
+        Self {
+            config: ConfigSpace::new(&spec),
+            irqs: Interrupts::new([intx, msi, msix, 1, 1]),
+            spec,
+            device,
+        }
+    }
+
+    /// The spec the function was built from.
+    pub fn spec(&self) -> &PciDeviceSpec {
+        &self.spec
+    }
+
+    /// A handle to the function's interrupts.
+    pub fn interrupts(&self) -> Interrupts {
+        self.irqs.clone()
+    }
+
+    /// DEVICE_GET_INFO.
+    pub fn device_info(&self) -> DeviceInfo {
+        let reset = if self.spec.reset_supported() {
+            DEVICE_FLAGS_RESET
+        } else {
+            0
+        };
+        DeviceInfo {
+            flags: reset | DEVICE_FLAGS_PCI,
+            num_regions: NUM_REGIONS,
+            num_irqs: NUM_IRQS,
+        }
+    }
+
+    /// GET_REGION_INFO: EINVAL past [`NUM_REGIONS`]; absent BARs, ROM and VGA have size 0.
+    pub fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
+        let rw = REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE;
+        let absent = RegionInfo {
+            size: 0,
+            flags: 0,
+            mmap: None,
+        };
+        match index {
+            CONFIG_REGION => Ok(RegionInfo {
+                size: self.spec.config_size(),
+                flags: rw,
+                mmap: None,
+            }),
+            ROM_REGION | VGA_REGION => Ok(absent),
+            i if i >= NUM_REGIONS => Err(DeviceError::InvalidRegion(i)),
+            i => {
+                let Some(bar) = u8::try_from(i).ok().and_then(|i| self.spec.bar(i)) else {
+                    return Ok(absent);
+                };
+                let mmap = bar.mmap.as_ref().map(|m| RegionMmap {
+                    fd: Arc::clone(&m.fd),
+                    offset: m.offset,
+                    areas: m.areas.clone(),
+                });
+                let flags = rw
+                    | if mmap.is_some() {
+                        REGION_INFO_FLAG_MMAP
+                    } else {
+                        0
+                    };
+                Ok(RegionInfo {
+                    size: bar.size,
+                    flags,
+                    mmap,
+                })
+            }
+        }
+    }
+
+    /// GET_IRQ_INFO: EINVAL past [`NUM_IRQS`].
+    pub fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
+        let idx = IrqIndex::try_from(index).map_err(|_| DeviceError::InvalidIrqIndex(index))?;
+        let count = self.irqs.lock().count(idx);
+        let flags = match idx {
+            IrqIndex::Intx => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+            IrqIndex::Msi | IrqIndex::Msix => IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
+            IrqIndex::Err | IrqIndex::Req => IRQ_INFO_EVENTFD,
+        };
+        Ok(IrqInfo { count, flags })
+    }
+
+    fn region_size(&self, index: u32) -> Result<u64, DeviceError> {
+        self.region_info(index).map(|info| info.size)
+    }
+
+    /// Checks `offset + len` against the region; returns the offset as `usize` too.
+    fn check(&self, index: u32, offset: u64, len: usize) -> Result<(), DeviceError> {
+        let size = self.region_size(index)?;
+        let len = u64::try_from(len).unwrap_or(u64::MAX);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(DeviceError::OutOfBounds {
+                region: index,
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    /// Decides whether a BAR access hits the emulated MSI-X structures.
+    fn route(&self, index: u32, offset: u64, len: usize) -> Result<Target, DeviceError> {
+        let bar = u8::try_from(index)
+            .ok()
+            .and_then(BarIndex::new)
+            .ok_or(DeviceError::InvalidRegion(index))?;
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+        if let Some(m) = self.spec.msix() {
+            let structures = [
+                (m.table_bar, u64::from(m.table_offset), m.table_size(), true),
+                (m.pba_bar, u64::from(m.pba_offset), m.pba_size(), false),
+            ];
+            for (sbar, start, size, is_table) in structures {
+                if sbar != bar.get() || !ranges_overlap(offset, len64, start, size) {
+                    continue;
+                }
+                if offset < start || offset.saturating_add(len64) > start.saturating_add(size) {
+                    return Err(DeviceError::StraddlesMsix {
+                        region: index,
+                        offset,
+                        len: len64,
+                    });
+                }
+                let rel = usize::try_from(offset - start).unwrap_or(usize::MAX);
+                return Ok(if is_table {
+                    Target::MsixTable(rel)
+                } else {
+                    Target::MsixPba(rel)
+                });
+            }
+        }
+        Ok(Target::Device(bar))
+    }
+
+    /// REGION_READ of any size within bounds; EINVAL past the end.
+    pub fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        self.check(index, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if index == CONFIG_REGION {
+            let off = usize::try_from(offset).unwrap_or(usize::MAX);
+            self.config.read(off, data, &self.irqs);
+            return Ok(());
+        }
+        match self.route(index, offset, data.len())? {
+            Target::Device(bar) => self.device.bar_read(bar, offset, data),
+            Target::MsixTable(rel) => {
+                self.irqs.lock().msix.read_table(rel, data);
+                Ok(())
+            }
+            Target::MsixPba(rel) => {
+                self.irqs.lock().msix.read_pba(rel, data);
+                Ok(())
+            }
+        }
+    }
+
+    /// REGION_WRITE of any size within bounds; EINVAL past the end.
+    pub fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), DeviceError> {
+        self.check(index, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if index == CONFIG_REGION {
+            let off = usize::try_from(offset).unwrap_or(usize::MAX);
+            self.config.write(off, data, &self.irqs);
+            return Ok(());
+        }
+        match self.route(index, offset, data.len())? {
+            Target::Device(bar) => self.device.bar_write(bar, offset, data),
+            Target::MsixTable(rel) => {
+                let mut s = self.irqs.lock();
+                if !s.msix.write_table(rel, data).is_empty() {
+                    s.msix_deliver_pending();
+                }
+                Ok(())
+            }
+            // The PBA is read-only.
+            Target::MsixPba(_) => Ok(()),
+        }
+    }
+
+    /// SET_IRQS, with the kernel vfio-pci's validation; tells the device when the mode changes.
+    pub fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<(), DeviceError> {
+        let changed = IrqState::set_irqs(&mut self.irqs.lock(), index, flags, start, count, data)?;
+        if let Some(mode) = changed {
+            self.device.irq_mode_changed(mode);
+        }
+        Ok(())
+    }
+
+    /// DEVICE_RESET: config space and emulated interrupt state to power-on values (the
+    /// client's eventfds and the interrupt mode stay), then the device's own reset.
+    pub fn reset(&mut self) -> Result<(), DeviceError> {
+        self.config.reset();
+        self.irqs.lock().reset();
+        self.device.reset()
+    }
+
+    /// A client attaches; the device may refuse.
+    pub fn open(&mut self, dma: Arc<dyn Dma>) -> Result<(), DeviceError> {
+        self.device.open(DeviceContext {
+            irqs: self.irqs.clone(),
+            dma,
+        })
+    }
+
+    /// The client has gone: its eventfds are dropped, the mode returns to INTx, the device
+    /// is told.
+    pub fn close(&mut self) {
+        let old = self.irqs.lock().close();
+        if old != IrqMode::Intx {
+            self.device.irq_mode_changed(IrqMode::Intx);
+        }
+        self.device.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupts::{IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE};
+    use crate::spec::BarKind;
+    use rustix::event::{eventfd, EventfdFlags};
+    use std::sync::Mutex;
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Call {
+        Read(u8, u64, usize),
+        Write(u8, u64, Vec<u8>),
+        Reset,
+        Open,
+        Close,
+        Mode(IrqMode),
+    }
+
+    #[derive(Clone, Default)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<Call>>>,
+        refuse_open: Option<i32>,
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<Call> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+        fn push(&self, c: Call) {
+            self.calls.lock().unwrap().push(c);
+        }
+    }
+
+    impl PciDevice for Recorder {
+        fn bar_read(
+            &mut self,
+            bar: BarIndex,
+            off: u64,
+            data: &mut [u8],
+        ) -> Result<(), DeviceError> {
+            data.fill(0xa5);
+            self.push(Call::Read(bar.get(), off, data.len()));
+            Ok(())
+        }
+        fn bar_write(&mut self, bar: BarIndex, off: u64, data: &[u8]) -> Result<(), DeviceError> {
+            self.push(Call::Write(bar.get(), off, data.to_vec()));
+            Ok(())
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            self.push(Call::Reset);
+            Ok(())
+        }
+        fn open(&mut self, _ctx: DeviceContext) -> Result<(), DeviceError> {
+            self.push(Call::Open);
+            self.refuse_open
+                .map_or(Ok(()), |e| Err(DeviceError::Refused(e)))
+        }
+        fn close(&mut self) {
+            self.push(Call::Close);
+        }
+        fn irq_mode_changed(&mut self, mode: IrqMode) {
+            self.push(Call::Mode(mode));
+        }
+    }
+
+    struct NoDma;
+    impl Dma for NoDma {
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), umdev_dma::DmaError> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), umdev_dma::DmaError> {
+            Ok(())
+        }
+    }
+
+    const MEM: BarKind = BarKind::Mem32 {
+        prefetchable: false,
+    };
+
+    fn spec() -> PciDeviceSpec {
+        PciDeviceSpec::builder(0x1234, 0xabcd)
+            .interrupt_pin(1)
+            .bar(0, BarKind::Io, 8)
+            .bar(2, MEM, 0x2000)
+            .msi(2, false)
+            .msix(4, 2, 0x1000, 2, 0x1800)
+            .build()
+            .unwrap()
+    }
+
+    fn function() -> (PciFunction, Recorder) {
+        let rec = Recorder::default();
+        (PciFunction::new(spec(), Box::new(rec.clone())), rec)
+    }
+
+    fn efd() -> OwnedFd {
+        eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC).unwrap()
+    }
+
+    fn dup(fd: &OwnedFd) -> OwnedFd {
+        rustix::io::fcntl_dupfd_cloexec(fd, 0).unwrap()
+    }
+
+    fn take(fd: &OwnedFd) -> u64 {
+        let mut b = [0u8; 8];
+        rustix::io::read(fd, &mut b).map_or(0, |_| u64::from_ne_bytes(b))
+    }
+
+    #[test]
+    fn config_region_reads_ids() {
+        let (mut f, _) = function();
+        let mut id = [0u8; 4];
+        f.region_read(CONFIG_REGION, 0, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0xabcd_1234);
+    }
+
+    #[test]
+    fn device_info_flags() {
+        let (f, _) = function();
+        let info = f.device_info();
+        assert_eq!(info.flags, DEVICE_FLAGS_RESET | DEVICE_FLAGS_PCI);
+        assert_eq!((info.num_regions, info.num_irqs), (9, 5));
+    }
+
+    #[test]
+    fn region_info_sizes_and_flags() {
+        let (f, _) = function();
+        assert_eq!(f.region_info(0).unwrap().size, 8);
+        assert_eq!(f.region_info(2).unwrap().flags, 3);
+        let absent = f.region_info(1).unwrap();
+        assert_eq!((absent.size, absent.flags), (0, 0));
+        assert_eq!(f.region_info(ROM_REGION).unwrap().size, 0);
+        assert_eq!(f.region_info(CONFIG_REGION).unwrap().size, 256);
+        assert_eq!(f.region_info(NUM_REGIONS).unwrap_err().errno(), 22);
+    }
+
+    #[test]
+    fn mmap_bar_reports_mmap_flag_and_areas() {
+        let fd =
+            Arc::new(rustix::fs::memfd_create("bar", rustix::fs::MemfdFlags::CLOEXEC).unwrap());
+        let spec = PciDeviceSpec::builder(1, 2)
+            .bar(4, MEM, 0x1000)
+            .bar_mmap(
+                4,
+                crate::BarMmap {
+                    fd,
+                    offset: 0x4000,
+                    areas: vec![(0, 0x800)],
+                },
+            )
+            .build()
+            .unwrap();
+        let f = PciFunction::new(spec, Box::new(Recorder::default()));
+        let info = f.region_info(4).unwrap();
+        assert_eq!(info.flags, 7);
+        let m = info.mmap.unwrap();
+        assert_eq!((m.offset, m.areas), (0x4000, vec![(0, 0x800)]));
+    }
+
+    #[test]
+    fn out_of_bounds_accesses_are_einval() {
+        let (mut f, rec) = function();
+        let mut b = [0u8; 4];
+        assert_eq!(f.region_read(0, 6, &mut b).unwrap_err().errno(), 22);
+        assert_eq!(f.region_write(0, u64::MAX, &b).unwrap_err().errno(), 22);
+        assert_eq!(
+            f.region_read(CONFIG_REGION, 254, &mut b)
+                .unwrap_err()
+                .errno(),
+            22
+        );
+        assert_eq!(f.region_read(1, 0, &mut b).unwrap_err().errno(), 22);
+        assert_eq!(f.region_read(9, 0, &mut b).unwrap_err().errno(), 22);
+        assert!(rec.take().is_empty());
+    }
+
+    #[test]
+    fn zero_length_access_succeeds_without_reaching_the_device() {
+        let (mut f, rec) = function();
+        f.region_read(0, 8, &mut []).unwrap();
+        f.region_write(1, 0, &[]).unwrap();
+        assert!(rec.take().is_empty());
+    }
+
+    #[test]
+    fn large_access_reaches_device_in_one_call() {
+        let (mut f, rec) = function();
+        let data = vec![7u8; 140];
+        f.region_write(2, 0x10, &data).unwrap();
+        let mut back = vec![0u8; 140];
+        f.region_read(2, 0x10, &mut back).unwrap();
+        assert_eq!(
+            rec.take(),
+            vec![Call::Write(2, 0x10, data), Call::Read(2, 0x10, 140)]
+        );
+        assert!(back.iter().all(|&b| b == 0xa5));
+    }
+
+    #[test]
+    fn msix_table_and_pba_accesses_never_reach_the_device() {
+        let (mut f, rec) = function();
+        let mut entry = [0u8; 16];
+        f.region_read(2, 0x1000, &mut entry).unwrap();
+        assert_eq!(&entry[12..], &[1, 0, 0, 0], "masked by default");
+        f.region_write(2, 0x1010, &[0xff; 16]).unwrap();
+        f.region_read(2, 0x1010, &mut entry).unwrap();
+        assert_eq!(entry[0], 0xfc);
+        let mut pba = [0xffu8; 8];
+        f.region_write(2, 0x1800, &pba).unwrap();
+        f.region_read(2, 0x1800, &mut pba).unwrap();
+        assert_eq!(pba, [0; 8]);
+        assert!(rec.take().is_empty());
+    }
+
+    #[test]
+    fn access_straddling_msix_table_is_einval() {
+        let (mut f, rec) = function();
+        let mut b = [0u8; 8];
+        assert_eq!(f.region_read(2, 0xffc, &mut b).unwrap_err().errno(), 22);
+        assert!(rec.take().is_empty());
+    }
+
+    #[test]
+    fn irq_info_counts_and_flags() {
+        let (f, _) = function();
+        let get = |i| {
+            let info = f.irq_info(i).unwrap();
+            (info.count, info.flags)
+        };
+        assert_eq!(get(0), (1, 7));
+        assert_eq!(get(1), (2, 9));
+        assert_eq!(get(2), (4, 9));
+        assert_eq!(get(3), (1, 1));
+        assert_eq!(get(4), (1, 1));
+        assert_eq!(f.irq_info(5).unwrap_err().errno(), 22);
+    }
+
+    #[test]
+    fn intx_count_is_zero_without_a_pin() {
+        let spec = PciDeviceSpec::builder(1, 2).build().unwrap();
+        let f = PciFunction::new(spec, Box::new(Recorder::default()));
+        assert_eq!(f.irq_info(0).unwrap().count, 0);
+        assert_eq!(f.irq_info(1).unwrap().count, 0);
+    }
+
+    #[test]
+    fn mode_changes_reach_the_device() {
+        let (mut f, rec) = function();
+        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        f.set_irqs(2, flags, 0, 1, IrqData::Eventfds(vec![efd()]))
+            .unwrap();
+        f.set_irqs(2, flags, 1, 1, IrqData::Eventfds(vec![efd()]))
+            .unwrap();
+        let off = IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER;
+        f.set_irqs(2, off, 0, 0, IrqData::None).unwrap();
+        assert_eq!(
+            rec.take(),
+            vec![Call::Mode(IrqMode::Msix), Call::Mode(IrqMode::Intx)]
+        );
+    }
+
+    #[test]
+    fn command_intx_disable_blocks_intx() {
+        let (mut f, _) = function();
+        let fd = efd();
+        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        f.set_irqs(0, flags, 0, 1, IrqData::Eventfds(vec![dup(&fd)]))
+            .unwrap();
+        f.region_write(CONFIG_REGION, 4, &0x0400u16.to_le_bytes())
+            .unwrap();
+        f.interrupts().set_intx(true);
+        assert_eq!(take(&fd), 0);
+        f.region_write(CONFIG_REGION, 4, &0u16.to_le_bytes())
+            .unwrap();
+        assert_eq!(take(&fd), 1);
+    }
+
+    #[test]
+    fn msix_function_mask_holds_then_delivers() {
+        let (mut f, _) = function();
+        let fd = efd();
+        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        f.set_irqs(2, flags, 0, 1, IrqData::Eventfds(vec![dup(&fd)]))
+            .unwrap();
+        let ctrl = f.config.layout().msix.unwrap() + 2;
+        let ctrl = u64::try_from(ctrl).unwrap();
+        f.region_write(CONFIG_REGION, ctrl, &0xc000u16.to_le_bytes())
+            .unwrap();
+        f.interrupts().trigger_msix(0);
+        assert_eq!(take(&fd), 0);
+        let mut pba = [0u8; 8];
+        f.region_read(2, 0x1800, &mut pba).unwrap();
+        assert_eq!(pba[0], 1);
+        f.region_write(CONFIG_REGION, ctrl, &0x8000u16.to_le_bytes())
+            .unwrap();
+        assert_eq!(take(&fd), 1);
+    }
+
+    #[test]
+    fn reset_restores_config_and_keeps_eventfds() {
+        let (mut f, rec) = function();
+        let fd = efd();
+        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        f.set_irqs(1, flags, 0, 1, IrqData::Eventfds(vec![dup(&fd)]))
+            .unwrap();
+        f.region_write(CONFIG_REGION, 0x10, &[0xff; 4]).unwrap();
+        f.region_write(CONFIG_REGION, 4, &[0x07]).unwrap();
+        f.reset().unwrap();
+        let mut b = [0u8; 4];
+        f.region_read(CONFIG_REGION, 0x10, &mut b).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(b),
+            1,
+            "I/O BAR back to 0 with its type bit"
+        );
+        f.region_read(CONFIG_REGION, 4, &mut b).unwrap();
+        assert_eq!(b[0], 0);
+        f.interrupts().trigger_msi(0);
+        assert_eq!(take(&fd), 1);
+        assert_eq!(rec.take(), vec![Call::Mode(IrqMode::Msi), Call::Reset]);
+    }
+
+    #[test]
+    fn open_refusal_carries_the_errno() {
+        let rec = Recorder {
+            refuse_open: Some(16),
+            ..Recorder::default()
+        };
+        let mut f = PciFunction::new(spec(), Box::new(rec));
+        assert_eq!(f.open(Arc::new(NoDma)).unwrap_err().errno(), 16);
+    }
+
+    #[test]
+    fn close_drops_eventfds_and_tells_the_device() {
+        let (mut f, rec) = function();
+        f.open(Arc::new(NoDma)).unwrap();
+        let fd = efd();
+        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        f.set_irqs(1, flags, 0, 1, IrqData::Eventfds(vec![dup(&fd)]))
+            .unwrap();
+        f.close();
+        assert_eq!(f.interrupts().mode(), IrqMode::Intx);
+        f.interrupts().trigger_msi(0);
+        assert_eq!(take(&fd), 0);
+        assert_eq!(
+            rec.take(),
+            vec![
+                Call::Open,
+                Call::Mode(IrqMode::Msi),
+                Call::Mode(IrqMode::Intx),
+                Call::Close
+            ]
+        );
+    }
+}
