@@ -160,6 +160,13 @@ pub const fn size_of<T>() -> usize {
     core::mem::size_of::<T>()
 }
 
+/// Size of a wire struct as the `u32` that `argsz` fields carry.
+// Wire structs are a few dozen bytes: the cast cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
+pub const fn argsz<T>() -> u32 {
+    core::mem::size_of::<T>() as u32
+}
+
 /// Splits a message body into its fixed struct and the bytes after it.
 ///
 /// Bodies shorter than the struct are refused; longer ones are fine (the spec lets a sender
