@@ -1,1 +1,225 @@
-//! umdev-server.
+//! The vfio-user server: serves one PCI function to one client at a time.
+//!
+//! The server takes a listening socket (or an already connected transport) and a
+//! [`PciFunction`], and reaches into nothing else, so the same code runs in the daemon's
+//! threads or in a worker process of its own.
+//!
+//! Lifecycle of a session: the client connects and sends VERSION; the server answers with its
+//! capabilities and opens the device (the parent driver may refuse); commands are then
+//! handled in the order they arrive, with a reply unless the client set No_reply; when the
+//! client goes, every DMA mapping is dropped, every interrupt eventfd closed and the device
+//! closed, while the device's state is kept for the next client.
+//!
+//! ```no_run
+//! use std::os::unix::net::UnixListener;
+//! use umdev_server::{Server, ServerConfig};
+//! # fn function() -> umdev_pci::PciFunction { unimplemented!() }
+//!
+//! let server = Server::new(function(), ServerConfig::default()).unwrap();
+//! let stopper = server.stopper();
+//! std::thread::spawn(move || {
+//!     // ... later, from a signal handler thread:
+//!     stopper.stop();
+//! });
+//! server.serve(UnixListener::bind("/tmp/dev.sock").unwrap()).unwrap();
+//! ```
+#![warn(missing_docs)]
+
+mod error;
+mod remote;
+mod session;
+
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
+use umdev_pci::PciFunction;
+use umdev_transport::{Transport, UnixTransport};
+
+pub use error::{RequestError, ServerError};
+
+/// Limits and tunables of a server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest data transfer a client may ask for in one message (announced in VERSION).
+    pub max_data_xfer_size: u32,
+    /// Most fds a client may send in one message (announced in VERSION).
+    pub max_msg_fds: u32,
+    /// Most DMA mappings a client may hold at once (announced; the client may lower it).
+    pub max_dma_maps: u32,
+    /// Poll the socket this long before sleeping when waiting for a request.
+    pub spin: Duration,
+    /// How long a device thread waits for the client to answer a DMA_READ/DMA_WRITE.
+    pub dma_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_data_xfer_size: umdev_proto::DEFAULT_MAX_DATA_XFER_SIZE,
+            max_msg_fds: 16,
+            max_dma_maps: umdev_proto::DEFAULT_MAX_DMA_MAPS,
+            spin: Duration::ZERO,
+            dma_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct StopSignal {
+    stopped: AtomicBool,
+    wake: std::os::fd::OwnedFd,
+    current: Mutex<Option<Arc<dyn Transport>>>,
+}
+
+/// Stops a running [`Server::serve`] from another thread: the listener stops accepting and
+/// the current client, if any, is disconnected (with the usual cleanup).
+#[derive(Clone)]
+pub struct Stopper(Arc<StopSignal>);
+
+impl Stopper {
+    /// Asks the server to stop; returns at once.
+    pub fn stop(&self) {
+        self.0.stopped.store(true, Ordering::Release);
+        let _ = rustix::io::write(&self.0.wake, &1u64.to_ne_bytes());
+        if let Some(t) = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            t.shutdown();
+        }
+    }
+}
+
+/// A vfio-user server for one PCI function.
+pub struct Server {
+    function: Arc<Mutex<PciFunction>>,
+    config: Arc<ServerConfig>,
+    stop: Arc<StopSignal>,
+}
+
+impl Server {
+    /// A server for `function` with `config`.
+    pub fn new(function: PciFunction, config: ServerConfig) -> Result<Server, ServerError> {
+        let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+            .map_err(|e| ServerError::Listener(e.into()))?;
+        Ok(Server {
+            function: Arc::new(Mutex::new(function)),
+            config: Arc::new(config),
+            stop: Arc::new(StopSignal {
+                stopped: AtomicBool::new(false),
+                wake,
+                current: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The function served, for callers that need to reach the device (e.g. a daemon's
+    /// management side). Lock it only briefly: the session thread needs it for every request.
+    pub fn function(&self) -> &Arc<Mutex<PciFunction>> {
+        &self.function
+    }
+
+    /// A handle that stops [`serve`](Self::serve).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop.clone())
+    }
+
+    /// Serves one already connected client until it goes. `Ok` means a clean disconnect.
+    pub fn serve_transport(&self, transport: Arc<dyn Transport>) -> Result<(), ServerError> {
+        serve_one(&self.function, &self.config, &self.stop, transport)
+    }
+
+    /// Accepts clients on `listener`, one session at a time, until stopped.
+    ///
+    /// A client that connects while another is being served is refused at once (its
+    /// connection is closed and the refusal logged): a vfio-user device has one client.
+    pub fn serve(&self, listener: UnixListener) -> Result<(), ServerError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(ServerError::Listener)?;
+        let mut session: Option<JoinHandle<()>> = None;
+        while !self.stop.stopped.load(Ordering::Acquire) {
+            let mut fds = [
+                PollFd::new(&listener, PollFlags::IN),
+                PollFd::new(&self.stop.wake, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(ServerError::Listener(e.into())),
+            }
+            if self.stop.stopped.load(Ordering::Acquire) {
+                break;
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ServerError::Listener(e)),
+            };
+            if session.as_ref().is_some_and(|h| !h.is_finished()) {
+                tracing::warn!("refusing a second client: the device already has one");
+                drop(stream);
+                continue;
+            }
+            if let Some(h) = session.take() {
+                let _ = h.join();
+            }
+            if let Err(e) = stream.set_nonblocking(false) {
+                tracing::warn!(error = %e, "cannot make the client socket blocking; dropping it");
+                continue;
+            }
+            let transport: Arc<dyn Transport> =
+                Arc::new(UnixTransport::new(stream).with_spin(self.config.spin));
+            let function = self.function.clone();
+            let config = self.config.clone();
+            let stop = self.stop.clone();
+            session = Some(
+                std::thread::Builder::new()
+                    .name("umdev-session".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_one(&function, &config, &stop, transport) {
+                            tracing::warn!(error = %session::display_chain(&e), "session ended with an error");
+                        }
+                    })
+                    .map_err(ServerError::Listener)?,
+            );
+        }
+        if let Some(t) = self
+            .stop
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            t.shutdown();
+        }
+        if let Some(h) = session.take() {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+}
+
+fn serve_one(
+    function: &Mutex<PciFunction>,
+    config: &ServerConfig,
+    stop: &StopSignal,
+    transport: Arc<dyn Transport>,
+) -> Result<(), ServerError> {
+    *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(transport.clone());
+    tracing::info!("client connected");
+    let result = session::Session::new(function, config, transport).run();
+    *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    match &result {
+        Ok(()) => tracing::info!("client disconnected"),
+        Err(e) => tracing::warn!(error = %session::display_chain(e), "client session failed"),
+    }
+    result
+}

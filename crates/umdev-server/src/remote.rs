@@ -1,0 +1,209 @@
+//! Server-to-client requests: DMA_READ and DMA_WRITE for mappings that came without an fd.
+//!
+//! One thread reads the socket: the session thread. A device may ask for message-based DMA
+//! from that thread (inside a request handler) or from a thread of its own:
+//!
+//! - on the session thread, the request is sent and the thread itself reads until the
+//!   matching reply arrives; client commands read meanwhile are queued and handled after the
+//!   current one, in order (the spec lets unrelated messages interleave);
+//! - on any other thread, the request is sent and the thread waits (with a deadline) for the
+//!   session thread to hand it the reply.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use rustix::io::Errno;
+use umdev_dma::{DmaError, RemoteDma};
+use umdev_proto::{wire, Command, Header};
+use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
+use zerocopy::IntoBytes;
+
+/// The server side of server-to-client requests for one session.
+pub(crate) struct RemoteChannel {
+    transport: Arc<dyn Transport>,
+    session_thread: ThreadId,
+    pending: Mutex<HashMap<u16, mpsc::Sender<Message>>>,
+    /// Client commands read by the session thread while it waited for a reply.
+    deferred: Mutex<VecDeque<Incoming>>,
+    next_id: AtomicU16,
+    client_max_xfer: AtomicU32,
+    limits: RecvLimits,
+    closed: AtomicBool,
+    timeout: Duration,
+}
+
+impl RemoteChannel {
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        limits: RecvLimits,
+        timeout: Duration,
+    ) -> RemoteChannel {
+        RemoteChannel {
+            transport,
+            session_thread: std::thread::current().id(),
+            pending: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(VecDeque::new()),
+            next_id: AtomicU16::new(0),
+            client_max_xfer: AtomicU32::new(umdev_proto::DEFAULT_MAX_DATA_XFER_SIZE),
+            limits,
+            closed: AtomicBool::new(false),
+            timeout,
+        }
+    }
+
+    /// Records the client's `max_data_xfer_size`: the most one DMA message may carry.
+    pub(crate) fn set_client_max_xfer(&self, n: u32) {
+        self.client_max_xfer.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// A command read while waiting, to be handled next.
+    pub(crate) fn take_deferred(&self) -> Option<Incoming> {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    /// Hands a reply read by the session thread to the thread waiting for it.
+    pub(crate) fn dispatch_reply(&self, m: Message) {
+        let tx = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&m.header.msg_id);
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(m);
+            }
+            None => tracing::warn!(
+                msg_id = m.header.msg_id,
+                command = m.header.command,
+                "dropping a reply that answers no request of ours"
+            ),
+        }
+    }
+
+    /// Fails every waiter; later requests fail at once.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn exchange(
+        &self,
+        command: Command,
+        parts: &[&[u8]],
+        iova: u64,
+        len: u64,
+    ) -> Result<Message, DmaError> {
+        let fail = |errno: Errno| DmaError::Remote { iova, len, errno };
+        if self.closed.load(Ordering::Acquire) {
+            return Err(fail(Errno::NOTCONN));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body: usize = parts.iter().map(|p| p.len()).sum();
+        let header = Header::command(id, command, body).map_err(|_| fail(Errno::TOOBIG))?;
+        let on_session_thread = std::thread::current().id() == self.session_thread;
+        let rx = if on_session_thread {
+            None
+        } else {
+            let (tx, rx) = mpsc::channel();
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, tx);
+            Some(rx)
+        };
+        if let Err(e) = self.transport.send(&header, parts, &[]) {
+            tracing::warn!(error = %e, "sending {command:?} to the client failed");
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(fail(Errno::NOTCONN));
+        }
+        let reply = match rx {
+            Some(rx) => rx.recv_timeout(self.timeout).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => {
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    fail(Errno::TIMEDOUT)
+                }
+                mpsc::RecvTimeoutError::Disconnected => fail(Errno::NOTCONN),
+            })?,
+            None => self.pump_until(id).map_err(|_| fail(Errno::NOTCONN))?,
+        };
+        if let Some(errno) = reply.header.error() {
+            return Err(fail(Errno::from_raw_os_error(errno)));
+        }
+        if reply.header.command != command as u16 {
+            return Err(fail(Errno::PROTO));
+        }
+        Ok(reply)
+    }
+
+    /// Reads on the session thread until the reply `id` arrives, queueing commands.
+    fn pump_until(&self, id: u16) -> Result<Message, TransportError> {
+        loop {
+            match self.transport.recv(self.limits)? {
+                Incoming::Message(m) if m.header.is_reply() => {
+                    if m.header.msg_id == id {
+                        return Ok(m);
+                    }
+                    self.dispatch_reply(m);
+                }
+                other => self
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(other),
+            }
+        }
+    }
+}
+
+impl RemoteDma for RemoteChannel {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let req = wire::DmaAccess {
+            address: iova,
+            count: len,
+        };
+        let reply = self.exchange(Command::DmaRead, &[req.as_bytes()], iova, len)?;
+        let bad = || DmaError::Remote {
+            iova,
+            len,
+            errno: Errno::PROTO,
+        };
+        let (got, data) =
+            wire::split::<wire::DmaAccess>(&reply.body, "DMA_READ reply").map_err(|_| bad())?;
+        if got.count != len || data.len() < buf.len() {
+            return Err(bad());
+        }
+        buf.copy_from_slice(&data[..buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let req = wire::DmaAccess {
+            address: iova,
+            count: len,
+        };
+        self.exchange(Command::DmaWrite, &[req.as_bytes(), data], iova, len)?;
+        Ok(())
+    }
+
+    fn max_transfer(&self) -> usize {
+        self.client_max_xfer.load(Ordering::Relaxed) as usize
+    }
+}

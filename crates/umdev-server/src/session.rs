@@ -1,0 +1,582 @@
+//! One client session: negotiation, then commands handled in order until the client goes.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use rustix::io::Errno;
+use umdev_dma::{AddressSpace, Backing, DmaLimits, IovaRange, Prot};
+use umdev_pci::{IrqData, PciFunction};
+use umdev_proto::{wire, Capabilities, Command, Header, ProtoError};
+use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::error::{refuse, RequestError, ServerError};
+use crate::remote::RemoteChannel;
+use crate::ServerConfig;
+
+/// A successful reply: body bytes after the header, and fds to attach.
+struct Reply {
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    fn empty() -> Reply {
+        Reply {
+            body: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    fn of<T: IntoBytes + Immutable>(v: &T) -> Reply {
+        Reply {
+            body: v.as_bytes().to_vec(),
+            fds: Vec::new(),
+        }
+    }
+}
+
+/// What the client and we agreed on in VERSION.
+struct Negotiated {
+    write_multiple: bool,
+}
+
+pub(crate) struct Session<'a> {
+    function: &'a Mutex<PciFunction>,
+    config: &'a ServerConfig,
+    transport: Arc<dyn Transport>,
+    limits: RecvLimits,
+    remote: Arc<RemoteChannel>,
+    space: Option<Arc<AddressSpace>>,
+    negotiated: Option<Negotiated>,
+}
+
+/// Parses a body's fixed struct and checks its `argsz` against the struct's size.
+fn fixed<'b, T: FromBytes + zerocopy::KnownLayout + Immutable>(
+    body: &'b [u8],
+    what: &'static str,
+    argsz: impl Fn(&T) -> u32,
+) -> Result<(T, &'b [u8]), RequestError> {
+    let (v, tail) = wire::split::<T>(body, what)?;
+    if (argsz(&v) as usize) < std::mem::size_of::<T>() {
+        return Err(ProtoError::Invalid("argsz smaller than the struct").into());
+    }
+    Ok((v, tail))
+}
+
+fn no_fds(fds: &[OwnedFd]) -> Result<(), RequestError> {
+    if fds.is_empty() {
+        Ok(())
+    } else {
+        Err(ProtoError::TooManyFds {
+            got: fds.len(),
+            max: 0,
+        }
+        .into())
+    }
+}
+
+impl<'a> Session<'a> {
+    pub(crate) fn new(
+        function: &'a Mutex<PciFunction>,
+        config: &'a ServerConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Session<'a> {
+        let limits = RecvLimits {
+            max_body: umdev_proto::max_body_len(config.max_data_xfer_size),
+        };
+        let remote = Arc::new(RemoteChannel::new(
+            transport.clone(),
+            limits,
+            config.dma_timeout,
+        ));
+        Session {
+            function,
+            config,
+            transport,
+            limits,
+            remote,
+            space: None,
+            negotiated: None,
+        }
+    }
+
+    fn function(&self) -> std::sync::MutexGuard<'a, PciFunction> {
+        self.function.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves the client until it disconnects. Returns `Ok` for a clean disconnect.
+    pub(crate) fn run(mut self) -> Result<(), ServerError> {
+        let result = self.serve();
+        self.teardown();
+        result
+    }
+
+    fn serve(&mut self) -> Result<(), ServerError> {
+        loop {
+            let incoming = match self.remote.take_deferred() {
+                Some(i) => i,
+                None => match self.transport.recv(self.limits) {
+                    Ok(i) => i,
+                    Err(TransportError::Closed) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            match incoming {
+                Incoming::Oversized { header } => {
+                    let err = RequestError::Proto(ProtoError::TooLarge {
+                        size: header.body_len(),
+                        max: self.limits.max_body,
+                    });
+                    self.answer(&header, Err(err))?;
+                }
+                Incoming::Message(m) if m.header.is_reply() => self.remote.dispatch_reply(m),
+                Incoming::Message(m) => {
+                    let header = m.header;
+                    let result = self.dispatch(m);
+                    let fatal = matches!(
+                        (&result, header.known_command()),
+                        (Err(_), Some(Command::Version))
+                    ) && self.negotiated.is_none();
+                    self.answer(&header, result)?;
+                    if fatal {
+                        return Err(ServerError::Negotiation(refuse(
+                            Errno::PROTO,
+                            "version negotiation failed",
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    fn answer(
+        &self,
+        header: &Header,
+        result: Result<Reply, RequestError>,
+    ) -> Result<(), ServerError> {
+        match result {
+            Ok(reply) => {
+                if header.no_reply() {
+                    return Ok(());
+                }
+                let rh = header
+                    .reply(reply.body.len())
+                    .map_err(|e| ServerError::Negotiation(e.into()))?;
+                let fds: Vec<BorrowedFd<'_>> = reply.fds.iter().map(|f| f.as_fd()).collect();
+                self.transport.send(&rh, &[&reply.body], &fds)?;
+            }
+            Err(e) => {
+                let errno = e.errno();
+                tracing::debug!(
+                    msg_id = header.msg_id,
+                    command = header.command,
+                    errno,
+                    error = %display_chain(&e),
+                    "request failed"
+                );
+                if header.no_reply() {
+                    tracing::warn!(
+                        command = header.command,
+                        errno,
+                        "a posted request failed; the client asked for no reply"
+                    );
+                    return Ok(());
+                }
+                self.transport.send(&header.error_reply(errno), &[], &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, m: Message) -> Result<Reply, RequestError> {
+        let Message { header, body, fds } = m;
+        if !header.is_command() || header.flags & !umdev_proto::FLAGS_KNOWN != 0 {
+            return Err(ProtoError::UnknownFlags(header.flags).into());
+        }
+        if fds.len() > self.config.max_msg_fds as usize {
+            return Err(ProtoError::TooManyFds {
+                got: fds.len(),
+                max: self.config.max_msg_fds as usize,
+            }
+            .into());
+        }
+        let Some(command) = header.known_command() else {
+            return Err(ProtoError::UnknownCommand(header.command).into());
+        };
+        if command == Command::Version {
+            return self.version(&body, &fds);
+        }
+        if self.negotiated.is_none() {
+            return Err(refuse(Errno::INVAL, "command before VERSION negotiation"));
+        }
+        match command {
+            Command::Version => unreachable!("handled above"),
+            Command::DmaMap => self.dma_map(&body, fds),
+            Command::DmaUnmap => self.dma_unmap(&body, &fds),
+            Command::DeviceGetInfo => self.device_info(&body, &fds),
+            Command::DeviceGetRegionInfo => self.region_info(&body, &fds),
+            Command::DeviceGetRegionIoFds => self.region_io_fds(&body, &fds),
+            Command::DeviceGetIrqInfo => self.irq_info(&body, &fds),
+            Command::DeviceSetIrqs => self.set_irqs(&body, fds),
+            Command::RegionRead => self.region_read(&body, &fds),
+            Command::RegionWrite => self.region_write(&body, &fds),
+            Command::DeviceReset => {
+                no_fds(&fds)?;
+                self.function().reset()?;
+                Ok(Reply::empty())
+            }
+            Command::RegionWriteMulti => self.write_multi(&body, &fds),
+            Command::DmaRead | Command::DmaWrite => Err(ProtoError::WrongDirection(command).into()),
+            Command::DeviceFeature => {
+                no_fds(&fds)?;
+                let _ = wire::split::<wire::DeviceFeature>(&body, "DEVICE_FEATURE")?;
+                Err(refuse(Errno::NOTSUP, "the device has no optional features"))
+            }
+            Command::MigDataRead | Command::MigDataWrite => {
+                no_fds(&fds)?;
+                Err(refuse(
+                    Errno::NOTSUP,
+                    "the device does not support migration",
+                ))
+            }
+        }
+    }
+
+    fn version(&mut self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        if self.negotiated.is_some() {
+            return Err(refuse(Errno::INVAL, "VERSION was already negotiated"));
+        }
+        let (v, tail) = wire::split::<wire::Version>(body, "VERSION")?;
+        if v.major != umdev_proto::MAJOR {
+            return Err(ProtoError::UnsupportedVersion {
+                major: v.major,
+                minor: v.minor,
+            }
+            .into());
+        }
+        let client = Capabilities::parse(tail)?;
+        let max_dma_maps = self
+            .config
+            .max_dma_maps
+            .min(client.max_dma_maps_or_default());
+        let space = Arc::new(AddressSpace::new(DmaLimits {
+            max_mappings: max_dma_maps as usize,
+        }));
+        self.remote
+            .set_client_max_xfer(client.max_data_xfer_size_or_default());
+        space.set_remote(Some(self.remote.clone()));
+        // The parent driver may refuse this client: then negotiation fails and the
+        // connection closes, as a refused open of a VFIO device fd would.
+        self.function()
+            .open(space.clone())
+            .map_err(RequestError::Device)?;
+        self.space = Some(space);
+        let write_multiple = client.write_multiple == Some(true);
+        self.negotiated = Some(Negotiated { write_multiple });
+        let ours = Capabilities {
+            max_msg_fds: Some(self.config.max_msg_fds),
+            max_data_xfer_size: Some(self.config.max_data_xfer_size),
+            max_dma_maps: Some(max_dma_maps),
+            pgsizes: Some(umdev_proto::DEFAULT_PGSIZES),
+            write_multiple: write_multiple.then_some(true),
+            ..Capabilities::default()
+        };
+        let minor = v.minor.min(umdev_proto::MAX_MINOR);
+        tracing::info!(
+            client_minor = v.minor,
+            minor,
+            client_max_msg_fds = client.max_msg_fds_or_default(),
+            client_max_data_xfer_size = client.max_data_xfer_size_or_default(),
+            max_dma_maps,
+            write_multiple,
+            "client negotiated vfio-user 0.{minor}"
+        );
+        let mut reply = wire::Version {
+            major: umdev_proto::MAJOR,
+            minor,
+        }
+        .as_bytes()
+        .to_vec();
+        reply.extend_from_slice(&ours.to_wire());
+        Ok(Reply {
+            body: reply,
+            fds: Vec::new(),
+        })
+    }
+
+    fn space(&self) -> Result<&Arc<AddressSpace>, RequestError> {
+        self.space
+            .as_ref()
+            .ok_or_else(|| refuse(Errno::INVAL, "no address space before VERSION"))
+    }
+
+    fn dma_map(&mut self, body: &[u8], mut fds: Vec<OwnedFd>) -> Result<Reply, RequestError> {
+        let (req, _) = fixed::<wire::DmaMap>(body, "DMA_MAP", |r| r.argsz)?;
+        let known = wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE;
+        if req.flags & !known != 0 {
+            return Err(ProtoError::UnknownFlags(req.flags).into());
+        }
+        if fds.len() > 1 {
+            return Err(ProtoError::TooManyFds {
+                got: fds.len(),
+                max: 1,
+            }
+            .into());
+        }
+        let prot = Prot::from_bits(u8::try_from(req.flags).unwrap_or(0))
+            .ok_or(ProtoError::UnknownFlags(req.flags))?;
+        let range = IovaRange::new(req.address, req.size)?;
+        let backing = match fds.pop() {
+            Some(fd) => Backing::Fd {
+                fd,
+                offset: req.offset,
+            },
+            None => Backing::Remote,
+        };
+        let fd_backed = matches!(backing, Backing::Fd { .. });
+        self.space()?.map(range, prot, backing)?;
+        tracing::debug!(
+            iova = req.address,
+            size = req.size,
+            flags = req.flags,
+            fd_backed,
+            "DMA map"
+        );
+        Ok(Reply::empty())
+    }
+
+    fn dma_unmap(&mut self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = fixed::<wire::DmaUnmap>(body, "DMA_UNMAP", |r| r.argsz)?;
+        let space = self.space()?;
+        match req.flags {
+            0 => space.unmap(IovaRange::new(req.address, req.size)?)?,
+            wire::DMA_UNMAP_FLAG_ALL => {
+                if req.address != 0 || req.size != 0 {
+                    return Err(ProtoError::Invalid("UNMAP_ALL with an address or size").into());
+                }
+                space.unmap_all();
+            }
+            f if f & wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0
+                && f & !(wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | wire::DMA_UNMAP_FLAG_ALL) == 0 =>
+            {
+                return Err(refuse(Errno::NOTSUP, "dirty page logging is not started"));
+            }
+            f => return Err(ProtoError::UnknownFlags(f).into()),
+        }
+        tracing::debug!(
+            iova = req.address,
+            size = req.size,
+            flags = req.flags,
+            "DMA unmap"
+        );
+        Ok(Reply::of(&wire::DmaUnmap {
+            argsz: wire::argsz::<wire::DmaUnmap>(),
+            ..req
+        }))
+    }
+
+    fn device_info(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        fixed::<wire::DeviceInfo>(body, "DEVICE_GET_INFO", |r| r.argsz)?;
+        let info = self.function().device_info();
+        Ok(Reply::of(&wire::DeviceInfo {
+            argsz: wire::argsz::<wire::DeviceInfo>(),
+            flags: info.flags,
+            num_regions: info.num_regions,
+            num_irqs: info.num_irqs,
+        }))
+    }
+
+    fn region_info(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = fixed::<wire::RegionInfo>(body, "DEVICE_GET_REGION_INFO", |r| r.argsz)?;
+        let info = self.function().region_info(req.index)?;
+        let base = wire::size_of::<wire::RegionInfo>();
+        let mut caps = Vec::new();
+        if let Some(mmap) = info.mmap.as_ref().filter(|m| !m.areas.is_empty()) {
+            let nr = u32::try_from(mmap.areas.len())
+                .map_err(|_| refuse(Errno::OVERFLOW, "too many sparse areas"))?;
+            caps.extend_from_slice(
+                wire::SparseMmap {
+                    header: wire::CapHeader {
+                        id: wire::REGION_INFO_CAP_SPARSE_MMAP,
+                        version: 1,
+                        next: 0,
+                    },
+                    nr_areas: nr,
+                    reserved: 0,
+                }
+                .as_bytes(),
+            );
+            for &(offset, size) in &mmap.areas {
+                caps.extend_from_slice(wire::SparseMmapArea { offset, size }.as_bytes());
+            }
+        }
+        let needed = u32::try_from(base + caps.len())
+            .map_err(|_| refuse(Errno::OVERFLOW, "region info too large"))?;
+        let fits = req.argsz >= needed;
+        let mut flags = info.flags;
+        if !caps.is_empty() {
+            flags |= wire::REGION_INFO_FLAG_CAPS;
+        }
+        let out = wire::RegionInfo {
+            argsz: needed,
+            flags,
+            index: req.index,
+            cap_offset: if fits && !caps.is_empty() {
+                wire::argsz::<wire::RegionInfo>()
+            } else {
+                0
+            },
+            size: info.size,
+            offset: info.mmap.as_ref().map_or(0, |m| m.offset),
+        };
+        let mut body = out.as_bytes().to_vec();
+        if fits {
+            body.extend_from_slice(&caps);
+        }
+        let mut fds = Vec::new();
+        if let Some(m) = &info.mmap {
+            fds.push(
+                m.fd.try_clone()
+                    .map_err(|_| refuse(Errno::MFILE, "cannot duplicate the region fd"))?,
+            );
+        }
+        Ok(Reply { body, fds })
+    }
+
+    fn region_io_fds(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = fixed::<wire::RegionIoFds>(body, "DEVICE_GET_REGION_IO_FDS", |r| r.argsz)?;
+        if req.flags != 0 {
+            return Err(ProtoError::UnknownFlags(req.flags).into());
+        }
+        self.function().region_info(req.index)?;
+        // No region offers ioeventfds yet: the answer is an empty list.
+        Ok(Reply::of(&wire::RegionIoFds {
+            argsz: wire::argsz::<wire::RegionIoFds>(),
+            flags: 0,
+            index: req.index,
+            count: 0,
+        }))
+    }
+
+    fn irq_info(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = fixed::<wire::IrqInfo>(body, "DEVICE_GET_IRQ_INFO", |r| r.argsz)?;
+        let info = self.function().irq_info(req.index)?;
+        Ok(Reply::of(&wire::IrqInfo {
+            argsz: wire::argsz::<wire::IrqInfo>(),
+            flags: info.flags,
+            index: req.index,
+            count: info.count,
+        }))
+    }
+
+    fn set_irqs(&self, body: &[u8], fds: Vec<OwnedFd>) -> Result<Reply, RequestError> {
+        let (req, tail) = fixed::<wire::IrqSet>(body, "DEVICE_SET_IRQS", |r| r.argsz)?;
+        let data = match req.flags & wire::IRQ_SET_DATA_MASK {
+            wire::IRQ_SET_DATA_EVENTFD => IrqData::Eventfds(fds),
+            other => {
+                no_fds(&fds)?;
+                if other == wire::IRQ_SET_DATA_BOOL {
+                    IrqData::Bool(tail.to_vec())
+                } else {
+                    IrqData::None
+                }
+            }
+        };
+        self.function()
+            .set_irqs(req.index, req.flags, req.start, req.count, data)?;
+        Ok(Reply::empty())
+    }
+
+    fn check_count(&self, count: u32) -> Result<(), RequestError> {
+        if count > self.config.max_data_xfer_size {
+            return Err(ProtoError::TransferTooLarge {
+                count: u64::from(count),
+                max: self.config.max_data_xfer_size,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn region_read(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = wire::split::<wire::RegionAccess>(body, "REGION_READ")?;
+        self.check_count(req.count)?;
+        let head = wire::size_of::<wire::RegionAccess>();
+        let mut out = vec![0u8; head + req.count as usize];
+        self.function()
+            .region_read(req.region, req.offset, &mut out[head..])?;
+        out[..head].copy_from_slice(req.as_bytes());
+        Ok(Reply {
+            body: out,
+            fds: Vec::new(),
+        })
+    }
+
+    fn region_write(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, data) = wire::split::<wire::RegionAccess>(body, "REGION_WRITE")?;
+        self.check_count(req.count)?;
+        if data.len() != req.count as usize {
+            return Err(ProtoError::Invalid("REGION_WRITE count does not match its data").into());
+        }
+        self.function().region_write(req.region, req.offset, data)?;
+        Ok(Reply::of(&req))
+    }
+
+    fn write_multi(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, mut tail) = wire::split::<wire::WriteMulti>(body, "REGION_WRITE_MULTI")?;
+        if req.wr_cnt > wire::WRITE_MULTI_MAX as u64 {
+            return Err(ProtoError::Invalid("REGION_WRITE_MULTI wr_cnt above 200").into());
+        }
+        if !self.negotiated.as_ref().is_some_and(|n| n.write_multiple) {
+            tracing::debug!("REGION_WRITE_MULTI without negotiating write_multiple; accepted");
+        }
+        let mut f = self.function();
+        for _ in 0..req.wr_cnt {
+            let (w, rest) = wire::split::<wire::WriteMultiEntry>(tail, "REGION_WRITE_MULTI entry")?;
+            tail = rest;
+            let n = w.count as usize;
+            if n > wire::WRITE_MULTI_DATA {
+                return Err(ProtoError::Invalid("REGION_WRITE_MULTI entry above 8 bytes").into());
+            }
+            f.region_write(w.region, w.offset, &w.data[..n])?;
+        }
+        Ok(Reply::of(&req))
+    }
+
+    fn teardown(&mut self) {
+        self.remote.close();
+        if self.negotiated.is_some() {
+            self.function().close();
+        }
+        if let Some(space) = self.space.take() {
+            let n = space.unmap_all();
+            space.set_remote(None);
+            tracing::info!(
+                mappings = n,
+                "client gone: DMA unmapped, interrupts released"
+            );
+        }
+    }
+}
+
+/// The error and its sources, for one log line.
+pub(crate) fn display_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
