@@ -68,6 +68,10 @@ impl Default for ServerConfig {
     }
 }
 
+/// How long a new client waits for the previous client's session to end before it is
+/// refused as a second client.
+const HANDOVER_WAIT: Duration = Duration::from_millis(500);
+
 struct StopSignal {
     stopped: AtomicBool,
     wake: std::os::fd::OwnedFd,
@@ -144,6 +148,7 @@ impl Server {
             .set_nonblocking(true)
             .map_err(ServerError::Listener)?;
         let mut session: Option<JoinHandle<()>> = None;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         while !self.stop.stopped.load(Ordering::Acquire) {
             let mut fds = [
                 PollFd::new(&listener, PollFlags::IN),
@@ -164,10 +169,16 @@ impl Server {
                 Err(e) => return Err(ServerError::Listener(e)),
             };
             if session.as_ref().is_some_and(|h| !h.is_finished()) {
-                tracing::warn!("refusing a second client: the device already has one");
-                drop(stream);
-                continue;
+                // The previous client may have just gone without its session having noticed
+                // yet (a VMM that reconnects): give the session a moment to wind down.
+                let _ = done_rx.recv_timeout(HANDOVER_WAIT);
+                if session.as_ref().is_some_and(|h| !h.is_finished()) {
+                    tracing::warn!("refusing a second client: the device already has one");
+                    drop(stream);
+                    continue;
+                }
             }
+            while done_rx.try_recv().is_ok() {}
             if let Some(h) = session.take() {
                 let _ = h.join();
             }
@@ -180,6 +191,7 @@ impl Server {
             let function = self.function.clone();
             let config = self.config.clone();
             let stop = self.stop.clone();
+            let done = done_tx.clone();
             session = Some(
                 std::thread::Builder::new()
                     .name("umdev-session".into())
@@ -187,6 +199,7 @@ impl Server {
                         if let Err(e) = serve_one(&function, &config, &stop, transport) {
                             tracing::warn!(error = %session::display_chain(&e), "session ended with an error");
                         }
+                        let _ = done.send(());
                     })
                     .map_err(ServerError::Listener)?,
             );

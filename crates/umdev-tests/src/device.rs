@@ -1,0 +1,267 @@
+//! A test device that exercises every path of the framework: plain RAM BARs, an I/O BAR,
+//! an mmap-able BAR with sparse areas, MSI, MSI-X, and a small DMA engine driven from BAR0.
+//!
+//! BAR0 (memory, 4 KiB) register map:
+//!
+//! | offset | width | meaning |
+//! |---|---|---|
+//! | 0x000..0x100 | any | scratch RAM |
+//! | 0x100 | 8 | DMA address (IOVA) |
+//! | 0x108 | 4 | DMA length (at most 2 KiB) |
+//! | 0x10c | 1 | DMA pattern seed |
+//! | 0x110 | 4 | DMA command: 1 = write `seed+i` bytes to guest memory, 2 = read guest memory into the buffer at 0x800 |
+//! | 0x114 | 4 | DMA status: 0 after success, the errno otherwise (read-only) |
+//! | 0x120 | 4 | IRQ command: 0 = lower INTx, 1 = raise INTx, 2 = MSI vector [0x124], 3 = MSI-X vector [0x124], 4 = ERR, 5 = REQ |
+//! | 0x124 | 4 | IRQ vector |
+//! | 0x800..0x1000 | any | DMA buffer |
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use umdev_pci::{
+    BarIndex, BarKind, BarMmap, DeviceContext, DeviceError, IrqMode, PciDevice, PciDeviceSpec,
+    PciFunction,
+};
+
+/// Vendor id of the test device (not assigned to anyone we know of; tests only).
+pub const TEST_VENDOR: u16 = 0x5ead;
+/// Device id of the test device.
+pub const TEST_DEVICE: u16 = 0x0001;
+/// Size of BAR0.
+pub const BAR0_SIZE: u64 = 4096;
+/// Size of the mmap-able BAR2.
+pub const BAR2_SIZE: u64 = 64 * 1024;
+/// Sparse mmap areas of BAR2.
+pub const BAR2_AREAS: [(u64, u64); 2] = [(0x1000, 0x3000), (0x8000, 0x8000)];
+/// Register offsets in BAR0.
+pub mod reg {
+    /// DMA address.
+    pub const DMA_ADDR: u64 = 0x100;
+    /// DMA length.
+    pub const DMA_LEN: u64 = 0x108;
+    /// DMA pattern seed.
+    pub const DMA_SEED: u64 = 0x10c;
+    /// DMA command.
+    pub const DMA_CMD: u64 = 0x110;
+    /// DMA status.
+    pub const DMA_STATUS: u64 = 0x114;
+    /// IRQ command.
+    pub const IRQ_CMD: u64 = 0x120;
+    /// IRQ vector.
+    pub const IRQ_VECTOR: u64 = 0x124;
+    /// DMA buffer.
+    pub const DMA_BUF: u64 = 0x800;
+}
+
+/// What the test observes of the device.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// Every BAR access that reached the device: (bar, offset, len, is_write).
+    pub accesses: Mutex<Vec<(u8, u64, usize, bool)>>,
+    /// Times `open` was called.
+    pub opens: AtomicUsize,
+    /// Times `close` was called.
+    pub closes: AtomicUsize,
+    /// Times `reset` was called.
+    pub resets: AtomicUsize,
+    /// When set, `open` refuses with EBUSY.
+    pub refuse_open: AtomicBool,
+    /// Interrupt modes the device was told about.
+    pub modes: Mutex<Vec<IrqMode>>,
+}
+
+/// The test device.
+pub struct TestDevice {
+    bar0: Vec<u8>,
+    bar1: Vec<u8>,
+    bar2: Arc<OwnedFd>,
+    ctx: Option<DeviceContext>,
+    observed: Arc<Observed>,
+}
+
+impl TestDevice {
+    /// A device and the function serving it, plus what tests can observe.
+    pub fn function() -> (PciFunction, Arc<Observed>) {
+        let fd = rustix::fs::memfd_create("umdev-test-bar2", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        rustix::fs::ftruncate(&fd, BAR2_SIZE).expect("ftruncate");
+        let fd = Arc::new(fd);
+        let spec = PciDeviceSpec::builder(TEST_VENDOR, TEST_DEVICE)
+            .class(0xff, 0x00, 0x00)
+            .revision(1)
+            .subsystem(TEST_VENDOR, TEST_DEVICE)
+            .interrupt_pin(1)
+            .bar(
+                0,
+                BarKind::Mem32 {
+                    prefetchable: false,
+                },
+                BAR0_SIZE,
+            )
+            .bar(1, BarKind::Io, 16)
+            .bar(2, BarKind::Mem64 { prefetchable: true }, BAR2_SIZE)
+            .bar_mmap(
+                2,
+                BarMmap {
+                    fd: fd.clone(),
+                    offset: 0,
+                    areas: BAR2_AREAS.to_vec(),
+                },
+            )
+            .bar(
+                4,
+                BarKind::Mem32 {
+                    prefetchable: false,
+                },
+                8192,
+            )
+            .msi(4, true)
+            .msix(8, 4, 0, 4, 0x1000)
+            .pcie()
+            .power_management()
+            .reset(true)
+            .build()
+            .expect("test device spec is valid");
+        let observed = Arc::new(Observed::default());
+        let dev = TestDevice {
+            bar0: vec![0; BAR0_SIZE as usize],
+            bar1: vec![0; 16],
+            bar2: fd,
+            ctx: None,
+            observed: observed.clone(),
+        };
+        (PciFunction::new(spec, Box::new(dev)), observed)
+    }
+
+    fn reg32(&self, off: u64) -> u32 {
+        let o = off as usize;
+        u32::from_le_bytes(self.bar0[o..o + 4].try_into().unwrap_or([0; 4]))
+    }
+
+    fn run_dma(&mut self, cmd: u32) {
+        let o = reg::DMA_ADDR as usize;
+        let addr = u64::from_le_bytes(self.bar0[o..o + 8].try_into().unwrap_or([0; 8]));
+        let len = (self.reg32(reg::DMA_LEN) as usize).min(2048);
+        let seed = self.bar0[reg::DMA_SEED as usize];
+        let status = match &self.ctx {
+            None => 19, // ENODEV: no client
+            Some(ctx) => {
+                let r = match cmd {
+                    1 => {
+                        let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+                        ctx.dma.write(addr, &data)
+                    }
+                    2 => {
+                        let b = reg::DMA_BUF as usize;
+                        ctx.dma.read(addr, &mut self.bar0[b..b + len])
+                    }
+                    _ => Ok(()),
+                };
+                r.map_or_else(|e| e.errno() as u32, |()| 0)
+            }
+        };
+        let s = reg::DMA_STATUS as usize;
+        self.bar0[s..s + 4].copy_from_slice(&status.to_le_bytes());
+    }
+
+    fn run_irq(&mut self, cmd: u32) {
+        let vector = self.reg32(reg::IRQ_VECTOR);
+        if let Some(ctx) = &self.ctx {
+            match cmd {
+                0 => ctx.irqs.set_intx(false),
+                1 => ctx.irqs.set_intx(true),
+                2 => ctx.irqs.trigger_msi(vector),
+                3 => ctx.irqs.trigger_msix(vector),
+                4 => ctx.irqs.signal_err(),
+                5 => ctx.irqs.signal_req(),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn range(len: usize, off: u64, n: usize) -> Result<std::ops::Range<usize>, DeviceError> {
+    let start = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+    let end = start
+        .checked_add(n)
+        .filter(|e| *e <= len)
+        .ok_or(DeviceError::Io(22))?;
+    Ok(start..end)
+}
+
+impl PciDevice for TestDevice {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        self.observed
+            .accesses
+            .lock()
+            .unwrap()
+            .push((bar.get(), offset, data.len(), false));
+        match bar.get() {
+            0 => data.copy_from_slice(&self.bar0[range(self.bar0.len(), offset, data.len())?]),
+            1 => data.copy_from_slice(&self.bar1[range(self.bar1.len(), offset, data.len())?]),
+            2 => {
+                rustix::io::pread(&*self.bar2, data, offset)
+                    .map_err(|e| DeviceError::Io(e.raw_os_error()))?;
+            }
+            _ => data.fill(0),
+        }
+        Ok(())
+    }
+
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.observed
+            .accesses
+            .lock()
+            .unwrap()
+            .push((bar.get(), offset, data.len(), true));
+        match bar.get() {
+            0 => {
+                if offset == reg::DMA_STATUS {
+                    return Ok(()); // read-only
+                }
+                let r = range(self.bar0.len(), offset, data.len())?;
+                self.bar0[r].copy_from_slice(data);
+                if offset == reg::DMA_CMD && data.len() == 4 {
+                    self.run_dma(self.reg32(reg::DMA_CMD));
+                } else if offset == reg::IRQ_CMD && data.len() == 4 {
+                    self.run_irq(self.reg32(reg::IRQ_CMD));
+                }
+            }
+            1 => {
+                let r = range(self.bar1.len(), offset, data.len())?;
+                self.bar1[r].copy_from_slice(data);
+            }
+            2 => {
+                rustix::io::pwrite(&*self.bar2, data, offset)
+                    .map_err(|e| DeviceError::Io(e.raw_os_error()))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.observed.resets.fetch_add(1, Ordering::SeqCst);
+        self.bar0.fill(0);
+        Ok(())
+    }
+
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
+        if self.observed.refuse_open.load(Ordering::SeqCst) {
+            return Err(DeviceError::Refused(16)); // EBUSY
+        }
+        self.observed.opens.fetch_add(1, Ordering::SeqCst);
+        self.ctx = Some(ctx);
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        self.observed.closes.fetch_add(1, Ordering::SeqCst);
+        self.ctx = None;
+    }
+
+    fn irq_mode_changed(&mut self, mode: IrqMode) {
+        self.observed.modes.lock().unwrap().push(mode);
+    }
+}
