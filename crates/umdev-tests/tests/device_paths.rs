@@ -1,4 +1,5 @@
 //! The test device through a real socket with our client: every data path once.
+#![allow(clippy::unwrap_used)]
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
