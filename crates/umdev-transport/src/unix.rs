@@ -20,12 +20,83 @@ use crate::{check_size, Incoming, Message, RecvLimits, Transport, TransportError
 const CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_WIRE_FDS));
 const DRAIN_CHUNK: usize = 64 * 1024;
 
+/// Size of the receive buffer: most messages fit whole, so one `recvmsg` reads one (or
+/// several pipelined) messages instead of one for the header and one for the body.
+const RX_BUF: usize = 64 * 1024;
+
+/// Fds that arrived with the bytes at stream positions `start..end`.
+///
+/// Linux delivers a sender's fds with the first segment of the `sendmsg` that carried them,
+/// and a `recvmsg` stops right after a segment with fds. So if every message is sent with
+/// one `sendmsg` (as every known client does), the fds belong to the *last message that
+/// starts* in `start..end`: the message starting in that range whose end reaches `end`.
+struct FdMark {
+    start: u64,
+    end: u64,
+    fds: Vec<OwnedFd>,
+}
+
+struct Rx {
+    buf: Box<[u8]>,
+    /// Unparsed bytes are `buf[head..tail]`.
+    head: usize,
+    tail: usize,
+    /// Stream position of `buf[head]`.
+    pos: u64,
+    marks: std::collections::VecDeque<FdMark>,
+}
+
+impl Rx {
+    fn available(&self) -> usize {
+        self.tail - self.head
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.head += n;
+        self.pos += n as u64;
+        if self.head == self.tail {
+            self.head = 0;
+            self.tail = 0;
+        }
+    }
+
+    /// Fds of the message at stream positions `start..start+len`; stale marks are dropped.
+    fn take_fds(&mut self, start: u64, len: u64) -> Vec<OwnedFd> {
+        let end = start.saturating_add(len);
+        let mut out = Vec::new();
+        while let Some(m) = self.marks.front() {
+            if m.end <= start {
+                // Bytes of an earlier message came with fds that matched none: close them.
+                self.marks.pop_front();
+                continue;
+            }
+            if m.start <= start && start < m.end && end >= m.end {
+                if let Some(m) = self.marks.pop_front() {
+                    out.extend(m.fds);
+                }
+                continue;
+            }
+            break;
+        }
+        out
+    }
+}
+
 /// A vfio-user connection over a connected `AF_UNIX` stream socket.
-#[derive(Debug)]
 pub struct UnixTransport {
     stream: UnixStream,
     send_lock: Mutex<()>,
+    rx: Mutex<Rx>,
     spin: Duration,
+}
+
+impl std::fmt::Debug for UnixTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixTransport")
+            .field("stream", &self.stream)
+            .field("spin", &self.spin)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UnixTransport {
@@ -34,6 +105,13 @@ impl UnixTransport {
         UnixTransport {
             stream,
             send_lock: Mutex::new(()),
+            rx: Mutex::new(Rx {
+                buf: vec![0u8; RX_BUF].into_boxed_slice(),
+                head: 0,
+                tail: 0,
+                pos: 0,
+                marks: std::collections::VecDeque::new(),
+            }),
             spin: Duration::ZERO,
         }
     }
@@ -58,6 +136,9 @@ impl UnixTransport {
     }
 
     fn sendmsg_all(&self, slices: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<(), TransportError> {
+        if fds.len() > MAX_WIRE_FDS {
+            return Err(TransportError::Io(Errno::TOOBIG.into()));
+        }
         let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
         let total: usize = slices.iter().map(|s| s.len()).sum();
         let mut sent = 0usize;
@@ -76,10 +157,8 @@ impl UnixTransport {
             }
             let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
             let mut cmsg = SendAncillaryBuffer::new(&mut space);
+            // Fds travel with the first bytes of the message only.
             if first && !fds.is_empty() {
-                if fds.len() > MAX_WIRE_FDS {
-                    return Err(TransportError::Io(Errno::TOOBIG.into()));
-                }
                 cmsg.push(SendAncillaryMessage::ScmRights(fds));
             }
             let n = match sendmsg(&self.stream, &iov, &mut cmsg, SendFlags::NOSIGNAL) {
@@ -97,21 +176,21 @@ impl UnixTransport {
         Ok(())
     }
 
-    /// Reads exactly `buf.len()` bytes, collecting any fds that come with them.
-    /// Returns `Ok(false)` if the peer closed before the first byte.
-    fn recv_exact(
+    /// One `recvmsg` into `dst`, recording any fds against stream positions from `pos`.
+    /// Returns the byte count (0 at end of stream).
+    fn recv_some(
         &self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
+        dst: &mut [u8],
+        pos: u64,
+        marks: &mut std::collections::VecDeque<FdMark>,
         spin: bool,
-    ) -> Result<bool, TransportError> {
-        let mut got = 0;
+    ) -> Result<usize, TransportError> {
         let deadline = (spin && !self.spin.is_zero()).then(|| Instant::now() + self.spin);
-        while got < buf.len() {
-            let mut space = vec![MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+        loop {
+            let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
             let mut cmsg = RecvAncillaryBuffer::new(&mut space);
-            let mut iov = [IoSliceMut::new(&mut buf[got..])];
-            let nonblock = got == 0 && deadline.is_some_and(|d| Instant::now() < d);
+            let mut iov = [IoSliceMut::new(dst)];
+            let nonblock = deadline.is_some_and(|d| Instant::now() < d);
             let mut flags = RecvFlags::CMSG_CLOEXEC;
             if nonblock {
                 flags |= RecvFlags::DONTWAIT;
@@ -123,9 +202,10 @@ impl UnixTransport {
                     std::hint::spin_loop();
                     continue;
                 }
-                Err(Errno::CONNRESET) => return Err(TransportError::Closed),
+                Err(Errno::CONNRESET) => return Ok(0),
                 Err(e) => return Err(TransportError::Io(e.into())),
             };
+            let mut fds = Vec::new();
             for m in cmsg.drain() {
                 if let RecvAncillaryMessage::ScmRights(rights) = m {
                     fds.extend(rights);
@@ -136,18 +216,64 @@ impl UnixTransport {
                     "ancillary data truncated: peer sent more fds than SCM_MAX_FD",
                 )));
             }
-            if r.bytes == 0 {
-                if got == 0 {
+            if !fds.is_empty() {
+                marks.push_back(FdMark {
+                    start: pos,
+                    end: pos + r.bytes as u64,
+                    fds,
+                });
+            }
+            return Ok(r.bytes);
+        }
+    }
+
+    /// Buffers at least `n` bytes (n <= RX_BUF). `Ok(false)` at end of stream with
+    /// nothing buffered.
+    fn fill(&self, rx: &mut Rx, n: usize, spin: bool) -> Result<bool, TransportError> {
+        while rx.available() < n {
+            if rx.buf.len() - rx.tail < n - rx.available() {
+                rx.buf.copy_within(rx.head..rx.tail, 0);
+                rx.tail -= rx.head;
+                rx.head = 0;
+            }
+            let pos = rx.pos + rx.available() as u64;
+            let tail = rx.tail;
+            let Rx { buf, marks, .. } = rx;
+            let got = self.recv_some(&mut buf[tail..], pos, marks, spin)?;
+            if got == 0 {
+                if rx.available() == 0 {
                     return Ok(false);
                 }
                 return Err(TransportError::ClosedMidMessage {
-                    got,
-                    want: buf.len(),
+                    got: rx.available(),
+                    want: n,
                 });
             }
-            got += r.bytes;
+            rx.tail += got;
         }
         Ok(true)
+    }
+
+    /// Moves the next `dst.len()` stream bytes into `dst`: first what is buffered, then
+    /// straight from the socket (large bodies skip the buffer).
+    fn read_into(&self, rx: &mut Rx, dst: &mut [u8]) -> Result<(), TransportError> {
+        let from_buf = rx.available().min(dst.len());
+        dst[..from_buf].copy_from_slice(&rx.buf[rx.head..rx.head + from_buf]);
+        rx.consume(from_buf);
+        let mut got = from_buf;
+        while got < dst.len() {
+            let pos = rx.pos;
+            let n = self.recv_some(&mut dst[got..], pos, &mut rx.marks, false)?;
+            if n == 0 {
+                return Err(TransportError::ClosedMidMessage {
+                    got,
+                    want: dst.len(),
+                });
+            }
+            rx.pos += n as u64;
+            got += n;
+        }
+        Ok(())
     }
 }
 
@@ -166,36 +292,42 @@ impl Transport for UnixTransport {
     }
 
     fn recv(&self, limits: RecvLimits) -> Result<Incoming, TransportError> {
-        let mut fds = Vec::new();
-        let mut hbuf = [0u8; HEADER_SIZE];
-        if !self.recv_exact(&mut hbuf, &mut fds, true)? {
+        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.fill(&mut rx, HEADER_SIZE, true)? {
             return Err(TransportError::Closed);
         }
+        let mut hbuf = [0u8; HEADER_SIZE];
+        hbuf.copy_from_slice(&rx.buf[rx.head..rx.head + HEADER_SIZE]);
         let header = Header::parse(&hbuf).map_err(TransportError::Framing)?;
+        let start = rx.pos;
+        rx.consume(HEADER_SIZE);
         let body_len = header.body_len();
         if body_len > limits.max_body {
             // Keep framing: read the body away in bounded chunks, then report it.
+            let mut chunk = vec![0u8; DRAIN_CHUNK.min(body_len)];
             let mut left = body_len;
-            let mut chunk = vec![0u8; DRAIN_CHUNK.min(left)];
             while left > 0 {
                 let n = left.min(chunk.len());
-                if !self.recv_exact(&mut chunk[..n], &mut fds, false)? {
-                    return Err(TransportError::ClosedMidMessage {
-                        got: body_len - left,
-                        want: body_len,
-                    });
-                }
+                self.read_into(&mut rx, &mut chunk[..n])?;
                 left -= n;
             }
+            drop(rx.take_fds(start, u64::from(header.msg_size)));
             return Ok(Incoming::Oversized { header });
         }
         let mut body = vec![0u8; body_len];
-        if body_len > 0 && !self.recv_exact(&mut body, &mut fds, false)? {
-            return Err(TransportError::ClosedMidMessage {
-                got: HEADER_SIZE,
-                want: header.msg_size as usize,
-            });
+        if body_len > 0 {
+            if body_len <= RX_BUF - HEADER_SIZE {
+                // Small bodies usually arrived with the header: one syscall per message.
+                if !self.fill(&mut rx, body_len, false)? {
+                    return Err(TransportError::ClosedMidMessage {
+                        got: HEADER_SIZE,
+                        want: header.msg_size as usize,
+                    });
+                }
+            }
+            self.read_into(&mut rx, &mut body)?;
         }
+        let fds = rx.take_fds(start, u64::from(header.msg_size));
         Ok(Incoming::Message(Message { header, body, fds }))
     }
 
@@ -209,6 +341,7 @@ impl Transport for UnixTransport {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test patterns wrap on purpose
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
@@ -272,6 +405,41 @@ mod tests {
             matches!(b.recv(small).unwrap(), Incoming::Oversized { header } if header.msg_id == 5)
         );
         assert!(matches!(b.recv(small).unwrap(), Incoming::Message(m) if m.header.msg_id == 6));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn fds_of_a_later_message_read_in_the_same_chunk_are_not_given_to_the_earlier_one() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = (UnixTransport::new(a), UnixTransport::new(b));
+        let (p1, _p2) = UnixStream::pair().unwrap();
+        // Three messages queued before the reader looks: none, one fd, none.
+        for (id, n) in [(1u16, 0usize), (2, 1), (3, 0)] {
+            let h = Header::command(id, Command::DmaMap, 32).unwrap();
+            let fds: Vec<_> = std::iter::repeat_n(p1.as_fd(), n).collect();
+            a.send(&h, &[&[0u8; 32]], &fds).unwrap();
+        }
+        let got: Vec<(u16, usize)> = (0..3)
+            .map(|_| match b.recv(limits()).unwrap() {
+                Incoming::Message(m) => (m.header.msg_id, m.fds.len()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, vec![(1, 0), (2, 1), (3, 0)]);
+    }
+
+    #[test]
+    fn a_body_larger_than_the_buffer_arrives_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = (UnixTransport::new(a), UnixTransport::new(b));
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let h = Header::command(9, Command::RegionWrite, big.len()).unwrap();
+        let want = big.clone();
+        let t = std::thread::spawn(move || a.send(&h, &[&big], &[]).unwrap());
+        match b.recv(limits()).unwrap() {
+            Incoming::Message(m) => assert_eq!(m.body, want),
+            other => panic!("{other:?}"),
+        }
         t.join().unwrap();
     }
 
