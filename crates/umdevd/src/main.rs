@@ -108,8 +108,11 @@ fn run(args: Args) -> Result<()> {
 
     let listener = UnixListener::bind(&args.socket)
         .with_context(|| format!("listening on {}", args.socket.display()))?;
-    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(args.socket_mode))
-        .with_context(|| format!("setting the mode of {}", args.socket.display()))?;
+    std::fs::set_permissions(
+        &args.socket,
+        std::fs::Permissions::from_mode(args.socket_mode),
+    )
+    .with_context(|| format!("setting the mode of {}", args.socket.display()))?;
 
     let stopper = server.stopper();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -150,6 +153,7 @@ fn run(args: Args) -> Result<()> {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UMDEV_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
