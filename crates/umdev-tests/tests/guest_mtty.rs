@@ -5,7 +5,8 @@
 //! 4348:3253, class 07/00/02), the guest writes `guest-to-host port<i>` to each port and reads a
 //! line back; this test reads the guest's text from the daemon's host-side console socket of each
 //! port and answers `host-to-guest port<i>`. It checks the guest's dmesg (`ttyS<n> at I/O ... is
-//! a 16550A` per port), both directions of text, and the guest's verdict; once with guest RAM in
+//! a 16550A` per port), both directions of text, that the card's INTx fired in the guest, and the
+//! guest's verdict; once with guest RAM in
 //! a shared memfd (QEMU passes fds with `DMA_MAP`) and once with plain RAM (no fds).
 //!
 //! Prerequisites, all needing root:
@@ -46,7 +47,8 @@ const GUEST_READ_TIMEOUT_S: u32 = 90;
 /// How much of a long log a failure report prints.
 const TAIL_LINES: usize = 150;
 
-/// TCG guests are CPU-heavy; run the two modes one after the other.
+/// TCG guests are CPU-heavy; run the two modes one after the other. The mutex covers
+/// `cargo test` (threads); a lock file in the cache covers nextest (a process per test).
 static SERIAL: Mutex<()> = Mutex::new(());
 
 #[derive(Clone, Copy, Debug)]
@@ -100,6 +102,9 @@ fn run_or_skip(memory: Memory) {
             return;
         }
     };
+    let _lock = env
+        .lock()
+        .unwrap_or_else(|e| panic!("cannot lock the guest cache: {e}"));
     let mut run = Run::new(&env, memory).unwrap_or_else(|e| panic!("cannot prepare the run: {e}"));
     match run.execute() {
         Ok(summary) => println!("{summary}"),
@@ -109,6 +114,8 @@ fn run_or_skip(memory: Memory) {
 
 /// What a run needs from the machine.
 struct Prerequisites {
+    /// The cache `tests/guest/setup.sh` fills.
+    cache: PathBuf,
     /// The chroot holding QEMU, the kernel and the initramfs.
     root: PathBuf,
     /// The daemon binary on the host.
@@ -148,7 +155,22 @@ impl Prerequisites {
                 daemon.display()
             ));
         }
-        Ok(Self { root, daemon })
+        Ok(Self {
+            cache,
+            root,
+            daemon,
+        })
+    }
+}
+
+impl Prerequisites {
+    /// Holds an exclusive lock on the cache until the returned file is dropped.
+    fn lock(&self) -> Result<File, String> {
+        let path = self.cache.join(".test-lock");
+        let file = File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| format!("flock {}: {e}", path.display()))?;
+        Ok(file)
     }
 }
 
@@ -541,6 +563,18 @@ impl Run {
             {
                 problems.push(format!("the guest did not read `host-to-guest port{i}`"));
             }
+            // "GUEST-IRQ port<i>:  21:   7   IO-APIC  21-fasteoi   ttyS4", taken while the port
+            // was open: the text must have moved on interrupts, not on the driver's polling.
+            let irqs = console
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("GUEST-IRQ port{i}:")))
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|count| count.parse::<u64>().ok());
+            if irqs.is_none_or(|n| n == 0) {
+                problems.push(format!(
+                    "the guest counted no interrupts on port {i}'s IRQ ({irqs:?})"
+                ));
+            }
         }
         if !console.contains("GUEST-VERDICT: PASS") {
             problems.push("the guest's verdict is not PASS".into());
@@ -553,6 +587,7 @@ impl Run {
             .filter(|l| {
                 l.contains("16550A")
                     || l.starts_with("GUEST-READ")
+                    || l.starts_with("GUEST-IRQ")
                     || l.starts_with("GUEST-VERDICT")
             })
             .collect();
