@@ -253,6 +253,10 @@ impl IrqState {
             return invalid("data does not match the data flag");
         }
         if count == 0 && flags == IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER {
+            // Disabling the whole index names it with start 0 (or any start inside it).
+            if start != 0 && start >= self.count(idx) {
+                return invalid("start beyond the index");
+            }
             return Ok(self.disable(idx));
         }
         let end = start
@@ -643,8 +647,22 @@ mod tests {
         let i = Interrupts::new([0, 0, 0, 1, 1]);
         let off = IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER;
         for index in 0..5 {
-            assert!(i.lock().set_irqs(index, off, 7, 0, IrqData::None).is_ok());
+            assert!(i.lock().set_irqs(index, off, 0, 0, IrqData::None).is_ok());
         }
+    }
+
+    #[test]
+    fn disable_with_a_start_past_the_count_is_refused() {
+        let i = Interrupts::new([1, 1, 8, 1, 1]);
+        let off = IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER;
+        assert_eq!(
+            i.lock()
+                .set_irqs(2, off, 8, 0, IrqData::None)
+                .unwrap_err()
+                .errno(),
+            22
+        );
+        assert!(i.lock().set_irqs(2, off, 7, 0, IrqData::None).is_ok());
     }
 
     #[test]

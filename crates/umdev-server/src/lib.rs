@@ -168,20 +168,20 @@ impl Server {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServerError::Listener(e)),
             };
-            if session.as_ref().is_some_and(|h| !h.is_finished()) {
+            if let Some(h) = session.take() {
                 // The previous client may have just gone without its session having noticed
-                // yet (a VMM that reconnects): give the session a moment to wind down.
-                let _ = done_rx.recv_timeout(HANDOVER_WAIT);
-                if session.as_ref().is_some_and(|h| !h.is_finished()) {
+                // yet (a VMM that reconnects): give the session a moment to wind down. The
+                // session signals `done` as its last act, so a join after it is immediate.
+                if h.is_finished() || done_rx.recv_timeout(HANDOVER_WAIT).is_ok() {
+                    let _ = h.join();
+                } else {
                     tracing::warn!("refusing a second client: the device already has one");
                     drop(stream);
+                    session = Some(h);
                     continue;
                 }
             }
             while done_rx.try_recv().is_ok() {}
-            if let Some(h) = session.take() {
-                let _ = h.join();
-            }
             if let Err(e) = stream.set_nonblocking(false) {
                 tracing::warn!(error = %e, "cannot make the client socket blocking; dropping it");
                 continue;

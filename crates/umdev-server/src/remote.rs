@@ -143,7 +143,14 @@ impl RemoteChannel {
             None => self.pump_until(id).map_err(|_| fail(Errno::NOTCONN))?,
         };
         if let Some(errno) = reply.header.error() {
-            return Err(fail(Errno::from_raw_os_error(errno)));
+            // The spec lets an error reply carry errno 0; it is still a failure. Values
+            // outside the errno range are a peer's nonsense: they fail as EIO too.
+            let errno = if (1..4096).contains(&errno) {
+                Errno::from_raw_os_error(errno)
+            } else {
+                Errno::IO
+            };
+            return Err(fail(errno));
         }
         if reply.header.command != command as u16 {
             return Err(fail(Errno::PROTO));

@@ -191,7 +191,8 @@ impl<'a> Session<'a> {
 
     fn dispatch(&mut self, m: Message) -> Result<Reply, RequestError> {
         let Message { header, body, fds } = m;
-        if !header.is_command() || header.flags & !umdev_proto::FLAGS_KNOWN != 0 {
+        let bad_flags = !umdev_proto::FLAGS_KNOWN | umdev_proto::FLAG_ERROR;
+        if !header.is_command() || header.flags & bad_flags != 0 {
             return Err(ProtoError::UnknownFlags(header.flags).into());
         }
         if fds.len() > self.config.max_msg_fds as usize {
@@ -228,11 +229,7 @@ impl<'a> Session<'a> {
             }
             Command::RegionWriteMulti => self.write_multi(&body, &fds),
             Command::DmaRead | Command::DmaWrite => Err(ProtoError::WrongDirection(command).into()),
-            Command::DeviceFeature => {
-                no_fds(&fds)?;
-                let _ = wire::split::<wire::DeviceFeature>(&body, "DEVICE_FEATURE")?;
-                Err(refuse(Errno::NOTSUP, "the device has no optional features"))
-            }
+            Command::DeviceFeature => self.device_feature(&body, &fds),
             Command::MigDataRead | Command::MigDataWrite => {
                 no_fds(&fds)?;
                 Err(refuse(
@@ -540,17 +537,38 @@ impl<'a> Session<'a> {
         if !self.negotiated.as_ref().is_some_and(|n| n.write_multiple) {
             tracing::debug!("REGION_WRITE_MULTI without negotiating write_multiple; accepted");
         }
-        let mut f = self.function();
+        // Validate the whole message before the first write takes effect.
+        let mut writes = Vec::with_capacity(wire::WRITE_MULTI_MAX);
         for _ in 0..req.wr_cnt {
             let (w, rest) = wire::split::<wire::WriteMultiEntry>(tail, "REGION_WRITE_MULTI entry")?;
             tail = rest;
-            let n = w.count as usize;
-            if n > wire::WRITE_MULTI_DATA {
+            if w.count as usize > wire::WRITE_MULTI_DATA {
                 return Err(ProtoError::Invalid("REGION_WRITE_MULTI entry above 8 bytes").into());
             }
-            f.region_write(w.region, w.offset, &w.data[..n])?;
+            writes.push(w);
+        }
+        let mut f = self.function();
+        for w in &writes {
+            f.region_write(w.region, w.offset, &w.data[..w.count as usize])?;
         }
         Ok(Reply::of(&req))
+    }
+
+    fn device_feature(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = fixed::<wire::DeviceFeature>(body, "DEVICE_FEATURE", |r| r.argsz)?;
+        let known = wire::DEVICE_FEATURE_MASK
+            | wire::DEVICE_FEATURE_GET
+            | wire::DEVICE_FEATURE_SET
+            | wire::DEVICE_FEATURE_PROBE;
+        if req.flags & !known != 0 {
+            return Err(ProtoError::UnknownFlags(req.flags).into());
+        }
+        let get_and_set = wire::DEVICE_FEATURE_GET | wire::DEVICE_FEATURE_SET;
+        if req.flags & get_and_set == get_and_set && req.flags & wire::DEVICE_FEATURE_PROBE == 0 {
+            return Err(ProtoError::Invalid("DEVICE_FEATURE GET and SET without PROBE").into());
+        }
+        Err(refuse(Errno::NOTSUP, "the device has no optional features"))
     }
 
     fn teardown(&mut self) {
