@@ -1,0 +1,154 @@
+//! Conformance: VFIO_USER_DEVICE_FEATURE and VFIO_USER_MIG_DATA_READ/WRITE, over raw wire.
+//!
+//! The test device supports no optional feature and no migration: every well-formed request
+//! is answered ENOTSUP, every malformed one EINVAL.
+#![allow(clippy::unwrap_used)]
+
+use umdev_proto::{wire, Command};
+use umdev_tests::wire::{errno, Raw, RawReply};
+use umdev_tests::{Efd, TestServer};
+use zerocopy::IntoBytes;
+
+const FEATURE: u16 = Command::DeviceFeature as u16;
+const MIG_READ: u16 = Command::MigDataRead as u16;
+const MIG_WRITE: u16 = Command::MigDataWrite as u16;
+const MIGRATION: u32 = 1;
+const MIG_DEVICE_STATE: u32 = 2;
+const DMA_LOGGING_START: u32 = 6;
+
+fn setup() -> (TestServer, Raw) {
+    let s = TestServer::test_device();
+    let r = Raw::negotiated(&s.path);
+    (s, r)
+}
+
+fn feature(r: &mut Raw, flags: u32, data: &[u8]) -> RawReply {
+    let f = wire::DeviceFeature {
+        argsz: 8 + u32::try_from(data.len()).unwrap(),
+        flags,
+    };
+    r.call(FEATURE, &[f.as_bytes(), data], &[])
+}
+
+fn assert_refused(r: &mut Raw, reply: &RawReply, want: i32) {
+    assert_eq!(reply.errno(), Some(want), "{:?}", reply.header);
+    r.assert_usable();
+}
+
+#[test]
+fn probing_migration_is_enotsup() {
+    let (_s, mut r) = setup();
+    let reply = feature(&mut r, wire::DEVICE_FEATURE_PROBE | MIGRATION, &[]);
+    assert_refused(&mut r, &reply, errno::ENOTSUP);
+}
+
+#[test]
+fn getting_migration_is_enotsup() {
+    let (_s, mut r) = setup();
+    let reply = feature(&mut r, wire::DEVICE_FEATURE_GET | MIGRATION, &[0; 8]);
+    assert_refused(&mut r, &reply, errno::ENOTSUP);
+}
+
+#[test]
+fn setting_the_device_state_is_enotsup() {
+    let (_s, mut r) = setup();
+    let state = [1u8, 0, 0, 0, 0, 0, 0, 0];
+    let reply = feature(&mut r, wire::DEVICE_FEATURE_SET | MIG_DEVICE_STATE, &state);
+    assert_refused(&mut r, &reply, errno::ENOTSUP);
+}
+
+#[test]
+fn probing_dma_logging_is_enotsup() {
+    let (_s, mut r) = setup();
+    let flags = wire::DEVICE_FEATURE_PROBE | wire::DEVICE_FEATURE_SET | DMA_LOGGING_START;
+    let reply = feature(&mut r, flags, &[]);
+    assert_refused(&mut r, &reply, errno::ENOTSUP);
+}
+
+#[test]
+fn truncated_feature_is_einval() {
+    let (_s, mut r) = setup();
+    let reply = r.call(FEATURE, &[&[8, 0, 0, 0]], &[]);
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
+
+#[test]
+fn empty_feature_is_einval() {
+    let (_s, mut r) = setup();
+    let reply = r.call(FEATURE, &[], &[]);
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
+
+#[test]
+fn an_fd_with_feature_is_einval() {
+    let (_s, mut r) = setup();
+    let e = Efd::new();
+    let f = wire::DeviceFeature {
+        argsz: 8,
+        flags: wire::DEVICE_FEATURE_PROBE | MIGRATION,
+    };
+    let reply = r.call(FEATURE, &[f.as_bytes()], &[e.as_fd()]);
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
+
+/// Regression (fixed in b6138df): answered ENOTSUP; VFIO_DEVICE_FEATURE says EINVAL.
+#[test]
+fn feature_argsz_below_8_is_einval() {
+    let (_s, mut r) = setup();
+    let f = wire::DeviceFeature {
+        argsz: 4,
+        flags: wire::DEVICE_FEATURE_PROBE | MIGRATION,
+    };
+    let reply = r.call(FEATURE, &[f.as_bytes()], &[]);
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
+
+/// Regression (fixed in b6138df): answered ENOTSUP; the spec makes GET and SET exclusive
+/// without PROBE.
+#[test]
+fn feature_get_and_set_together_is_einval() {
+    let (_s, mut r) = setup();
+    let flags = wire::DEVICE_FEATURE_GET | wire::DEVICE_FEATURE_SET | MIGRATION;
+    let reply = feature(&mut r, flags, &[0; 8]);
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
+
+/// Regression (fixed in b6138df): answered ENOTSUP.
+#[test]
+fn feature_with_undefined_flag_bits_is_einval() {
+    let (_s, mut r) = setup();
+    let reply = feature(
+        &mut r,
+        wire::DEVICE_FEATURE_PROBE | 1 << 20 | MIGRATION,
+        &[],
+    );
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
+
+#[test]
+fn mig_data_read_is_enotsup() {
+    let (_s, mut r) = setup();
+    let m = wire::MigData {
+        argsz: 8 + 64,
+        size: 64,
+    };
+    let reply = r.call(MIG_READ, &[m.as_bytes()], &[]);
+    assert_refused(&mut r, &reply, errno::ENOTSUP);
+}
+
+#[test]
+fn mig_data_write_is_enotsup() {
+    let (_s, mut r) = setup();
+    let m = wire::MigData { argsz: 8, size: 4 };
+    let reply = r.call(MIG_WRITE, &[m.as_bytes(), b"data"], &[]);
+    assert_refused(&mut r, &reply, errno::ENOTSUP);
+}
+
+#[test]
+fn an_fd_with_mig_data_is_einval() {
+    let (_s, mut r) = setup();
+    let e = Efd::new();
+    let m = wire::MigData { argsz: 8, size: 0 };
+    let reply = r.call(MIG_READ, &[m.as_bytes()], &[e.as_fd()]);
+    assert_refused(&mut r, &reply, errno::EINVAL);
+}
