@@ -11,7 +11,7 @@
 //! | 0x10c | 1 | DMA pattern seed |
 //! | 0x110 | 4 | DMA command: 1 = write `seed+i` bytes to guest memory, 2 = read guest memory into the buffer at 0x800 |
 //! | 0x114 | 4 | DMA status: 0 after success, the errno otherwise (read-only) |
-//! | 0x120 | 4 | IRQ command: 0 = lower INTx, 1 = raise INTx, 2 = MSI vector [0x124], 3 = MSI-X vector [0x124], 4 = ERR, 5 = REQ |
+//! | 0x120 | 4 | IRQ command: 0 = lower INTx, 1 = raise INTx, 2 = MSI vector at 0x124, 3 = MSI-X vector at 0x124, 4 = ERR, 5 = REQ |
 //! | 0x124 | 4 | IRQ vector |
 //! | 0x800..0x1000 | any | DMA buffer |
 
