@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use umdev_dma::Dma;
 
+use crate::client::ClientId;
 use crate::config::ConfigSpace;
 use crate::error::DeviceError;
 use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState};
@@ -61,12 +62,15 @@ pub struct DeviceContext {
     pub irqs: Interrupts,
     /// Copies to and from the client's memory.
     pub dma: Arc<dyn Dma>,
+    /// Who the client is (filled by the server from the socket peer).
+    pub client: ClientId,
 }
 
 impl std::fmt::Debug for DeviceContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceContext")
             .field("irqs", &self.irqs)
+            .field("client", &self.client)
             .finish_non_exhaustive()
     }
 }
@@ -363,11 +367,18 @@ impl PciFunction {
         self.device.reset()
     }
 
-    /// A client attaches; the device may refuse.
+    /// A client attaches; the device may refuse. The client is unknown
+    /// ([`ClientId::default`]); servers use [`open_as`](Self::open_as).
     pub fn open(&mut self, dma: Arc<dyn Dma>) -> Result<(), DeviceError> {
+        self.open_as(dma, ClientId::default())
+    }
+
+    /// Client `client` attaches; the device may refuse.
+    pub fn open_as(&mut self, dma: Arc<dyn Dma>, client: ClientId) -> Result<(), DeviceError> {
         self.device.open(DeviceContext {
             irqs: self.irqs.clone(),
             dma,
+            client,
         })
     }
 

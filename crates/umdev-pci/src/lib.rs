@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 mod caps;
+mod client;
 mod config;
 mod error;
 mod function;
@@ -56,6 +57,7 @@ mod interrupts;
 mod msix;
 mod spec;
 
+pub use client::{ClientId, PeerCred};
 pub use error::{DeviceError, MsixStructure, SpecError};
 pub use function::{
     DeviceContext, DeviceInfo, IrqInfo, PciDevice, PciFunction, RegionInfo, RegionMmap,

@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
-use umdev_pci::PciFunction;
+use umdev_pci::{ClientId, PciFunction, PeerCred};
 use umdev_transport::{Transport, UnixTransport};
 
 pub use error::{RequestError, ServerError};
@@ -66,6 +66,28 @@ impl Default for ServerConfig {
             dma_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// Connection numbers for [`ClientId`], unique within the process (across servers, so that
+/// the mdev core can compare clients of different devices); 0 means unknown.
+static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A new client identity with the next connection number and `peer`'s credentials.
+fn client_id(peer: Option<PeerCred>) -> ClientId {
+    ClientId {
+        connection: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+        peer,
+    }
+}
+
+/// The `SO_PEERCRED` credentials of a connected UNIX socket, if the kernel gives them.
+fn peer_cred(stream: &std::os::unix::net::UnixStream) -> Option<PeerCred> {
+    let c = rustix::net::sockopt::socket_peercred(stream).ok()?;
+    Some(PeerCred {
+        pid: u32::try_from(c.pid.as_raw_nonzero().get()).ok()?,
+        uid: c.uid.as_raw(),
+        gid: c.gid.as_raw(),
+    })
 }
 
 /// How long a new client waits for the previous client's session to end before it is
@@ -135,8 +157,15 @@ impl Server {
     }
 
     /// Serves one already connected client until it goes. `Ok` means a clean disconnect.
+    /// The client has a fresh connection number and no credentials.
     pub fn serve_transport(&self, transport: Arc<dyn Transport>) -> Result<(), ServerError> {
-        serve_one(&self.function, &self.config, &self.stop, transport)
+        serve_one(
+            &self.function,
+            &self.config,
+            &self.stop,
+            transport,
+            client_id(None),
+        )
     }
 
     /// Accepts clients on `listener`, one session at a time, until stopped.
@@ -186,6 +215,7 @@ impl Server {
                 tracing::warn!(error = %e, "cannot make the client socket blocking; dropping it");
                 continue;
             }
+            let client = client_id(peer_cred(&stream));
             let transport: Arc<dyn Transport> =
                 Arc::new(UnixTransport::new(stream).with_spin(self.config.spin));
             let function = self.function.clone();
@@ -196,7 +226,7 @@ impl Server {
                 std::thread::Builder::new()
                     .name("umdev-session".into())
                     .spawn(move || {
-                        if let Err(e) = serve_one(&function, &config, &stop, transport) {
+                        if let Err(e) = serve_one(&function, &config, &stop, transport, client) {
                             tracing::warn!(error = %session::display_chain(&e), "session ended with an error");
                         }
                         let _ = done.send(());
@@ -225,14 +255,37 @@ fn serve_one(
     config: &ServerConfig,
     stop: &StopSignal,
     transport: Arc<dyn Transport>,
+    client: ClientId,
 ) -> Result<(), ServerError> {
     *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(transport.clone());
-    tracing::info!("client connected");
-    let result = session::Session::new(function, config, transport).run();
+    tracing::info!(%client, "client connected");
+    let result = session::Session::new(function, config, transport, client).run();
     *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match &result {
         Ok(()) => tracing::info!("client disconnected"),
         Err(e) => tracing::warn!(error = %session::display_chain(e), "client session failed"),
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_cred_names_the_connecting_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cred = peer_cred(&a).unwrap();
+        assert_eq!(cred.pid, std::process::id());
+        assert_eq!(cred.uid, rustix::process::getuid().as_raw());
+    }
+
+    #[test]
+    fn connection_numbers_are_unique_and_nonzero() {
+        let a = client_id(None);
+        let b = client_id(None);
+        assert_ne!(a.connection, 0);
+        assert_ne!(a.connection, b.connection);
+        assert!(!a.same_client(&b));
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use rustix::io::Errno;
 use umdev_dma::{AddressSpace, Backing, DmaLimits, IovaRange, Prot};
-use umdev_pci::{IrqData, PciFunction};
+use umdev_pci::{ClientId, IrqData, PciFunction};
 use umdev_proto::{wire, Capabilities, Command, Header, ProtoError};
 use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -49,6 +49,8 @@ pub(crate) struct Session<'a> {
     remote: Arc<RemoteChannel>,
     space: Option<Arc<AddressSpace>>,
     negotiated: Option<Negotiated>,
+    /// Who the client is, given to the device's `open`.
+    client: ClientId,
 }
 
 /// Parses a body's fixed struct and checks its `argsz` against the struct's size.
@@ -81,6 +83,7 @@ impl<'a> Session<'a> {
         function: &'a Mutex<PciFunction>,
         config: &'a ServerConfig,
         transport: Arc<dyn Transport>,
+        client: ClientId,
     ) -> Session<'a> {
         let limits = RecvLimits {
             max_body: umdev_proto::max_body_len(config.max_data_xfer_size),
@@ -98,6 +101,7 @@ impl<'a> Session<'a> {
             remote,
             space: None,
             negotiated: None,
+            client,
         }
     }
 
@@ -267,7 +271,7 @@ impl<'a> Session<'a> {
         // The parent driver may refuse this client: then negotiation fails and the
         // connection closes, as a refused open of a VFIO device fd would.
         self.function()
-            .open(space.clone())
+            .open_as(space.clone(), self.client)
             .map_err(RequestError::Device)?;
         self.space = Some(space);
         let write_multiple = client.write_multiple == Some(true);
