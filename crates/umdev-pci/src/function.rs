@@ -13,24 +13,11 @@ use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState};
 use crate::spec::{ranges_overlap, PciDeviceSpec};
 use crate::{BarIndex, IrqIndex, CONFIG_REGION, NUM_IRQS, NUM_REGIONS, ROM_REGION, VGA_REGION};
 
-/// Device info flag: the device supports reset.
-pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
-/// Device info flag: the device is a PCI device.
-pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
-/// Region info flag: readable.
-pub const REGION_INFO_FLAG_READ: u32 = 1 << 0;
-/// Region info flag: writable.
-pub const REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
-/// Region info flag: mmap-able through [`RegionInfo::mmap`].
-pub const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-/// IRQ info flag: eventfds can be attached.
-pub const IRQ_INFO_EVENTFD: u32 = 1 << 0;
-/// IRQ info flag: the index can be masked.
-pub const IRQ_INFO_MASKABLE: u32 = 1 << 1;
-/// IRQ info flag: the interrupt masks itself when signalled (INTx).
-pub const IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
-/// IRQ info flag: the number of vectors cannot change while enabled.
-pub const IRQ_INFO_NORESIZE: u32 = 1 << 3;
+pub use umdev_proto::wire::{
+    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
+};
 
 /// What a device implements: its BARs, and optional lifecycle hooks.
 ///

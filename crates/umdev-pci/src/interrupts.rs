@@ -8,20 +8,13 @@ use crate::error::DeviceError;
 use crate::msix::MsixTable;
 use crate::IrqIndex;
 
-/// SET_IRQS data flag: no data.
-pub const IRQ_SET_DATA_NONE: u32 = 1 << 0;
-/// SET_IRQS data flag: one bool byte per vector.
-pub const IRQ_SET_DATA_BOOL: u32 = 1 << 1;
-/// SET_IRQS data flag: one eventfd per vector.
-pub const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-/// SET_IRQS action flag: mask.
-pub const IRQ_SET_ACTION_MASK: u32 = 1 << 3;
-/// SET_IRQS action flag: unmask.
-pub const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-/// SET_IRQS action flag: trigger (set the eventfds, or loop back a trigger).
-pub const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-const DATA_MASK: u32 = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD;
-const ACTION_MASK: u32 = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER;
+// The VFIO flag values are the codec's; the device model re-exports them so that a parent
+// driver needs one crate only.
+pub use umdev_proto::wire::{
+    IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL,
+    IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
+};
+use umdev_proto::wire::{IRQ_SET_ACTION_MASK_ALL as ACTION_MASK, IRQ_SET_DATA_MASK as DATA_MASK};
 
 /// The data of a SET_IRQS request.
 #[derive(Debug)]
