@@ -131,9 +131,10 @@ impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
     }
 }
 
-/// Checks that `header.msg_size` matches the parts, so no sender can desynchronise a peer
-/// by mistake.
-fn check_size(header: &Header, parts: &[&[u8]]) -> Result<(), TransportError> {
+/// The header followed by the parts, as one scatter list, after checking that
+/// `header.msg_size` matches them, so no sender can desynchronise a peer by mistake.
+fn framed<'a>(header: &'a Header, parts: &[&'a [u8]]) -> Result<Vec<&'a [u8]>, TransportError> {
+    use zerocopy::IntoBytes;
     let body: usize = parts.iter().map(|p| p.len()).sum();
     if header.body_len() != body || (header.msg_size as usize) < umdev_proto::HEADER_SIZE {
         return Err(TransportError::Io(std::io::Error::new(
@@ -145,5 +146,8 @@ fn check_size(header: &Header, parts: &[&[u8]]) -> Result<(), TransportError> {
             ),
         )));
     }
-    Ok(())
+    let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+    all.push(header.as_bytes());
+    all.extend_from_slice(parts);
+    Ok(all)
 }

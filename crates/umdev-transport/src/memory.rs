@@ -6,9 +6,8 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 
 use umdev_proto::{Header, HEADER_SIZE};
-use zerocopy::IntoBytes;
 
-use crate::{check_size, Incoming, Message, RecvLimits, Transport, TransportError};
+use crate::{framed, Incoming, Message, RecvLimits, Transport, TransportError};
 
 #[derive(Default)]
 struct Pipe {
@@ -132,10 +131,7 @@ impl Transport for MemoryTransport {
         parts: &[&[u8]],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), TransportError> {
-        check_size(header, parts)?;
-        let mut all: Vec<&[u8]> = vec![header.as_bytes()];
-        all.extend_from_slice(parts);
-        self.push(&all, fds)
+        self.push(&framed(header, parts)?, fds)
     }
 
     fn recv(&self, limits: RecvLimits) -> Result<Incoming, TransportError> {

@@ -13,9 +13,8 @@ use rustix::net::{
     SendAncillaryBuffer, SendAncillaryMessage, SendFlags, Shutdown,
 };
 use umdev_proto::{Header, HEADER_SIZE};
-use zerocopy::IntoBytes;
 
-use crate::{check_size, Incoming, Message, RecvLimits, Transport, TransportError, MAX_WIRE_FDS};
+use crate::{framed, Incoming, Message, RecvLimits, Transport, TransportError, MAX_WIRE_FDS};
 
 const CMSG_SPACE: usize = rustix::cmsg_space!(ScmRights(MAX_WIRE_FDS));
 const DRAIN_CHUNK: usize = 64 * 1024;
@@ -284,11 +283,7 @@ impl Transport for UnixTransport {
         parts: &[&[u8]],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), TransportError> {
-        check_size(header, parts)?;
-        let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-        slices.push(header.as_bytes());
-        slices.extend_from_slice(parts);
-        self.sendmsg_all(&slices, fds)
+        self.sendmsg_all(&framed(header, parts)?, fds)
     }
 
     fn recv(&self, limits: RecvLimits) -> Result<Incoming, TransportError> {
@@ -346,6 +341,7 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use umdev_proto::Command;
+    use zerocopy::IntoBytes;
 
     fn limits() -> RecvLimits {
         RecvLimits { max_body: 1 << 20 }
