@@ -198,7 +198,8 @@ impl UnixTransport {
                 Ok(r) => r,
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) if nonblock => {
-                    std::hint::spin_loop();
+                    // Yield rather than burn: a client on the same CPU needs it to send.
+                    std::thread::yield_now();
                     continue;
                 }
                 Err(Errno::CONNRESET) => return Ok(0),
