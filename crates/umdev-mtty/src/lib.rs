@@ -24,6 +24,7 @@
 
 mod device;
 mod host;
+pub mod parent;
 pub mod regs;
 
 use std::os::fd::OwnedFd;

@@ -1,0 +1,797 @@
+//! The registry: parents, their devices, IOMMU groups and who holds them, behind one lock.
+//!
+//! Lock order: the registry lock is never held while calling into a served device's
+//! function (whose session thread takes the function lock, then calls `open`/`close`,
+//! which take the registry lock). Stopping a served device joins its session thread, so it
+//! is done with the registry lock released.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use umdev_pci::{
+    BarIndex, ClientId, DeviceContext, DeviceError, Interrupts, IrqMode, PciDevice, PciFunction,
+};
+
+use crate::parent::{AttrSpec, Parent, TypeSpec, VendorAttrs};
+use crate::{CoreError, MdevUuid};
+
+/// The attribute of peer-to-peer types that names a device's group of peers (seed 000).
+pub const P2P_ATTR: &str = "peer_to_peer_resource_uuid";
+
+/// Where served devices go: the daemon puts each on a vfio-user socket; tests keep them.
+pub trait Serve: Send + Sync {
+    /// Starts serving `function`, the new device `uuid`.
+    fn start(&self, uuid: &MdevUuid, function: PciFunction) -> std::io::Result<Box<dyn Served>>;
+}
+
+/// A device being served.
+pub trait Served: Send {
+    /// The vfio-user socket, if it has one.
+    fn socket(&self) -> Option<&Path> {
+        None
+    }
+    /// Stops serving: disconnects any client (its session ends with the usual cleanup, so
+    /// the device's `close` runs) and removes the socket. Returns once that is done.
+    fn stop(self: Box<Self>);
+}
+
+/// Tunables of the core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// How long `remove` waits for a client to release a device after the REQ interrupt.
+    pub release_timeout: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            release_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A type as the ABI shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeInfo {
+    /// `<driver>-<name>`.
+    pub id: String,
+    /// The `name` file, if any.
+    pub name: Option<String>,
+    /// The `description` file, if any.
+    pub description: Option<String>,
+    /// The `device_api` file.
+    pub device_api: String,
+    /// How many more can be created now.
+    pub available_instances: u32,
+    /// The devices of this type, sorted.
+    pub devices: Vec<MdevUuid>,
+}
+
+/// A device as the ABI shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MdevInfo {
+    /// Its name.
+    pub uuid: MdevUuid,
+    /// Its parent's name.
+    pub parent: String,
+    /// Its type id.
+    pub type_id: String,
+    /// Its IOMMU group.
+    pub iommu_group: u32,
+    /// Its vfio-user socket.
+    pub socket: Option<PathBuf>,
+    /// The client holding it, if any.
+    pub held_by: Option<ClientId>,
+    /// Its attribute files (vendor attributes and `peer_to_peer_resource_uuid`).
+    pub attrs: Vec<AttrSpec>,
+}
+
+/// An IOMMU group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Its number.
+    pub id: u32,
+    /// Its devices, sorted.
+    pub devices: Vec<MdevUuid>,
+    /// The client that holds it (holds any of its devices), if any.
+    pub owner: Option<ClientId>,
+    /// The peer-to-peer resource UUID its devices share, for peer-to-peer types.
+    pub peer_to_peer: Option<MdevUuid>,
+}
+
+struct ParentEntry {
+    driver: Arc<dyn Parent>,
+    types: Vec<TypeSpec>,
+    unregistering: bool,
+    devices: BTreeSet<MdevUuid>,
+}
+
+impl ParentEntry {
+    fn type_id(&self, t: &TypeSpec) -> String {
+        format!("{}-{}", self.driver.driver(), t.name)
+    }
+
+    fn find_type(&self, type_id: &str) -> Option<&TypeSpec> {
+        let name = type_id
+            .strip_prefix(self.driver.driver())?
+            .strip_prefix('-')?;
+        self.types.iter().find(|t| t.name == name)
+    }
+}
+
+struct MdevEntry {
+    parent: String,
+    /// Type name within the parent (`2`), and id (`mtty-2`).
+    type_name: String,
+    type_id: String,
+    group: u32,
+    p2p: Option<MdevUuid>,
+    removing: bool,
+    held_by: Option<ClientId>,
+    irqs: Interrupts,
+    served: Option<Box<dyn Served>>,
+    socket: Option<PathBuf>,
+    attr_specs: Vec<AttrSpec>,
+    attrs: Option<Arc<dyn VendorAttrs>>,
+}
+
+#[derive(Default)]
+struct Group {
+    devices: BTreeSet<MdevUuid>,
+    owner: Option<ClientId>,
+    opens: u32,
+    p2p: Option<MdevUuid>,
+}
+
+#[derive(Default)]
+struct State {
+    parents: BTreeMap<String, ParentEntry>,
+    mdevs: BTreeMap<MdevUuid, MdevEntry>,
+    groups: BTreeMap<u32, Group>,
+    /// Peer-to-peer resource UUID -> its group.
+    p2p: BTreeMap<MdevUuid, u32>,
+}
+
+impl State {
+    fn in_use<'a>(&'a self, parent: &ParentEntry) -> Vec<&'a str> {
+        parent
+            .devices
+            .iter()
+            .filter_map(|u| self.mdevs.get(u).map(|m| m.type_name.as_str()))
+            .collect()
+    }
+
+    /// The lowest free group number, as the kernel's IDA hands them out.
+    fn new_group(&mut self, p2p: Option<MdevUuid>) -> u32 {
+        let mut id = 0;
+        for &k in self.groups.keys() {
+            if k != id {
+                break;
+            }
+            id += 1;
+        }
+        self.groups.insert(
+            id,
+            Group {
+                p2p,
+                ..Group::default()
+            },
+        );
+        if let Some(p) = p2p {
+            self.p2p.insert(p, id);
+        }
+        id
+    }
+
+    fn leave_group(&mut self, uuid: &MdevUuid, id: u32) {
+        let empty = match self.groups.get_mut(&id) {
+            Some(g) => {
+                g.devices.remove(uuid);
+                g.devices.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            if let Some(g) = self.groups.remove(&id) {
+                if let Some(p) = g.p2p {
+                    self.p2p.remove(&p);
+                }
+            }
+        }
+    }
+
+    fn group_is_open(&self, id: u32) -> bool {
+        self.groups.get(&id).is_some_and(|g| g.opens > 0)
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Signalled whenever a device is closed or removed.
+    changed: Condvar,
+    serve: Arc<dyn Serve>,
+    config: CoreConfig,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A client opens `uuid`: refused while the device goes away, or while another client
+    /// holds any device of its group.
+    fn acquire(&self, uuid: &MdevUuid, client: ClientId) -> Result<(), i32> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let m = st.mdevs.get_mut(uuid).ok_or(libc_errno::NODEV)?;
+        let unregistering = st.parents.get(&m.parent).is_none_or(|p| p.unregistering);
+        if m.removing || unregistering {
+            return Err(libc_errno::NODEV);
+        }
+        if m.held_by.is_some() {
+            return Err(libc_errno::BUSY);
+        }
+        let g = st.groups.get_mut(&m.group).ok_or(libc_errno::NODEV)?;
+        if let Some(owner) = &g.owner {
+            if !owner.same_client(&client) {
+                tracing::warn!(%uuid, group = m.group, %client, %owner,
+                    "refusing a client: another client holds the IOMMU group");
+                return Err(libc_errno::BUSY);
+            }
+        } else {
+            g.owner = Some(client);
+        }
+        g.opens += 1;
+        m.held_by = Some(client);
+        tracing::info!(%uuid, group = m.group, %client, "mdev opened");
+        Ok(())
+    }
+
+    fn release(&self, uuid: &MdevUuid) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if let Some(m) = st.mdevs.get_mut(uuid) {
+            if m.held_by.take().is_some() {
+                if let Some(g) = st.groups.get_mut(&m.group) {
+                    g.opens = g.opens.saturating_sub(1);
+                    if g.opens == 0 {
+                        g.owner = None;
+                    }
+                }
+                tracing::info!(%uuid, "mdev closed");
+            }
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// Errno values for device refusals (`DeviceError::Refused` carries a raw errno).
+mod libc_errno {
+    pub(super) const NODEV: i32 = 19;
+    pub(super) const BUSY: i32 = 16;
+}
+
+/// Wraps a parent's device: `open` and `close` go through the core first, which keeps
+/// track of who holds what and enforces one client per IOMMU group.
+struct Guarded {
+    inner: Box<dyn PciDevice>,
+    core: Weak<Inner>,
+    uuid: MdevUuid,
+}
+
+impl PciDevice for Guarded {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        self.inner.bar_read(bar, offset, data)
+    }
+
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.inner.bar_write(bar, offset, data)
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.inner.reset()
+    }
+
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
+        let core = self
+            .core
+            .upgrade()
+            .ok_or(DeviceError::Refused(libc_errno::NODEV))?;
+        core.acquire(&self.uuid, ctx.client)
+            .map_err(DeviceError::Refused)?;
+        if let Err(e) = self.inner.open(ctx) {
+            core.release(&self.uuid);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        self.inner.close();
+        if let Some(core) = self.core.upgrade() {
+            core.release(&self.uuid);
+        }
+    }
+
+    fn irq_mode_changed(&mut self, mode: IrqMode) {
+        self.inner.irq_mode_changed(mode);
+    }
+}
+
+/// The mdev core. Cheap to clone; every clone is the same registry.
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parent names are directory names: no `/`, not `.` or `..`, not empty.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+impl Core {
+    /// An empty registry whose devices are served by `serve`.
+    pub fn new(config: CoreConfig, serve: Arc<dyn Serve>) -> Core {
+        Core {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                serve,
+                config,
+            }),
+        }
+    }
+
+    /// Registers parent `name` (EEXIST if taken, EINVAL for a bad name or a type list with
+    /// a bad or repeated name).
+    pub fn register_parent(&self, name: &str, parent: Arc<dyn Parent>) -> Result<(), CoreError> {
+        if !valid_name(name) {
+            return Err(CoreError::Invalid(format!("parent name {name:?}")));
+        }
+        let types = parent.types();
+        let mut seen = BTreeSet::new();
+        for t in &types {
+            if !valid_name(&t.name) || !seen.insert(t.name.clone()) {
+                return Err(CoreError::Invalid(format!("type name {:?}", t.name)));
+            }
+        }
+        if !valid_name(parent.driver()) {
+            return Err(CoreError::Invalid(format!(
+                "driver name {:?}",
+                parent.driver()
+            )));
+        }
+        let mut st = self.inner.lock();
+        if st.parents.contains_key(name) {
+            return Err(CoreError::ParentExists(name.to_owned()));
+        }
+        st.parents.insert(
+            name.to_owned(),
+            ParentEntry {
+                driver: parent,
+                types,
+                unregistering: false,
+                devices: BTreeSet::new(),
+            },
+        );
+        tracing::info!(parent = name, "parent registered");
+        Ok(())
+    }
+
+    /// Unregisters parent `name` and removes its devices. While a client holds one of them
+    /// it is refused (EBUSY) unless `force`, which takes the devices away from their
+    /// clients. Creation on the parent fails with ENODEV from the moment this starts.
+    pub fn unregister_parent(&self, name: &str, force: bool) -> Result<(), CoreError> {
+        let devices = {
+            let mut st = self.inner.lock();
+            let st = &mut *st;
+            let p = st
+                .parents
+                .get(name)
+                .filter(|p| !p.unregistering)
+                .ok_or_else(|| CoreError::NoParent(name.to_owned()))?;
+            let held = p
+                .devices
+                .iter()
+                .find(|u| st.mdevs.get(u).is_some_and(|m| m.held_by.is_some()));
+            if let (Some(u), false) = (held, force) {
+                return Err(CoreError::Busy(format!("mdev {u} of parent {name}")));
+            }
+            let devices: Vec<MdevUuid> = p.devices.iter().copied().collect();
+            if let Some(p) = st.parents.get_mut(name) {
+                p.unregistering = true;
+            }
+            devices
+        };
+        for uuid in devices {
+            match self.remove_inner(&uuid, true) {
+                Ok(()) | Err(CoreError::NoDevice(_)) => {}
+                Err(e) => {
+                    tracing::warn!(%uuid, error = %e, "removing an mdev of an unregistering parent")
+                }
+            }
+        }
+        let mut st = self.inner.lock();
+        // Removals running elsewhere when we started may still be finishing: wait for them.
+        while st.parents.get(name).is_some_and(|p| !p.devices.is_empty()) {
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        st.parents.remove(name);
+        tracing::info!(parent = name, "parent unregistered");
+        Ok(())
+    }
+
+    /// The registered parents (not those unregistering), sorted.
+    pub fn parents(&self) -> Vec<String> {
+        let st = self.inner.lock();
+        st.parents
+            .iter()
+            .filter(|(_, p)| !p.unregistering)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Whether `name` is a registered parent (not unregistering).
+    pub fn has_parent(&self, name: &str) -> bool {
+        self.inner
+            .lock()
+            .parents
+            .get(name)
+            .is_some_and(|p| !p.unregistering)
+    }
+
+    /// The types of `parent`, in the parent's order.
+    pub fn types(&self, parent: &str) -> Result<Vec<TypeInfo>, CoreError> {
+        let st = self.inner.lock();
+        let p = st
+            .parents
+            .get(parent)
+            .ok_or_else(|| CoreError::NoParent(parent.to_owned()))?;
+        let in_use = st.in_use(p);
+        Ok(p.types
+            .iter()
+            .map(|t| type_info(&st, p, t, &in_use))
+            .collect())
+    }
+
+    /// One type of `parent`.
+    pub fn type_info(&self, parent: &str, type_id: &str) -> Result<TypeInfo, CoreError> {
+        let st = self.inner.lock();
+        let p = st
+            .parents
+            .get(parent)
+            .ok_or_else(|| CoreError::NoParent(parent.to_owned()))?;
+        let t = p.find_type(type_id).ok_or_else(|| CoreError::NoType {
+            parent: parent.to_owned(),
+            type_id: type_id.to_owned(),
+        })?;
+        let in_use = st.in_use(p);
+        Ok(type_info(&st, p, t, &in_use))
+    }
+
+    /// Creates device `uuid` of `type_id` under `parent` and starts serving it.
+    ///
+    /// EEXIST if the UUID exists under any parent, ENODEV if the parent is unknown or
+    /// unregistering, ENOENT for an unknown type, ENOSPC when none is available, else the
+    /// driver's or the server's error (and then nothing remains).
+    pub fn create(&self, parent: &str, type_id: &str, uuid: MdevUuid) -> Result<(), CoreError> {
+        let mut st = self.inner.lock();
+        let st = &mut *st;
+        if st.mdevs.contains_key(&uuid) {
+            return Err(CoreError::Exists(uuid));
+        }
+        let p = st
+            .parents
+            .get(parent)
+            .filter(|p| !p.unregistering)
+            .ok_or_else(|| CoreError::NoParent(parent.to_owned()))?;
+        let t = p.find_type(type_id).ok_or_else(|| CoreError::NoType {
+            parent: parent.to_owned(),
+            type_id: type_id.to_owned(),
+        })?;
+        if p.driver.available(&t.name, &st.in_use(p)) == 0 {
+            return Err(CoreError::NoSpace {
+                parent: parent.to_owned(),
+                type_id: type_id.to_owned(),
+            });
+        }
+        let parts = p
+            .driver
+            .create(&uuid, &t.name)
+            .map_err(|errno| CoreError::Driver {
+                errno,
+                message: format!("creating {type_id} {uuid} on {parent}"),
+            })?;
+        let type_name = t.name.clone();
+        let peer_to_peer = t.peer_to_peer;
+        let mut attr_specs = t.attrs.clone();
+        if peer_to_peer {
+            attr_specs.push(AttrSpec {
+                name: P2P_ATTR.to_owned(),
+                writable: true,
+            });
+        }
+        let function = PciFunction::new(
+            parts.spec,
+            Box::new(Guarded {
+                inner: parts.device,
+                core: Arc::downgrade(&self.inner),
+                uuid,
+            }),
+        );
+        let irqs = function.interrupts();
+        let served = self
+            .inner
+            .serve
+            .start(&uuid, function)
+            .map_err(|source| CoreError::Serve { uuid, source })?;
+        // Peer-to-peer devices start with a fresh resource UUID: alone, until moved.
+        let p2p = peer_to_peer.then(MdevUuid::random);
+        let group = st.new_group(p2p);
+        if let Some(g) = st.groups.get_mut(&group) {
+            g.devices.insert(uuid);
+        }
+        if let Some(p) = st.parents.get_mut(parent) {
+            p.devices.insert(uuid);
+        }
+        st.mdevs.insert(
+            uuid,
+            MdevEntry {
+                parent: parent.to_owned(),
+                type_name,
+                type_id: type_id.to_owned(),
+                group,
+                p2p,
+                removing: false,
+                held_by: None,
+                irqs,
+                socket: served.socket().map(Path::to_path_buf),
+                served: Some(served),
+                attr_specs,
+                attrs: parts.attrs.map(Arc::from),
+            },
+        );
+        tracing::info!(%uuid, parent, type_id, group, "mdev created");
+        Ok(())
+    }
+
+    /// Removes device `uuid`: ENODEV if there is none, EAGAIN while it is being removed.
+    /// A device a client holds is first asked back through the REQ interrupt; if the client
+    /// has not released it within the configured time and the parent cannot hot-unplug,
+    /// the removal fails with EBUSY and the device stays.
+    pub fn remove(&self, uuid: &MdevUuid) -> Result<(), CoreError> {
+        self.remove_inner(uuid, false)
+    }
+
+    fn remove_inner(&self, uuid: &MdevUuid, force: bool) -> Result<(), CoreError> {
+        let mut st = self.inner.lock();
+        let m = st.mdevs.get_mut(uuid).ok_or(CoreError::NoDevice(*uuid))?;
+        if m.removing {
+            return Err(CoreError::Removing(*uuid));
+        }
+        m.removing = true;
+        if m.held_by.is_some() && !force {
+            tracing::info!(%uuid, "asking the client to release the device (REQ)");
+            m.irqs.signal_req();
+            let deadline = Instant::now() + self.inner.config.release_timeout;
+            loop {
+                let held = st.mdevs.get(uuid).is_some_and(|m| m.held_by.is_some());
+                let now = Instant::now();
+                if !held || now >= deadline {
+                    break;
+                }
+                st = self
+                    .inner
+                    .changed
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            let hot_unplug = {
+                let parent = st.mdevs.get(uuid).map(|m| m.parent.clone());
+                parent
+                    .and_then(|p| st.parents.get(&p))
+                    .is_some_and(|p| p.driver.hot_unplug())
+            };
+            if let Some(m) = st.mdevs.get_mut(uuid) {
+                if m.held_by.is_some() && !hot_unplug {
+                    m.removing = false;
+                    return Err(CoreError::Busy(format!(
+                        "mdev {uuid} (its client did not release it)"
+                    )));
+                }
+            }
+        }
+        let served = st.mdevs.get_mut(uuid).and_then(|m| m.served.take());
+        drop(st);
+        // With the lock released: stopping joins the session, whose close needs the lock.
+        if let Some(s) = served {
+            s.stop();
+        }
+        let mut st = self.inner.lock();
+        if let Some(m) = st.mdevs.remove(uuid) {
+            st.leave_group(uuid, m.group);
+            if let Some(p) = st.parents.get_mut(&m.parent) {
+                p.devices.remove(uuid);
+            }
+        }
+        drop(st);
+        self.inner.changed.notify_all();
+        tracing::info!(%uuid, "mdev removed");
+        Ok(())
+    }
+
+    /// Device `uuid`, if it exists.
+    pub fn mdev(&self, uuid: &MdevUuid) -> Option<MdevInfo> {
+        let st = self.inner.lock();
+        st.mdevs.get(uuid).map(|m| mdev_info(uuid, m))
+    }
+
+    /// Every device, sorted by UUID.
+    pub fn mdevs(&self) -> Vec<MdevInfo> {
+        let st = self.inner.lock();
+        st.mdevs.iter().map(|(u, m)| mdev_info(u, m)).collect()
+    }
+
+    /// The devices of `parent`, sorted.
+    pub fn parent_devices(&self, parent: &str) -> Vec<MdevUuid> {
+        let st = self.inner.lock();
+        st.parents
+            .get(parent)
+            .map(|p| p.devices.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every IOMMU group, by number.
+    pub fn groups(&self) -> Vec<GroupInfo> {
+        let st = self.inner.lock();
+        st.groups.iter().map(|(&id, g)| group_info(id, g)).collect()
+    }
+
+    /// IOMMU group `id`.
+    pub fn group(&self, id: u32) -> Option<GroupInfo> {
+        let st = self.inner.lock();
+        st.groups.get(&id).map(|g| group_info(id, g))
+    }
+
+    /// Reads attribute `name` of device `uuid` (ENOENT if it has no such attribute).
+    pub fn read_attr(&self, uuid: &MdevUuid, name: &str) -> Result<String, CoreError> {
+        let attrs = {
+            let st = self.inner.lock();
+            let m = st.mdevs.get(uuid).ok_or(CoreError::NoDevice(*uuid))?;
+            if !m.attr_specs.iter().any(|a| a.name == name) {
+                return Err(CoreError::NoAttribute(name.to_owned()));
+            }
+            if name == P2P_ATTR {
+                return Ok(m.p2p.map(|p| format!("{p}\n")).unwrap_or_default());
+            }
+            m.attrs.clone()
+        };
+        // The driver's attribute code runs without the registry lock.
+        let attrs = attrs.ok_or_else(|| CoreError::NoAttribute(name.to_owned()))?;
+        let mut s = attrs.show(name).map_err(|errno| CoreError::Driver {
+            errno,
+            message: format!("reading {name} of {uuid}"),
+        })?;
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        Ok(s)
+    }
+
+    /// Writes `value` (as written, newline included) to attribute `name` of `uuid`:
+    /// ENOENT for an unknown attribute, EACCES for a read-only one. Writing
+    /// `peer_to_peer_resource_uuid` moves the device to the group of devices with that
+    /// value (a new group if none has it); EBUSY while any device involved is open.
+    pub fn write_attr(&self, uuid: &MdevUuid, name: &str, value: &str) -> Result<(), CoreError> {
+        let attrs = {
+            let mut st = self.inner.lock();
+            let m = st.mdevs.get(uuid).ok_or(CoreError::NoDevice(*uuid))?;
+            let spec = m
+                .attr_specs
+                .iter()
+                .find(|a| a.name == name)
+                .ok_or_else(|| CoreError::NoAttribute(name.to_owned()))?;
+            if !spec.writable {
+                return Err(CoreError::ReadOnly(name.to_owned()));
+            }
+            if name == P2P_ATTR {
+                let v = value.strip_suffix('\n').unwrap_or(value);
+                let target = MdevUuid::parse(v).map_err(|e| CoreError::Invalid(e.to_string()))?;
+                return move_p2p(&mut st, uuid, target);
+            }
+            m.attrs.clone()
+        };
+        let attrs = attrs.ok_or_else(|| CoreError::NoAttribute(name.to_owned()))?;
+        attrs.store(name, value).map_err(|errno| CoreError::Driver {
+            errno,
+            message: format!("writing {name} of {uuid}"),
+        })
+    }
+
+    /// The configuration the core was built with.
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
+    }
+}
+
+fn move_p2p(st: &mut State, uuid: &MdevUuid, target: MdevUuid) -> Result<(), CoreError> {
+    let Some(m) = st.mdevs.get(uuid) else {
+        return Err(CoreError::NoDevice(*uuid));
+    };
+    if m.p2p == Some(target) {
+        return Ok(());
+    }
+    let old = m.group;
+    let new = st.p2p.get(&target).copied();
+    if st.group_is_open(old) || new.is_some_and(|g| st.group_is_open(g)) {
+        return Err(CoreError::Busy(format!(
+            "IOMMU group of mdev {uuid} or of resource {target}"
+        )));
+    }
+    st.leave_group(uuid, old);
+    let id = match new {
+        Some(id) => id,
+        None => st.new_group(Some(target)),
+    };
+    if let Some(g) = st.groups.get_mut(&id) {
+        g.devices.insert(*uuid);
+    }
+    if let Some(m) = st.mdevs.get_mut(uuid) {
+        m.group = id;
+        m.p2p = Some(target);
+    }
+    tracing::info!(%uuid, from = old, to = id, "mdev moved to another IOMMU group");
+    Ok(())
+}
+
+fn type_info(st: &State, p: &ParentEntry, t: &TypeSpec, in_use: &[&str]) -> TypeInfo {
+    TypeInfo {
+        id: p.type_id(t),
+        name: t.pretty_name.clone(),
+        description: t.description.clone(),
+        device_api: t.device_api.clone(),
+        available_instances: p.driver.available(&t.name, in_use),
+        devices: p
+            .devices
+            .iter()
+            .filter(|u| st.mdevs.get(u).is_some_and(|m| m.type_name == t.name))
+            .copied()
+            .collect(),
+    }
+}
+
+fn mdev_info(uuid: &MdevUuid, m: &MdevEntry) -> MdevInfo {
+    MdevInfo {
+        uuid: *uuid,
+        parent: m.parent.clone(),
+        type_id: m.type_id.clone(),
+        iommu_group: m.group,
+        socket: m.socket.clone(),
+        held_by: m.held_by,
+        attrs: m.attr_specs.clone(),
+    }
+}
+
+fn group_info(id: u32, g: &Group) -> GroupInfo {
+    GroupInfo {
+        id,
+        devices: g.devices.iter().copied().collect(),
+        owner: g.owner,
+        peer_to_peer: g.p2p,
+    }
+}
