@@ -1,9 +1,13 @@
 //! Copies through the table: the [`Dma`] implementation of [`AddressSpace`].
 //!
-//! See the module docs of `space` for which lock a copy holds and why.
+//! A copy checks every byte under one table lookup, then copies mapping by mapping without
+//! the table lock, each fd-backed part inside that mapping's gate (see `space`), and marks
+//! what it wrote dirty before leaving the gate.
+
+use std::sync::Arc;
 
 use crate::error::DmaError;
-use crate::mapping::{read_mmap, write_mmap, Mapping, Memory};
+use crate::mapping::{Mapping, Memory};
 use crate::range::Prot;
 use crate::space::{find, AddressSpace, Table};
 use crate::{Dma, RemoteDma};
@@ -48,53 +52,64 @@ impl AddressSpace {
 
         let table = self.read_table();
         // Check every byte before copying any, so that a refused access changes nothing.
-        check_access(&table, iova, end, needed)?;
-        let mut guard = Some(table);
-
+        let first = find_with(&table, iova, needed)?.clone();
+        if first.range.end() >= end {
+            // The common case: one mapping, no allocation.
+            drop(table);
+            return self.copy_segment(&first, iova, iova, end, &mut xfer);
+        }
+        check_access(&table, first.range.end(), end, needed)?;
+        let mut segments = vec![first];
+        while let Some(last) = segments.last().filter(|m| m.range.end() < end) {
+            let next = find_with(&table, last.range.end(), needed)?.clone();
+            segments.push(next);
+        }
+        drop(table);
         let mut cur = iova;
-        while cur < end {
-            // The lock is dropped around remote calls; take it again (and look up again,
-            // the table may have changed) for what follows.
-            let table = match guard.take() {
-                Some(t) => t,
-                None => self.read_table(),
-            };
-            let m = find_with(&table, cur, needed)?;
+        for m in &segments {
             let seg_end = end.min(m.range.end());
-            // All three fit in usize: they are at most `total`, or inside a mapping whose
-            // length was converted to usize when it was mmapped.
-            let buf_at = to_usize(cur - iova, iova)?;
-            let buf_end = to_usize(seg_end - iova, iova)?;
-            match &m.memory {
-                Memory::Mmap(region) => {
-                    let off = to_usize(cur - m.range.start(), cur)?;
-                    match &mut xfer {
-                        Transfer::Read(buf) => {
-                            read_mmap(region, off, &mut buf[buf_at..buf_end], cur)?
-                        }
-                        Transfer::Write(data) => {
-                            write_mmap(region, off, &data[buf_at..buf_end], cur)?
-                        }
-                    }
-                    // Keep holding the lock for the next segment (see module docs).
-                    guard = Some(table);
-                }
-                Memory::Remote => {
-                    drop(table);
-                    let remote = self.remote().ok_or(DmaError::NoRemote { iova: cur })?;
-                    match &mut xfer {
-                        Transfer::Read(buf) => {
-                            remote_read(&*remote, cur, &mut buf[buf_at..buf_end])?
-                        }
-                        Transfer::Write(data) => {
-                            remote_write(&*remote, cur, &data[buf_at..buf_end])?
-                        }
-                    }
-                }
-            }
+            self.copy_segment(m, iova, cur, seg_end, &mut xfer)?;
             cur = seg_end;
         }
         Ok(())
+    }
+
+    /// Copies `[cur, seg_end)` (inside `m`); `iova` is where the whole access starts.
+    fn copy_segment(
+        &self,
+        m: &Arc<Mapping>,
+        iova: u64,
+        cur: u64,
+        seg_end: u64,
+        xfer: &mut Transfer<'_>,
+    ) -> Result<(), DmaError> {
+        // Both fit in usize: they are at most the access's length.
+        let at = to_usize(cur - iova, iova)?;
+        let to = to_usize(seg_end - iova, iova)?;
+        match &m.memory {
+            Memory::Mmap(_) => {
+                let _in = m.gate.enter().ok_or(DmaError::Fault { iova: cur })?;
+                match xfer {
+                    Transfer::Read(buf) => m.read_at(cur, &mut buf[at..to]),
+                    Transfer::Write(data) => {
+                        m.write_at(cur, &data[at..to])?;
+                        m.mark_dirty(self.logging(), cur, seg_end);
+                        Ok(())
+                    }
+                }
+            }
+            Memory::Remote => {
+                let remote = self.remote().ok_or(DmaError::NoRemote { iova: cur })?;
+                match xfer {
+                    Transfer::Read(buf) => remote_read(&*remote, cur, &mut buf[at..to]),
+                    Transfer::Write(data) => {
+                        remote_write(&*remote, cur, &data[at..to])?;
+                        m.mark_dirty(self.logging(), cur, seg_end);
+                        Ok(())
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -104,13 +119,14 @@ impl Dma for AddressSpace {
         self.transfer(iova, Transfer::Read(buf))
     }
 
-    /// Writes `data` at `iova`; every byte must be mapped with [`Prot::WRITE`].
+    /// Writes `data` at `iova`; every byte must be mapped with [`Prot::WRITE`]. The pages
+    /// written are logged dirty while logging is on.
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         self.transfer(iova, Transfer::Write(data))
     }
 }
 
-fn find_with(table: &Table, iova: u64, needed: Prot) -> Result<&Mapping, DmaError> {
+fn find_with(table: &Table, iova: u64, needed: Prot) -> Result<&Arc<Mapping>, DmaError> {
     let m = find(table, iova).ok_or(DmaError::Fault { iova })?;
     if !m.prot.contains(needed) {
         return Err(DmaError::PermissionDenied {

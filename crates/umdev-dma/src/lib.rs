@@ -7,8 +7,12 @@
 //! [`Dma`], the bounds- and permission-checked copies device models use.
 //!
 //! This crate knows nothing of any wire protocol: the server fills the table from the
-//! client's requests and provides a [`RemoteDma`] for fd-less mappings. An IOMMU layer with
-//! pinning and dirty tracking is meant to be built on the same per-mapping state.
+//! client's requests and provides a [`RemoteDma`] for fd-less mappings. On the same table
+//! it is the IOMMU layer for parent drivers: [`Pinner`] pins pages and hands out checked
+//! handles to them, charged to the client's locked-memory budget ([`ClientMemory`]);
+//! unmapping a pinned range follows the protocol of [`Unmapping`] (the device is told, its
+//! pins are waited for, then revoked); writes are logged for dirty page reporting
+//! ([`AddressSpace::start_dirty_logging`], [`AddressSpace::dirty_report`]).
 //!
 //! # Lifecycle
 //!
@@ -46,18 +50,31 @@
 //! # }
 //! ```
 
+mod client;
 mod copy;
+mod counts;
+mod dirty;
 mod error;
+mod gate;
 mod mapping;
+mod pin;
 mod range;
 mod space;
 #[cfg(test)]
 mod testutil;
 
+// Page indexes, mmap offsets and guest-memory sizes are handled as usize = u64.
+const _: () = assert!(usize::BITS == 64, "umdev targets 64-bit Linux only");
+
+pub use client::{memlock_rlimit, ClientMemory};
+pub use dirty::{dirty_bitmap_size, DIRTY_PAGE_SIZE};
 pub use error::DmaError;
 pub use mapping::Backing;
+pub use pin::{HostPage, PinnedPages, Pinner, PinnerId, MAX_PIN_PAGES};
 pub use range::{IovaRange, Prot, PAGE_SIZE};
-pub use space::{AddressSpace, DmaLimits, MappingInfo};
+pub use space::{
+    AddressSpace, DmaLimits, MappingInfo, Translation, UnmapNotice, UnmapOutcome, Unmapping,
+};
 
 /// Message-based access for mappings that came without an fd (the server implements it by
 /// sending DMA_READ/DMA_WRITE to the client).

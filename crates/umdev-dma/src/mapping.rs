@@ -1,18 +1,16 @@
-//! One entry of the mapping table: its range, permissions and backing memory.
-//!
-//! This is the per-mapping state a later IOMMU layer extends (pin counts, dirty bitmaps,
-//! the fd identity used to share one mmap between mappings of the same file).
+//! One entry of the mapping table: its range, permissions and backing memory, plus the state
+//! the IOMMU layer keeps per mapping (the access gate, pin counts, dirty bits).
 
-use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use rustix::fs::FileType;
-use rustix::io::Errno;
-use rustix::mm::{MapFlags, ProtFlags};
-use vm_memory::mmap::MmapRegionError;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
+use vm_memory::VolatileMemory;
 
+use crate::client::{ClientMemory, MmapSlice};
+use crate::counts::PageCounts;
+use crate::dirty::DirtyBits;
 use crate::error::DmaError;
+use crate::gate::Gate;
 use crate::range::{IovaRange, Prot, PAGE_SIZE};
 
 /// Where the bytes of a new mapping live.
@@ -32,10 +30,59 @@ pub enum Backing {
 /// The memory behind one mapping, once mapped.
 #[derive(Debug)]
 pub(crate) enum Memory {
-    /// A shared mmap of the client's file. Dropping it munmaps and closes the fd.
-    Mmap(MmapRegion),
+    /// A part of a shared mmap of the client's file.
+    Mmap(MmapSlice),
     /// Reached through messages to the client.
     Remote,
+}
+
+/// The pins of one device (a [`Pinner`](crate::Pinner)) in one mapping, per page of the
+/// mapping.
+#[derive(Debug)]
+pub(crate) struct HolderPins {
+    pub(crate) holder: u64,
+    /// Pin references per page.
+    pub(crate) counts: PageCounts,
+    /// How many of those references asked for write access (never above `counts`).
+    pub(crate) writable: PageCounts,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct MappingPins {
+    /// Set when an unmap has begun: no new pin may start.
+    pub(crate) unmapping: bool,
+    pub(crate) holders: Vec<HolderPins>,
+}
+
+impl MappingPins {
+    /// Pages pinned by anyone (a page pinned by two devices counts twice).
+    pub(crate) fn pinned_pages(&self) -> u64 {
+        self.holders.iter().map(|h| h.counts.nonzero()).sum()
+    }
+
+    pub(crate) fn holder_mut(&mut self, holder: u64) -> &mut HolderPins {
+        let i = match self.holders.iter().position(|h| h.holder == holder) {
+            Some(i) => i,
+            None => {
+                self.holders.push(HolderPins {
+                    holder,
+                    counts: PageCounts::default(),
+                    writable: PageCounts::default(),
+                });
+                self.holders.len() - 1
+            }
+        };
+        &mut self.holders[i]
+    }
+
+    pub(crate) fn holder(&self, holder: u64) -> Option<&HolderPins> {
+        self.holders.iter().find(|h| h.holder == holder)
+    }
+
+    /// Forgets holders that pin nothing any more.
+    pub(crate) fn prune(&mut self) {
+        self.holders.retain(|h| h.counts.nonzero() > 0);
+    }
 }
 
 /// One entry of the table.
@@ -44,23 +91,38 @@ pub(crate) struct Mapping {
     pub(crate) range: IovaRange,
     pub(crate) prot: Prot,
     pub(crate) memory: Memory,
+    /// Accesses in flight; closed by unmap.
+    pub(crate) gate: Gate,
+    pub(crate) pins: Mutex<MappingPins>,
+    /// Signalled when the last pin of a mapping being unmapped is released.
+    pub(crate) released: Condvar,
+    pub(crate) dirty: DirtyBits,
 }
 
 impl Mapping {
-    /// Checks the backing and, for a fd, mmaps it. Nothing is shared with the table yet, so
-    /// the caller runs this without holding the table lock.
-    pub(crate) fn new(range: IovaRange, prot: Prot, backing: Backing) -> Result<Self, DmaError> {
+    /// Checks the backing and, for a fd, finds or makes its mmap. Nothing is shared with the
+    /// table yet, so the caller runs this without holding the table lock.
+    pub(crate) fn new(
+        range: IovaRange,
+        prot: Prot,
+        backing: Backing,
+        client: &ClientMemory,
+    ) -> Result<Self, DmaError> {
         if prot.is_empty() {
             return Err(DmaError::EmptyProt { range });
         }
         let memory = match backing {
             Backing::Remote => Memory::Remote,
-            Backing::Fd { fd, offset } => Memory::Mmap(mmap_fd(range, prot, fd, offset)?),
+            Backing::Fd { fd, offset } => Memory::Mmap(client.mmap(range, prot, fd, offset)?),
         };
         Ok(Self {
             range,
             prot,
             memory,
+            gate: Gate::default(),
+            pins: Mutex::new(MappingPins::default()),
+            released: Condvar::new(),
+            dirty: DirtyBits::default(),
         })
     }
 
@@ -68,109 +130,73 @@ impl Mapping {
     pub(crate) fn fd_backed(&self) -> bool {
         matches!(self.memory, Memory::Mmap(_))
     }
-}
 
-fn mmap_fd(range: IovaRange, prot: Prot, fd: OwnedFd, offset: u64) -> Result<MmapRegion, DmaError> {
-    if offset % PAGE_SIZE != 0 {
-        return Err(DmaError::UnalignedOffset { range, offset });
+    pub(crate) fn pins(&self) -> MutexGuard<'_, MappingPins> {
+        // Pin bookkeeping is completed before the lock is released.
+        self.pins.lock().unwrap_or_else(PoisonError::into_inner)
     }
-    // The kernel takes the offset as a signed off_t; refuse what it would misread.
-    let file_end = offset
-        .checked_add(range.len())
-        .filter(|end| i64::try_from(*end).is_ok())
-        .ok_or(DmaError::InvalidRange {
-            start: offset,
-            len: range.len(),
-        })?;
-    let size = usize::try_from(range.len()).map_err(|_| DmaError::Mmap {
-        range,
-        offset,
-        errno: Errno::NOMEM,
-    })?;
 
-    // A page past the end of a regular file raises SIGBUS when touched, which would take the
-    // whole server down; refuse such a mapping now. (A client that shrinks the file later can
-    // still do it: guest memory should be sealed against shrinking, F_SEAL_SHRINK.)
-    let stat = rustix::fs::fstat(&fd).map_err(|errno| DmaError::Stat { range, errno })?;
-    if FileType::from_raw_mode(stat.st_mode).is_file() {
-        let file_size = u64::try_from(stat.st_size).unwrap_or(0);
-        if file_end > file_size {
-            return Err(DmaError::PastEndOfFile {
-                range,
-                offset,
-                file_size,
-            });
+    /// IOVA page frame of the mapping's first byte.
+    pub(crate) fn first_frame(&self) -> u64 {
+        self.range.start() / PAGE_SIZE
+    }
+
+    /// Number of page frames the mapping touches (partial pages included).
+    pub(crate) fn frames(&self) -> u64 {
+        (self.range.end() - 1) / PAGE_SIZE - self.first_frame() + 1
+    }
+
+    /// Copies `buf.len()` bytes at `iova` (inside the mapping) out of its mmap. The caller
+    /// has entered the gate.
+    pub(crate) fn read_at(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let Memory::Mmap(s) = &self.memory else {
+            return Err(DmaError::NoHostMemory { iova });
+        };
+        let slice = s
+            .shared
+            .region
+            .get_slice(self.host_offset(s, iova)?, buf.len())
+            .map_err(|_| DmaError::Fault { iova })?;
+        // `copy_to` is a `copy_nonoverlapping` (memcpy) for anything longer than a word and
+        // volatile word accesses below that: memcpy speed without a `&[u8]` over guest memory.
+        if slice.copy_to(buf) != buf.len() {
+            return Err(DmaError::Fault { iova });
         }
+        Ok(())
     }
 
-    let mut mmap_prot = ProtFlags::READ;
-    if prot.contains(Prot::WRITE) {
-        mmap_prot |= ProtFlags::WRITE;
+    /// Copies `data` into the mmap at `iova` (inside the mapping). The caller has entered
+    /// the gate.
+    pub(crate) fn write_at(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let Memory::Mmap(s) = &self.memory else {
+            return Err(DmaError::NoHostMemory { iova });
+        };
+        let slice = s
+            .shared
+            .region
+            .get_slice(self.host_offset(s, iova)?, data.len())
+            .map_err(|_| DmaError::Fault { iova })?;
+        // `get_slice` returned exactly `data.len()` bytes, so `copy_from` copies all of them.
+        slice.copy_from(data);
+        Ok(())
     }
-    let bits = |b: u32| {
-        i32::try_from(b).map_err(|_| DmaError::Mmap {
-            range,
-            offset,
-            errno: Errno::INVAL,
-        })
-    };
-    let file_offset = FileOffset::new(File::from(fd), offset);
-    MmapRegion::build(
-        Some(file_offset),
-        size,
-        bits(mmap_prot.bits())?,
-        bits(MapFlags::SHARED.bits())?,
-    )
-    .map_err(|e| DmaError::Mmap {
-        range,
-        offset,
-        errno: mmap_errno(&e),
-    })
-}
 
-fn mmap_errno(e: &MmapRegionError) -> Errno {
-    match e {
-        MmapRegionError::Mmap(io) => io
-            .raw_os_error()
-            .map(Errno::from_raw_os_error)
-            .unwrap_or(Errno::INVAL),
-        _ => Errno::INVAL,
+    /// Byte offset of `iova` in the shared mmap.
+    fn host_offset(&self, s: &MmapSlice, iova: u64) -> Result<usize, DmaError> {
+        iova.checked_sub(self.range.start())
+            .and_then(|d| usize::try_from(d).ok())
+            .and_then(|d| d.checked_add(s.offset))
+            .ok_or(DmaError::Fault { iova })
     }
-}
 
-/// Copies `buf.len()` bytes of an mmapped mapping, from byte `offset` of the mapping, into
-/// `buf`. The caller has checked the bounds; they are checked again by vm-memory.
-pub(crate) fn read_mmap(
-    region: &MmapRegion,
-    offset: usize,
-    buf: &mut [u8],
-    iova: u64,
-) -> Result<(), DmaError> {
-    let slice = region
-        .get_slice(offset, buf.len())
-        .map_err(|_| DmaError::Fault { iova })?;
-    // `copy_to` is a `copy_nonoverlapping` (memcpy) for anything longer than a word and
-    // volatile word accesses below that: memcpy speed without a `&[u8]` over guest memory.
-    let copied = slice.copy_to(buf);
-    if copied != buf.len() {
-        return Err(DmaError::Fault { iova });
+    /// Host address of `iova`, for diagnostics (never dereferenced here).
+    pub(crate) fn host_addr(&self, iova: u64) -> Option<usize> {
+        let Memory::Mmap(s) = &self.memory else {
+            return None;
+        };
+        let off = self.host_offset(s, iova).ok()?;
+        Some((s.shared.region.as_ptr() as usize).wrapping_add(off))
     }
-    Ok(())
-}
-
-/// Copies `data` into an mmapped mapping at byte `offset` of the mapping.
-pub(crate) fn write_mmap(
-    region: &MmapRegion,
-    offset: usize,
-    data: &[u8],
-    iova: u64,
-) -> Result<(), DmaError> {
-    let slice = region
-        .get_slice(offset, data.len())
-        .map_err(|_| DmaError::Fault { iova })?;
-    // `get_slice` returned exactly `data.len()` bytes, so `copy_from` copies all of them.
-    slice.copy_from(data);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -178,11 +204,17 @@ pub(crate) fn write_mmap(
 mod tests {
     use super::*;
     use rustix::fs::{memfd_create, MemfdFlags};
+    use rustix::io::Errno;
+    use std::fs::File;
 
     fn memfd(size: u64) -> OwnedFd {
         let fd = memfd_create("umdev-dma-mapping-test", MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&fd, size).unwrap();
         fd
+    }
+
+    fn client() -> std::sync::Arc<ClientMemory> {
+        ClientMemory::new(0, false)
     }
 
     fn range(start: u64, len: u64) -> IovaRange {
@@ -191,7 +223,7 @@ mod tests {
 
     #[test]
     fn empty_prot_is_einval() {
-        let err = Mapping::new(range(0, 4096), Prot::NONE, Backing::Remote).unwrap_err();
+        let err = Mapping::new(range(0, 4096), Prot::NONE, Backing::Remote, &client()).unwrap_err();
         assert_eq!(err.as_errno(), Errno::INVAL);
     }
 
@@ -201,7 +233,7 @@ mod tests {
             fd: memfd(3 * PAGE_SIZE),
             offset: 100,
         };
-        let err = Mapping::new(range(0, 4096), Prot::READ, backing).unwrap_err();
+        let err = Mapping::new(range(0, 4096), Prot::READ, backing, &client()).unwrap_err();
         assert!(matches!(err, DmaError::UnalignedOffset { .. }), "{err:?}");
         assert_eq!(err.as_errno(), Errno::INVAL);
     }
@@ -212,7 +244,7 @@ mod tests {
             fd: memfd(PAGE_SIZE),
             offset: PAGE_SIZE,
         };
-        let err = Mapping::new(range(0, 4096), Prot::READ, backing).unwrap_err();
+        let err = Mapping::new(range(0, 4096), Prot::READ, backing, &client()).unwrap_err();
         assert!(matches!(err, DmaError::PastEndOfFile { .. }), "{err:?}");
     }
 
@@ -222,7 +254,7 @@ mod tests {
             fd: memfd(PAGE_SIZE),
             offset: 1 << 63,
         };
-        let err = Mapping::new(range(0, 4096), Prot::READ, backing).unwrap_err();
+        let err = Mapping::new(range(0, 4096), Prot::READ, backing, &client()).unwrap_err();
         assert_eq!(err.as_errno(), Errno::INVAL);
     }
 
@@ -235,6 +267,7 @@ mod tests {
             range(0, 4096),
             Prot::READ_WRITE,
             Backing::Fd { fd: ro, offset: 0 },
+            &client(),
         )
         .unwrap_err();
         assert!(matches!(err, DmaError::Mmap { .. }), "{err:?}");
@@ -250,6 +283,7 @@ mod tests {
             range(0, 4096),
             Prot::READ,
             Backing::Fd { fd: ro, offset: 0 },
+            &client(),
         )
         .unwrap();
         assert!(m.fd_backed());

@@ -1,31 +1,54 @@
-//! The address space of one client: the mapping table (the copies are in `copy`).
+//! The address space of one client: the mapping table and the unmap protocol (copies are in
+//! `copy`, pins in `pin`, dirty logging in `dirty`).
 //!
-//! # Locking and the unmap guarantee
+//! # Locking
 //!
-//! The table is an `RwLock<BTreeMap<start, Mapping>>`. Copies take the read lock, map and
-//! unmap take the write lock.
+//! The table is an `RwLock<BTreeMap<start, Arc<Mapping>>>`, held only for O(log n) lookups
+//! (read) and single inserts/removals (write): no copy, mmap or munmap runs under it, so a
+//! client's map/unmap never waits for device copies and device lookups wait at most for one
+//! tree insertion. A lookup clones the mapping's `Arc` (or takes a `Weak` for handles that
+//! live longer) and every access to its memory enters the mapping's gate for the duration
+//! of that one access.
 //!
-//! A copy into a fd-backed mapping holds the read lock for the whole copy. `unmap` (and
-//! `unmap_all`) cannot take the write lock until every such copy has released it, and a copy
-//! that starts after the entry is gone fails its lookup. So once `unmap` returns, no copy
-//! into the range is still running and none can start: the server may then reply to
-//! DMA_UNMAP and the client may reuse the memory. The mmap itself is dropped (munmapped, fd
-//! closed) after the write lock is released, since nothing can reach it any more.
+//! # The unmap protocol (what DMA_UNMAP's reply means)
+//!
+//! [`AddressSpace::begin_unmap`] and [`Unmapping::finish`], in this order:
+//!
+//! 1. the mapping is marked *unmapping* under its pin lock: from now on no pin into it can
+//!    start (EINVAL), while copies, translations and existing pins keep working, so a parent
+//!    can finish what it is doing;
+//! 2. the caller tells every device that pins pages of it ([`Unmapping::notices`]; the
+//!    server calls the parent's `dma_unmap` hook), and [`Unmapping::finish`] waits until
+//!    those pins are released, at most the given timeout;
+//! 3. a device still holding pins then is *revoked*: it is put into an error state (every
+//!    pin fails with EIO, every handle it holds fails), all its pins are dropped and
+//!    un-charged; this is logged as an error;
+//! 4. the mapping leaves the table: no new lookup finds it;
+//! 5. its gate is closed and drained: accesses that entered before (a copy, a write through
+//!    a stale handle) complete, and none can start after;
+//! 6. the dirty bits of the range, if asked for, are read (every write has finished);
+//! 7. the `Arc`s are dropped: the shared mmap is unmapped and its fd closed when no other
+//!    mapping uses it.
+//!
+//! When `finish` returns, no pin and no access into the range remains, so the server may
+//! reply and the client may reuse the memory.
 //!
 //! Copies into fd-less mappings are different: they call [`RemoteDma`], which sends a
-//! message and waits for the client's answer. The server thread that would process that
-//! answer may at the same time be waiting for the write lock in `unmap`; holding the read
-//! lock across the call could therefore deadlock. Such copies look up the mapping, clone the
-//! remote handle, drop the lock, then call. A remote copy may thus still be in flight when
-//! `unmap` returns; this is harmless for the server's memory (there is none to free) and the
-//! client, which owns the memory, answers it as it sees fit.
+//! message and waits for the client's answer, without the gate (there is no server memory
+//! to protect). Such a copy may still be in flight when `finish` returns; the client, which
+//! owns the memory, answers it as it sees fit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::time::{Duration, Instant};
 
+use crate::client::ClientMemory;
+use crate::dirty::Logging;
 use crate::error::DmaError;
 use crate::mapping::{Backing, Mapping};
+use crate::pin::{HolderState, PinnerId};
 use crate::range::{IovaRange, Prot};
 use crate::RemoteDma;
 
@@ -66,16 +89,21 @@ impl MappingInfo {
     }
 }
 
-pub(crate) type Table = BTreeMap<u64, Mapping>;
+pub(crate) type Table = BTreeMap<u64, Arc<Mapping>>;
 
-/// The DMA address space of one client: its mappings and the copies through them.
+/// The DMA address space of one client: its mappings, the copies through them, the pins of
+/// its devices and the dirty log.
 ///
 /// Shared between the thread that serves the client's DMA_MAP/DMA_UNMAP and the device
-/// threads that copy; every method takes `&self`.
+/// threads that copy and pin; every method takes `&self`.
 pub struct AddressSpace {
     limits: DmaLimits,
+    client: Arc<ClientMemory>,
     table: RwLock<Table>,
     remote: RwLock<Option<Arc<dyn RemoteDma>>>,
+    logging: Arc<Logging>,
+    holders: Mutex<HashMap<u64, Weak<HolderState>>>,
+    next_holder: AtomicU64,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -94,13 +122,29 @@ impl Default for AddressSpace {
 }
 
 impl AddressSpace {
-    /// An empty address space with the given limits and no [`RemoteDma`].
+    /// An empty address space with the given limits, no [`RemoteDma`], and a client of its
+    /// own whose budget is the daemon's `RLIMIT_MEMLOCK`.
     pub fn new(limits: DmaLimits) -> Self {
+        Self::with_client(limits, ClientMemory::with_rlimit())
+    }
+
+    /// An empty address space of `client`: its mmaps and pin charges are shared with the
+    /// client's other address spaces.
+    pub fn with_client(limits: DmaLimits, client: Arc<ClientMemory>) -> Self {
         Self {
             limits,
+            client,
             table: RwLock::new(BTreeMap::new()),
             remote: RwLock::new(None),
+            logging: Arc::new(Logging::default()),
+            holders: Mutex::new(HashMap::new()),
+            next_holder: AtomicU64::new(0),
         }
+    }
+
+    /// The client this address space belongs to.
+    pub fn client(&self) -> &Arc<ClientMemory> {
+        &self.client
     }
 
     /// Sets (or clears) the message channel used for fd-less mappings.
@@ -110,6 +154,9 @@ impl AddressSpace {
     }
 
     /// Adds a mapping.
+    ///
+    /// A fd-backed mapping shares the mmap of an earlier mapping of the same file when one
+    /// covers it (see [`ClientMemory`]).
     ///
     /// Errors: [`DmaError::EmptyProt`] / [`DmaError::UnalignedOffset`] /
     /// [`DmaError::PastEndOfFile`] (EINVAL), [`DmaError::Overlap`] (EEXIST),
@@ -122,7 +169,7 @@ impl AddressSpace {
         }
         self.check_insert(&self.read_table(), range)?;
         // mmap without the lock: device threads keep copying meanwhile.
-        let mapping = Mapping::new(range, prot, backing)?;
+        let mapping = Arc::new(Mapping::new(range, prot, backing, &self.client)?);
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         // Checked again: another map may have raced in since the read lock was dropped.
         // On error the guard, declared after `mapping`, is released before the munmap.
@@ -132,35 +179,52 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Removes the mapping that is exactly `range`.
-    ///
-    /// Returns only once no fd-backed copy into the range is running (see the module docs).
-    /// [`DmaError::NotMapped`] (ENOENT) if no mapping has this start and length; a range that
-    /// covers a part of a mapping, or several mappings, is refused the same way.
-    pub fn unmap(&self, range: IovaRange) -> Result<(), DmaError> {
-        let removed = {
-            let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+    /// Begins removing the mapping that is exactly `range` (steps 1-2 of the protocol in the
+    /// module docs). [`DmaError::NotMapped`] (ENOENT) if no mapping has this start and
+    /// length, or one is already being unmapped; a range that covers a part of a mapping, or
+    /// several mappings, is refused the same way.
+    pub fn begin_unmap(&self, range: IovaRange) -> Result<Unmapping<'_>, DmaError> {
+        let m = {
+            let table = self.read_table();
             match table.get(&range.start()) {
-                Some(m) if m.range == range => table.remove(&range.start()),
+                Some(m) if m.range == range => m.clone(),
                 _ => return Err(DmaError::NotMapped { range }),
             }
         };
-        // munmap and close outside the lock: no copy can reach this entry any more.
-        drop(removed);
-        tracing::debug!(%range, "DMA unmap");
+        {
+            let mut pins = m.pins();
+            if pins.unmapping {
+                return Err(DmaError::NotMapped { range });
+            }
+            pins.unmapping = true;
+        }
+        Ok(Unmapping::new(self, vec![m]))
+    }
+
+    /// Begins removing every mapping (UNMAP_ALL, client gone, reset).
+    pub fn begin_unmap_all(&self) -> Unmapping<'_> {
+        let all: Vec<Arc<Mapping>> = self.read_table().values().cloned().collect();
+        let mine = all
+            .into_iter()
+            .filter(|m| !std::mem::replace(&mut m.pins().unmapping, true))
+            .collect();
+        Unmapping::new(self, mine)
+    }
+
+    /// Removes the mapping that is exactly `range`, revoking at once any device that still
+    /// pins pages of it (no hook is called). See [`begin_unmap`](Self::begin_unmap).
+    pub fn unmap(&self, range: IovaRange) -> Result<(), DmaError> {
+        self.begin_unmap(range)?.finish(Duration::ZERO, None);
         Ok(())
     }
 
-    /// Removes every mapping (client gone, device reset); returns how many there were.
+    /// Removes every mapping, revoking at once any device that still pins pages; returns
+    /// how many there were.
     ///
-    /// Every mmap is unmapped and every fd closed before this returns.
+    /// Every mmap not used by another address space of the client is unmapped and its fd
+    /// closed before this returns.
     pub fn unmap_all(&self) -> usize {
-        let removed =
-            std::mem::take(&mut *self.table.write().unwrap_or_else(PoisonError::into_inner));
-        let count = removed.len();
-        drop(removed);
-        tracing::debug!(count, "DMA unmap all");
-        count
+        self.begin_unmap_all().finish(Duration::ZERO, None).mappings
     }
 
     /// Number of mappings.
@@ -175,12 +239,52 @@ impl AddressSpace {
 
     /// All mappings, sorted by start address.
     pub fn mappings(&self) -> Vec<MappingInfo> {
-        self.read_table().values().map(MappingInfo::of).collect()
+        self.read_table()
+            .values()
+            .map(|m| MappingInfo::of(m))
+            .collect()
     }
 
     /// The mapping that contains `iova`, if any.
     pub fn lookup(&self, iova: u64) -> Option<MappingInfo> {
-        find(&self.read_table(), iova).map(MappingInfo::of)
+        find(&self.read_table(), iova).map(|m| MappingInfo::of(m))
+    }
+
+    /// A handle to `[iova, iova + len)` of one fd-backed mapping, for accesses with `prot`.
+    ///
+    /// The handle stays usable until the mapping is unmapped; every access through it is
+    /// checked and fails with EFAULT from then on. Errors: [`DmaError::Fault`] (EFAULT) if
+    /// the range is not inside one mapping, [`DmaError::PermissionDenied`] (EPERM) if the
+    /// mapping lacks `prot`, [`DmaError::NoHostMemory`] (EINVAL) for a fd-less mapping.
+    pub fn translate(&self, iova: u64, len: u64, prot: Prot) -> Result<Translation, DmaError> {
+        let end = iova
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(DmaError::InvalidRange { start: iova, len })?;
+        let table = self.read_table();
+        let m = find(&table, iova).ok_or(DmaError::Fault { iova })?;
+        if !m.prot.contains(prot) {
+            return Err(DmaError::PermissionDenied {
+                iova,
+                needed: prot,
+                has: m.prot,
+            });
+        }
+        if end > m.range.end() {
+            return Err(DmaError::Fault {
+                iova: m.range.end(),
+            });
+        }
+        if !m.fd_backed() {
+            return Err(DmaError::NoHostMemory { iova });
+        }
+        Ok(Translation {
+            mapping: Arc::downgrade(m),
+            logging: self.logging.clone(),
+            iova,
+            len,
+            prot,
+        })
     }
 
     /// The limits this address space was made with.
@@ -188,10 +292,73 @@ impl AddressSpace {
         &self.limits
     }
 
+    /// Pages pinned by all devices of this address space (a page pinned by two devices
+    /// counts twice, a page pinned twice by one device once).
+    pub fn pinned_pages(&self) -> u64 {
+        self.read_table()
+            .values()
+            .map(|m| m.pins().pinned_pages())
+            .sum()
+    }
+
     pub(crate) fn read_table(&self) -> RwLockReadGuard<'_, Table> {
-        // Copies and lookups never leave the table half-changed, and map/unmap change it
-        // with single BTreeMap operations: a poisoned lock still guards a consistent table.
+        // Lookups never leave the table half-changed, and map/unmap change it with single
+        // BTreeMap operations: a poisoned lock still guards a consistent table.
         self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn logging(&self) -> &Logging {
+        &self.logging
+    }
+
+    /// The mappings that overlap `range`, in order.
+    pub(crate) fn overlapping(&self, range: IovaRange) -> Vec<Arc<Mapping>> {
+        let table = self.read_table();
+        let from = find(&table, range.start()).map_or(range.start(), |m| m.range.start());
+        table
+            .range(from..range.end())
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    pub(crate) fn register_holder(&self, state: &Arc<HolderState>) {
+        self.holders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(state.id, Arc::downgrade(state));
+    }
+
+    pub(crate) fn next_holder_id(&self) -> u64 {
+        self.next_holder.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Drops every pin of `holder` in every mapping. With `revoke`, the holder is put into
+    /// the error state first, so that its handles and later pins fail.
+    pub(crate) fn release_holder(&self, holder: u64, revoke: bool) {
+        let state = self
+            .holders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&holder)
+            .and_then(Weak::upgrade);
+        if revoke {
+            if let Some(s) = &state {
+                s.revoke();
+            }
+        }
+        let mappings: Vec<Arc<Mapping>> = self.read_table().values().cloned().collect();
+        for m in mappings {
+            let mut pins = m.pins();
+            if pins.holder(holder).is_some() {
+                crate::pin::release_all(&self.client, &m, &mut pins, holder);
+            }
+        }
+        if state.is_none() || revoke {
+            self.holders
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&holder);
+        }
     }
 
     fn check_insert(&self, table: &Table, range: IovaRange) -> Result<(), DmaError> {
@@ -225,7 +392,7 @@ impl AddressSpace {
 }
 
 /// The mapping containing `iova`: the last one starting at or before it, if it reaches it.
-pub(crate) fn find(table: &Table, iova: u64) -> Option<&Mapping> {
+pub(crate) fn find(table: &Table, iova: u64) -> Option<&Arc<Mapping>> {
     table
         .range(..=iova)
         .next_back()
@@ -233,6 +400,222 @@ pub(crate) fn find(table: &Table, iova: u64) -> Option<&Mapping> {
         .filter(|m| m.range.contains(iova))
 }
 
+/// A device to tell that a range it pins is being unmapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnmapNotice {
+    /// The device's pinner.
+    pub pinner: PinnerId,
+    /// The mapping being unmapped (call the device's `dma_unmap(range)`).
+    pub range: IovaRange,
+}
+
+/// What an unmap did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnmapOutcome {
+    /// Mappings removed.
+    pub mappings: usize,
+    /// Devices that did not release their pins in time and were revoked.
+    pub revoked: Vec<PinnerId>,
+}
+
+/// An unmap in progress (see the module docs for the protocol). Dropping it without
+/// [`finish`](Self::finish) finishes it with no wait.
+#[must_use = "an unmap completes when finished"]
+pub struct Unmapping<'a> {
+    space: &'a AddressSpace,
+    mappings: Vec<Arc<Mapping>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Unmapping<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<_> = self.mappings.iter().map(|m| m.range).collect();
+        f.debug_struct("Unmapping")
+            .field("ranges", &ranges)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Unmapping<'a> {
+    fn new(space: &'a AddressSpace, mappings: Vec<Arc<Mapping>>) -> Self {
+        Self {
+            space,
+            mappings,
+            done: false,
+        }
+    }
+
+    /// Every (device, mapping) pair where the device pins pages of a mapping being removed:
+    /// the devices whose `dma_unmap` hook must run.
+    pub fn notices(&self) -> Vec<UnmapNotice> {
+        let mut v = Vec::new();
+        for m in &self.mappings {
+            for h in &m.pins().holders {
+                v.push(UnmapNotice {
+                    pinner: PinnerId(h.holder),
+                    range: m.range,
+                });
+            }
+        }
+        v
+    }
+
+    /// Waits up to `timeout` for the pins to be released, revokes the devices that still
+    /// hold some, removes the mappings and waits for accesses in flight (steps 2-7 of the
+    /// protocol). With `dirty = Some((page_size, out))`, the dirty bits of the removed
+    /// range are read into `out` once no write can happen any more (the caller has checked
+    /// that logging is on and sized `out` with [`dirty_bitmap_size`](crate::dirty_bitmap_size)).
+    pub fn finish(mut self, timeout: Duration, dirty: Option<(u64, &mut [u8])>) -> UnmapOutcome {
+        self.complete(timeout, dirty)
+    }
+
+    fn complete(&mut self, timeout: Duration, dirty: Option<(u64, &mut [u8])>) -> UnmapOutcome {
+        self.done = true;
+        let deadline = Instant::now() + timeout;
+        let mut stragglers: Vec<u64> = Vec::new();
+        for m in &self.mappings {
+            let mut pins = m.pins();
+            while pins.pinned_pages() > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                pins = m
+                    .released
+                    .wait_timeout(pins, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            stragglers.extend(pins.holders.iter().map(|h| h.holder));
+        }
+        stragglers.sort_unstable();
+        stragglers.dedup();
+        for &h in &stragglers {
+            tracing::error!(
+                pinner = h,
+                "device kept pins into an unmapped range: pins revoked, device in error state"
+            );
+            self.space.release_holder(h, true);
+        }
+        {
+            let mut table = self
+                .space
+                .table
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for m in &self.mappings {
+                if table
+                    .get(&m.range.start())
+                    .is_some_and(|t| Arc::ptr_eq(t, m))
+                {
+                    table.remove(&m.range.start());
+                }
+            }
+        }
+        for m in &self.mappings {
+            m.gate.close_and_drain();
+            tracing::debug!(range = %m.range, "DMA unmap");
+        }
+        if let Some((page_size, out)) = dirty {
+            out.fill(0);
+            if let (Some(first), Some(last)) = (self.mappings.first(), self.mappings.last()) {
+                let start = first.range.start();
+                let len = last.range.end() - start;
+                for m in &self.mappings {
+                    m.report_dirty(start, len, page_size, out);
+                }
+            }
+        }
+        let mappings = std::mem::take(&mut self.mappings);
+        let n = mappings.len();
+        drop(mappings); // munmap and close what no other mapping shares
+        UnmapOutcome {
+            mappings: n,
+            revoked: stragglers.into_iter().map(PinnerId).collect(),
+        }
+    }
+}
+
+impl Drop for Unmapping<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.complete(Duration::ZERO, None);
+        }
+    }
+}
+
+/// A handle to a range of one fd-backed mapping (from [`AddressSpace::translate`]): checked,
+/// volatile accesses to its memory, valid until the mapping is unmapped.
+#[derive(Clone, Debug)]
+pub struct Translation {
+    mapping: Weak<Mapping>,
+    logging: Arc<Logging>,
+    iova: u64,
+    len: u64,
+    prot: Prot,
+}
+
+impl Translation {
+    /// First IOVA of the handle.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Length in bytes (never 0).
+    #[allow(clippy::len_without_is_empty)] // Never empty by construction.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Host virtual address of the first byte while the mapping exists, for diagnostics
+    /// (two translations of the same file page show the same address: one shared mmap).
+    pub fn host_addr(&self) -> Option<usize> {
+        self.mapping.upgrade()?.host_addr(self.iova)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the handle.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.access(offset, buf.len(), Prot::READ, |m, iova| {
+            m.read_at(iova, buf)
+        })
+    }
+
+    /// Writes `data` at `offset` of the handle (logged dirty while logging is on).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.access(offset, data.len(), Prot::WRITE, |m, iova| {
+            m.write_at(iova, data)?;
+            m.mark_dirty(&self.logging, iova, iova + data.len() as u64);
+            Ok(())
+        })
+    }
+
+    fn access(
+        &self,
+        offset: u64,
+        len: usize,
+        needed: Prot,
+        f: impl FnOnce(&Mapping, u64) -> Result<(), DmaError>,
+    ) -> Result<(), DmaError> {
+        let iova = self.iova.saturating_add(offset);
+        if !self.prot.contains(needed) {
+            return Err(DmaError::PermissionDenied {
+                iova,
+                needed,
+                has: self.prot,
+            });
+        }
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+        if offset.checked_add(len64).is_none_or(|end| end > self.len) {
+            return Err(DmaError::Fault { iova });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let m = self.mapping.upgrade().ok_or(DmaError::Fault { iova })?;
+        let _in = m.gate.enter().ok_or(DmaError::Fault { iova })?;
+        f(&m, iova)
+    }
+}
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A test that fails should panic.
 mod tests {
@@ -449,8 +832,8 @@ mod tests {
 
     #[test]
     fn unmap_waits_for_in_flight_fd_copy() {
-        // The copy writes front to back while holding the read lock. If unmap returned
-        // while it was still running, the last byte of the file would not be written yet.
+        // The copy writes front to back inside the mapping's gate. If unmap returned while
+        // it was still running, the last byte of the file would not be written yet.
         const SIZE: u64 = 32 << 20;
         let s = Arc::new(space());
         for _attempt in 0..20 {
@@ -460,10 +843,12 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || s.write(0, &vec![0x5au8; 32 << 20]))
             };
-            // Wait until the copy holds the read lock.
-            while s.table.try_write().is_ok() && !writer.is_finished() {
+            // Wait until the copy is inside the mapping's gate.
+            let m = find(&s.read_table(), 0).unwrap().clone();
+            while m.gate.in_flight() == 0 && !writer.is_finished() {
                 std::thread::yield_now();
             }
+            drop(m);
             let caught_in_flight = !writer.is_finished();
             s.unmap(range(0, SIZE)).unwrap();
             let mut last = [0u8; 1];
