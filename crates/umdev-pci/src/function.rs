@@ -4,7 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use umdev_dma::Dma;
+use umdev_dma::{Dma, Pinner};
 
 use crate::client::ClientId;
 use crate::config::ConfigSpace;
@@ -14,9 +14,8 @@ use crate::spec::{ranges_overlap, PciDeviceSpec};
 use crate::{BarIndex, IrqIndex, CONFIG_REGION, NUM_IRQS, NUM_REGIONS, ROM_REGION, VGA_REGION};
 
 pub use umdev_proto::wire::{
-    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD,
-    IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
-    REGION_INFO_FLAG_WRITE,
+    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE,
+    IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
 /// What a device implements: its BARs, and optional lifecycle hooks.
@@ -40,6 +39,12 @@ pub trait PciDevice: Send {
     fn close(&mut self) {}
     /// The client switched the interrupt mode through SET_IRQS.
     fn irq_mode_changed(&mut self, _mode: IrqMode) {}
+    /// The client is unmapping `[iova, iova + len)`, which this device has pinned pages of:
+    /// unpin them ([`DeviceContext::pins`]), now or from another thread soon after. The
+    /// unmap's reply waits for that, up to the server's `unpin_timeout`; a device that keeps
+    /// its pins past it is revoked (see `umdev_dma::Unmapping`). Devices that never pin need
+    /// not implement it.
+    fn dma_unmap(&mut self, _iova: u64, _len: u64) {}
 }
 
 /// What a device gets when a client attaches.
@@ -51,6 +56,9 @@ pub struct DeviceContext {
     pub dma: Arc<dyn Dma>,
     /// Who the client is (filled by the server from the socket peer).
     pub client: ClientId,
+    /// Pinning of the client's pages for this device (`None` when the front-end offers no
+    /// pinning). Dropping the last handle releases the device's pins.
+    pub pins: Option<Arc<Pinner>>,
 }
 
 impl std::fmt::Debug for DeviceContext {
@@ -362,11 +370,28 @@ impl PciFunction {
 
     /// Client `client` attaches; the device may refuse.
     pub fn open_as(&mut self, dma: Arc<dyn Dma>, client: ClientId) -> Result<(), DeviceError> {
+        self.open_with_pins(dma, client, None)
+    }
+
+    /// Client `client` attaches, and the device may pin its pages through `pins`.
+    pub fn open_with_pins(
+        &mut self,
+        dma: Arc<dyn Dma>,
+        client: ClientId,
+        pins: Option<Arc<Pinner>>,
+    ) -> Result<(), DeviceError> {
         self.device.open(DeviceContext {
             irqs: self.irqs.clone(),
             dma,
             client,
+            pins,
         })
+    }
+
+    /// The client is unmapping `[iova, iova + len)` that the device has pins in: tells the
+    /// device ([`PciDevice::dma_unmap`]).
+    pub fn dma_unmap(&mut self, iova: u64, len: u64) {
+        self.device.dma_unmap(iova, len);
     }
 
     /// The client has gone: its eventfds are dropped, the mode returns to INTx, the device

@@ -81,6 +81,13 @@ pub const DEVICE_FEATURE_GET: u32 = 1 << 16;
 pub const DEVICE_FEATURE_SET: u32 = 1 << 17;
 /// `DeviceFeature::flags`: probe for support.
 pub const DEVICE_FEATURE_PROBE: u32 = 1 << 18;
+/// Feature index: start DMA logging (SET; [`DmaLoggingControl`] and ranges follow).
+pub const DEVICE_FEATURE_DMA_LOGGING_START: u32 = 6;
+/// Feature index: stop DMA logging (SET; no data).
+pub const DEVICE_FEATURE_DMA_LOGGING_STOP: u32 = 7;
+/// Feature index: report the dirty bitmap of a range (GET; [`DmaLoggingReport`], then the
+/// bitmap in the reply).
+pub const DEVICE_FEATURE_DMA_LOGGING_REPORT: u32 = 8;
 
 wire_struct!(
     /// Fixed part of VERSION (request and reply); NUL-terminated JSON follows.
@@ -151,6 +158,18 @@ wire_struct!(
     DeviceFeature { argsz: u32, flags: u32 }
 );
 wire_struct!(
+    /// Data of DMA_LOGGING_START; `num_ranges` [`DmaLoggingRange`]s follow.
+    DmaLoggingControl { page_size: u64, num_ranges: u32, reserved: u32 }
+);
+wire_struct!(
+    /// One IOVA range to log.
+    DmaLoggingRange { iova: u64, length: u64 }
+);
+wire_struct!(
+    /// Data of DMA_LOGGING_REPORT; in the reply the bitmap (u64 words) follows.
+    DmaLoggingReport { iova: u64, length: u64, page_size: u64 }
+);
+wire_struct!(
     /// Fixed part of MIG_DATA_READ/MIG_DATA_WRITE; data follows where there is data.
     MigData { argsz: u32, size: u32 }
 );
@@ -202,6 +221,9 @@ mod tests {
         assert_eq!(size_of::<DmaAccess>(), 16);
         assert_eq!(size_of::<WriteMultiEntry>(), 24);
         assert_eq!(size_of::<DeviceFeature>(), 8);
+        assert_eq!(size_of::<DmaLoggingControl>(), 16);
+        assert_eq!(size_of::<DmaLoggingRange>(), 16);
+        assert_eq!(size_of::<DmaLoggingReport>(), 24);
         assert_eq!(size_of::<MigData>(), 8);
     }
 
