@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod memory;
 mod remote;
 mod session;
 
@@ -40,6 +41,7 @@ use umdev_pci::{ClientId, PciFunction, PeerCred};
 use umdev_transport::{Transport, UnixTransport};
 
 pub use error::{RequestError, ServerError};
+pub use memory::LockedMemory;
 
 /// Limits and tunables of a server.
 #[derive(Clone, Debug)]
@@ -54,6 +56,11 @@ pub struct ServerConfig {
     pub spin: Duration,
     /// How long a device thread waits for the client to answer a DMA_READ/DMA_WRITE.
     pub dma_timeout: Duration,
+    /// How long DMA_UNMAP waits for a parent driver to release its pins in the range after
+    /// its `dma_unmap` hook ran; past it the device's pins are revoked.
+    pub unpin_timeout: Duration,
+    /// Locked-memory budgets for pins, and the clients' shared memory.
+    pub locked_memory: LockedMemory,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +71,8 @@ impl Default for ServerConfig {
             max_dma_maps: umdev_proto::DEFAULT_MAX_DMA_MAPS,
             spin: Duration::ZERO,
             dma_timeout: Duration::from_secs(5),
+            unpin_timeout: Duration::from_secs(1),
+            locked_memory: LockedMemory::default(),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use rustix::io::Errno;
-use umdev_dma::{AddressSpace, Backing, DmaLimits, IovaRange, Prot};
+use umdev_dma::{dirty_bitmap_size, AddressSpace, Backing, DmaLimits, IovaRange, Pinner, Prot};
 use umdev_pci::{ClientId, IrqData, PciFunction};
 use umdev_proto::{wire, Capabilities, Command, Header, ProtoError};
 use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
@@ -48,6 +48,7 @@ pub(crate) struct Session<'a> {
     limits: RecvLimits,
     remote: Arc<RemoteChannel>,
     space: Option<Arc<AddressSpace>>,
+    pinner: Option<Arc<Pinner>>,
     negotiated: Option<Negotiated>,
     /// Who the client is, given to the device's `open`.
     client: ClientId,
@@ -100,6 +101,7 @@ impl<'a> Session<'a> {
             limits,
             remote,
             space: None,
+            pinner: None,
             negotiated: None,
             client,
         }
@@ -262,18 +264,24 @@ impl<'a> Session<'a> {
             .config
             .max_dma_maps
             .min(client.max_dma_maps_or_default());
-        let space = Arc::new(AddressSpace::new(DmaLimits {
-            max_mappings: max_dma_maps as usize,
-        }));
+        let memory = self.config.locked_memory.client_memory(&self.client);
+        let space = Arc::new(AddressSpace::with_client(
+            DmaLimits {
+                max_mappings: max_dma_maps as usize,
+            },
+            memory,
+        ));
+        let pinner = Arc::new(space.pinner());
         self.remote
             .set_client_max_xfer(client.max_data_xfer_size_or_default());
         space.set_remote(Some(self.remote.clone()));
         // The parent driver may refuse this client: then negotiation fails and the
         // connection closes, as a refused open of a VFIO device fd would.
         self.function()
-            .open_as(space.clone(), self.client)
+            .open_with_pins(space.clone(), self.client, Some(pinner.clone()))
             .map_err(RequestError::Device)?;
         self.space = Some(space);
+        self.pinner = Some(pinner);
         let write_multiple = client.write_multiple == Some(true);
         self.negotiated = Some(Negotiated { write_multiple });
         let ours = Capabilities {
@@ -348,35 +356,89 @@ impl<'a> Session<'a> {
         Ok(Reply::empty())
     }
 
+    /// DMA_UNMAP, in the order of `umdev_dma::Unmapping`: the range is closed to new pins,
+    /// the device's `dma_unmap` hook runs if it pins pages there, its pins are waited for
+    /// (at most `unpin_timeout`, then revoked), in-flight accesses drain, and only then is
+    /// the reply sent. With GET_DIRTY_BITMAP the range's dirty bits come with it.
     fn dma_unmap(&mut self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
         no_fds(fds)?;
-        let (req, _) = fixed::<wire::DmaUnmap>(body, "DMA_UNMAP", |r| r.argsz)?;
-        let space = self.space()?;
-        match req.flags {
-            0 => space.unmap(IovaRange::new(req.address, req.size)?)?,
-            wire::DMA_UNMAP_FLAG_ALL => {
-                if req.address != 0 || req.size != 0 {
-                    return Err(ProtoError::Invalid("UNMAP_ALL with an address or size").into());
-                }
-                space.unmap_all();
-            }
-            f if f & wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0
-                && f & !(wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | wire::DMA_UNMAP_FLAG_ALL) == 0 =>
-            {
-                return Err(refuse(Errno::NOTSUP, "dirty page logging is not started"));
-            }
-            f => return Err(ProtoError::UnknownFlags(f).into()),
+        let (req, tail) = fixed::<wire::DmaUnmap>(body, "DMA_UNMAP", |r| r.argsz)?;
+        let all = req.flags & wire::DMA_UNMAP_FLAG_ALL != 0;
+        let dirty = req.flags & wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0;
+        if req.flags & !(wire::DMA_UNMAP_FLAG_ALL | wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP) != 0 {
+            return Err(ProtoError::UnknownFlags(req.flags).into());
         }
+        if all && (req.address != 0 || req.size != 0) {
+            return Err(ProtoError::Invalid("UNMAP_ALL with an address or size").into());
+        }
+        if all && dirty {
+            // As the kernel's type1: a bitmap of everything is not offered.
+            return Err(ProtoError::Invalid("UNMAP_ALL with GET_DIRTY_BITMAP").into());
+        }
+        let space = self.space()?.clone();
+        let mut bitmap = None;
+        if dirty {
+            let (bm, _) = wire::split::<wire::DmaUnmapBitmap>(tail, "DMA_UNMAP bitmap")?;
+            if !space.is_dirty_logging() {
+                return Err(refuse(Errno::INVAL, "dirty page logging is not started"));
+            }
+            let size = dirty_bitmap_size(req.size, bm.pgsize)?;
+            if bm.size != size as u64 {
+                return Err(ProtoError::Invalid("bitmap size does not match the range").into());
+            }
+            self.check_count(u32::try_from(size).unwrap_or(u32::MAX))?;
+            let needed =
+                wire::size_of::<wire::DmaUnmap>() + wire::size_of::<wire::DmaUnmapBitmap>() + size;
+            if (req.argsz as usize) < needed {
+                return Err(ProtoError::Invalid("argsz too small for the bitmap").into());
+            }
+            bitmap = Some((bm, vec![0u8; size]));
+        }
+        let unmapping = if all {
+            space.begin_unmap_all()
+        } else {
+            space.begin_unmap(IovaRange::new(req.address, req.size)?)?
+        };
+        // This session's device is the only pinner of the space: tell it once per range.
+        let mut told: Vec<IovaRange> = Vec::new();
+        for n in unmapping.notices() {
+            if !told.contains(&n.range) {
+                told.push(n.range);
+                self.function().dma_unmap(n.range.start(), n.range.len());
+            }
+        }
+        let outcome = unmapping.finish(
+            self.config.unpin_timeout,
+            bitmap.as_mut().map(|(bm, data)| (bm.pgsize, &mut data[..])),
+        );
         tracing::debug!(
             iova = req.address,
             size = req.size,
             flags = req.flags,
+            mappings = outcome.mappings,
+            revoked = outcome.revoked.len(),
             "DMA unmap"
         );
-        Ok(Reply::of(&wire::DmaUnmap {
+        let mut reply = wire::DmaUnmap {
             argsz: wire::argsz::<wire::DmaUnmap>(),
             ..req
-        }))
+        };
+        let Some((bm, data)) = bitmap else {
+            return Ok(Reply::of(&reply));
+        };
+        reply.argsz = u32::try_from(
+            wire::size_of::<wire::DmaUnmap>()
+                + wire::size_of::<wire::DmaUnmapBitmap>()
+                + data.len(),
+        )
+        .unwrap_or(u32::MAX);
+        let mut out = reply.as_bytes().to_vec();
+        out.extend_from_slice(bm.as_bytes());
+        out.extend_from_slice(&data);
+        Ok(Reply {
+            body: out,
+            fds: Vec::new(),
+        })
     }
 
     fn device_info(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
@@ -560,7 +622,7 @@ impl<'a> Session<'a> {
 
     fn device_feature(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
         no_fds(fds)?;
-        let (req, _) = fixed::<wire::DeviceFeature>(body, "DEVICE_FEATURE", |r| r.argsz)?;
+        let (req, data) = fixed::<wire::DeviceFeature>(body, "DEVICE_FEATURE", |r| r.argsz)?;
         let known = wire::DEVICE_FEATURE_MASK
             | wire::DEVICE_FEATURE_GET
             | wire::DEVICE_FEATURE_SET
@@ -572,7 +634,87 @@ impl<'a> Session<'a> {
         if req.flags & get_and_set == get_and_set && req.flags & wire::DEVICE_FEATURE_PROBE == 0 {
             return Err(ProtoError::Invalid("DEVICE_FEATURE GET and SET without PROBE").into());
         }
-        Err(refuse(Errno::NOTSUP, "the device has no optional features"))
+        let supported = match req.flags & wire::DEVICE_FEATURE_MASK {
+            wire::DEVICE_FEATURE_DMA_LOGGING_START | wire::DEVICE_FEATURE_DMA_LOGGING_STOP => {
+                wire::DEVICE_FEATURE_SET
+            }
+            wire::DEVICE_FEATURE_DMA_LOGGING_REPORT => wire::DEVICE_FEATURE_GET,
+            _ => return Err(refuse(Errno::NOTSUP, "the device has no such feature")),
+        };
+        // As the kernel's vfio_check_feature: an operation the feature lacks is EINVAL, a
+        // probe of what it has succeeds with the request echoed, and otherwise one of GET
+        // or SET is needed.
+        let ops = req.flags & !wire::DEVICE_FEATURE_MASK & !wire::DEVICE_FEATURE_PROBE;
+        if ops & !supported != 0 {
+            return Err(ProtoError::Invalid("operation not supported by this feature").into());
+        }
+        if req.flags & wire::DEVICE_FEATURE_PROBE != 0 {
+            return Ok(Reply {
+                body: body.to_vec(),
+                fds: Vec::new(),
+            });
+        }
+        if ops == 0 {
+            return Err(ProtoError::Invalid("DEVICE_FEATURE without GET, SET or PROBE").into());
+        }
+        let space = self.space()?;
+        match req.flags & wire::DEVICE_FEATURE_MASK {
+            wire::DEVICE_FEATURE_DMA_LOGGING_START => {
+                let (mut ctl, mut rest) =
+                    wire::split::<wire::DmaLoggingControl>(data, "DMA_LOGGING_START")?;
+                if !ctl.page_size.is_power_of_two() {
+                    return Err(ProtoError::Invalid("logging page size not a power of two").into());
+                }
+                if ctl.num_ranges > MAX_LOGGING_RANGES {
+                    return Err(refuse(Errno::TOOBIG, "too many logging ranges"));
+                }
+                let mut ranges = Vec::with_capacity(ctl.num_ranges as usize);
+                for _ in 0..ctl.num_ranges {
+                    let (r, more) = wire::split::<wire::DmaLoggingRange>(rest, "logging range")?;
+                    ranges.push(IovaRange::new(r.iova, r.length)?);
+                    rest = more;
+                }
+                ctl.page_size = space.start_dirty_logging(&ranges)?;
+                let mut out = req.as_bytes().to_vec();
+                out.extend_from_slice(ctl.as_bytes());
+                let ranges_len = wire::size_of::<wire::DmaLoggingRange>() * ranges.len();
+                let after_ctl = wire::size_of::<wire::DmaLoggingControl>();
+                out.extend_from_slice(&data[after_ctl..after_ctl + ranges_len]);
+                Ok(Reply {
+                    body: out,
+                    fds: Vec::new(),
+                })
+            }
+            wire::DEVICE_FEATURE_DMA_LOGGING_STOP => {
+                space.stop_dirty_logging();
+                Ok(Reply {
+                    body: body.to_vec(),
+                    fds: Vec::new(),
+                })
+            }
+            _ => {
+                let (rep, _) = wire::split::<wire::DmaLoggingReport>(data, "DMA_LOGGING_REPORT")?;
+                let size = dirty_bitmap_size(rep.length, rep.page_size)?;
+                self.check_count(u32::try_from(size).unwrap_or(u32::MAX))?;
+                let head = wire::size_of::<wire::DeviceFeature>()
+                    + wire::size_of::<wire::DmaLoggingReport>();
+                if (req.argsz as usize) < head + size {
+                    return Err(ProtoError::Invalid("argsz too small for the bitmap").into());
+                }
+                let mut out = vec![0u8; head + size];
+                space.dirty_report(rep.iova, rep.length, rep.page_size, &mut out[head..])?;
+                let answer = wire::DeviceFeature {
+                    argsz: u32::try_from(head + size).unwrap_or(u32::MAX),
+                    flags: req.flags,
+                };
+                out[..8].copy_from_slice(answer.as_bytes());
+                out[8..head].copy_from_slice(rep.as_bytes());
+                Ok(Reply {
+                    body: out,
+                    fds: Vec::new(),
+                })
+            }
+        }
     }
 
     fn teardown(&mut self) {
@@ -580,7 +722,11 @@ impl<'a> Session<'a> {
         if self.negotiated.is_some() {
             self.function().close();
         }
+        // The device has dropped its context on close; ours goes too, releasing whatever it
+        // still pinned. A device that kept a handle is revoked by the unmap below.
+        self.pinner = None;
         if let Some(space) = self.space.take() {
+            space.stop_dirty_logging();
             let n = space.unmap_all();
             space.set_remote(None);
             tracing::info!(
@@ -590,6 +736,9 @@ impl<'a> Session<'a> {
         }
     }
 }
+
+/// Most ranges one DMA_LOGGING_START may name (the kernel's `LOG_MAX_RANGES`); E2BIG past it.
+const MAX_LOGGING_RANGES: u32 = 256;
 
 /// The error and its sources, for one log line.
 pub(crate) fn display_chain(e: &dyn std::error::Error) -> String {
