@@ -25,6 +25,14 @@ pub struct LockedMemory {
 }
 
 impl LockedMemory {
+    /// A policy with a budget of `limit` bytes per client (and no per-uid budgets).
+    pub fn with_limit(limit: u64) -> LockedMemory {
+        LockedMemory {
+            limit: Some(limit),
+            ..LockedMemory::default()
+        }
+    }
+
     /// The budget of `client`, in bytes.
     pub fn limit_for(&self, client: &ClientId) -> u64 {
         client

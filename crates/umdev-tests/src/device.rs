@@ -9,16 +9,20 @@
 //! | 0x100 | 8 | DMA address (IOVA) |
 //! | 0x108 | 4 | DMA length (at most 2 KiB) |
 //! | 0x10c | 1 | DMA pattern seed |
-//! | 0x110 | 4 | DMA command: 1 = write `seed+i` bytes to guest memory, 2 = read guest memory into the buffer at 0x800 |
+//! | 0x110 | 4 | DMA command: 1 = write `seed+i` bytes to guest memory, 2 = read guest memory into the buffer at 0x800, 3 = pin `PIN_PAGES` pages at the DMA address with `PIN_PROT`, 4 = write `seed+i` bytes at the DMA address through a pin the device holds, 5 = unpin `PIN_PAGES` pages at the DMA address |
 //! | 0x114 | 4 | DMA status: 0 after success, the errno otherwise (read-only) |
 //! | 0x120 | 4 | IRQ command: 0 = lower INTx, 1 = raise INTx, 2 = MSI vector at 0x124, 3 = MSI-X vector at 0x124, 4 = ERR, 5 = REQ |
 //! | 0x124 | 4 | IRQ vector |
+//! | 0x128 | 4 | pages to pin or unpin (command 3, 5) |
+//! | 0x12c | 4 | pin access: 1 = read, 2 = write, 3 = both |
+//! | 0x130 | 4 | unmap hook mode: 0 = unpin at once, 1 = forget (keep the pins: the device gets revoked), 2 = unpin from another thread 200 ms later |
 //! | 0x800..0x1000 | any | DMA buffer |
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
+use umdev_dma::{AddressSpace, PinnedPages, Pinner, Prot, PAGE_SIZE};
 use umdev_pci::{
     BarIndex, BarKind, BarMmap, DeviceContext, DeviceError, IrqMode, PciDevice, PciDeviceSpec,
     PciFunction,
@@ -50,6 +54,12 @@ pub mod reg {
     pub const IRQ_CMD: u64 = 0x120;
     /// IRQ vector.
     pub const IRQ_VECTOR: u64 = 0x124;
+    /// Pages to pin or unpin.
+    pub const PIN_PAGES: u64 = 0x128;
+    /// Pin access bits.
+    pub const PIN_PROT: u64 = 0x12c;
+    /// What the `dma_unmap` hook does.
+    pub const UNMAP_MODE: u64 = 0x130;
     /// DMA buffer.
     pub const DMA_BUF: u64 = 0x800;
 }
@@ -69,6 +79,12 @@ pub struct Observed {
     pub refuse_open: AtomicBool,
     /// Interrupt modes the device was told about.
     pub modes: Mutex<Vec<IrqMode>>,
+    /// Every `dma_unmap` hook call: (iova, len).
+    pub unmap_hooks: Mutex<Vec<(u64, u64)>>,
+    /// The address space of the current (or last) client.
+    pub space: Mutex<Option<Arc<AddressSpace>>>,
+    /// The device's pinner while a client is attached.
+    pub pinner: Mutex<Weak<Pinner>>,
 }
 
 /// The test device.
@@ -77,6 +93,8 @@ pub struct TestDevice {
     bar1: Vec<u8>,
     bar2: Arc<OwnedFd>,
     ctx: Option<DeviceContext>,
+    /// Handles of the pins the device holds.
+    pins: Vec<PinnedPages>,
     observed: Arc<Observed>,
 }
 
@@ -129,6 +147,7 @@ impl TestDevice {
             bar1: vec![0; 16],
             bar2: fd,
             ctx: None,
+            pins: Vec::new(),
             observed: observed.clone(),
         };
         (PciFunction::new(spec, Box::new(dev)), observed)
@@ -156,6 +175,24 @@ impl TestDevice {
                         let b = reg::DMA_BUF as usize;
                         ctx.dma.read(addr, &mut self.bar0[b..b + len])
                     }
+                    3..=5 => {
+                        let pages = self.reg32(reg::PIN_PAGES) as usize;
+                        let prot =
+                            Prot::from_bits(self.reg32(reg::PIN_PROT) as u8).unwrap_or(Prot::NONE);
+                        match &ctx.pins {
+                            None => Ok(()),
+                            Some(p) => Self::pin_command(
+                                &mut self.pins,
+                                p,
+                                cmd,
+                                addr,
+                                pages,
+                                prot,
+                                len,
+                                seed,
+                            ),
+                        }
+                    }
                     _ => Ok(()),
                 };
                 r.map_or_else(|e| e.errno() as u32, |()| 0)
@@ -163,6 +200,48 @@ impl TestDevice {
         };
         let s = reg::DMA_STATUS as usize;
         self.bar0[s..s + 4].copy_from_slice(&status.to_le_bytes());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pin_command(
+        held: &mut Vec<PinnedPages>,
+        pinner: &Pinner,
+        cmd: u32,
+        addr: u64,
+        pages: usize,
+        prot: Prot,
+        len: usize,
+        seed: u8,
+    ) -> Result<(), umdev_dma::DmaError> {
+        match cmd {
+            3 => {
+                held.push(pinner.pin(addr, pages, prot)?);
+                Ok(())
+            }
+            4 => {
+                let end = addr + len as u64;
+                let Some(p) = held.iter().rev().find(|p| {
+                    p.iova() <= addr
+                        && end <= p.iova() + p.len_bytes()
+                        && p.prot().contains(Prot::WRITE)
+                }) else {
+                    return Err(umdev_dma::DmaError::Fault { iova: addr });
+                };
+                let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+                p.write(addr - p.iova(), &data)
+            }
+            _ => {
+                pinner.unpin(addr, pages)?;
+                let end = addr + pages as u64 * PAGE_SIZE;
+                if let Some(i) = held
+                    .iter()
+                    .position(|p| p.iova() >= addr && p.iova() + p.len_bytes() <= end)
+                {
+                    held.remove(i);
+                }
+                Ok(())
+            }
+        }
     }
 
     fn run_irq(&mut self, cmd: u32) {
@@ -252,16 +331,52 @@ impl PciDevice for TestDevice {
             return Err(DeviceError::Refused(16)); // EBUSY
         }
         self.observed.opens.fetch_add(1, Ordering::SeqCst);
+        if let Some(p) = &ctx.pins {
+            *self.observed.space.lock().unwrap() = Some(p.space().clone());
+            *self.observed.pinner.lock().unwrap() = Arc::downgrade(p);
+        }
+        self.pins.clear();
         self.ctx = Some(ctx);
         Ok(())
     }
 
     fn close(&mut self) {
         self.observed.closes.fetch_add(1, Ordering::SeqCst);
+        // Dropping the context drops the pinner, which releases what the device still pins.
+        self.pins.clear();
         self.ctx = None;
     }
 
     fn irq_mode_changed(&mut self, mode: IrqMode) {
         self.observed.modes.lock().unwrap().push(mode);
+    }
+
+    fn dma_unmap(&mut self, iova: u64, len: u64) {
+        self.observed.unmap_hooks.lock().unwrap().push((iova, len));
+        let mode = self.reg32(reg::UNMAP_MODE);
+        if mode == 1 {
+            return; // "forgets": keeps its pins and handles
+        }
+        let Some(pinner) = self.ctx.as_ref().and_then(|c| c.pins.clone()) else {
+            return;
+        };
+        let end = iova.saturating_add(len);
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pins)
+            .into_iter()
+            .partition(|p| p.iova() < end && iova < p.iova() + p.len_bytes());
+        self.pins = kept;
+        let release = move || {
+            for p in &gone {
+                let _ = pinner.unpin(p.iova(), p.page_count());
+            }
+        };
+        if mode == 2 {
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                release();
+            });
+        } else {
+            release();
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! the real Linux guest driving mtty.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation, missing_docs)]
 
+pub mod cmd;
 pub mod device;
 pub mod wire;
 

@@ -1,0 +1,79 @@
+//! Driving the test device's DMA engine from a client, as a guest driver would: each call
+//! writes the registers and the command, and returns the DMA status (0 or an errno).
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use umdev_client::Client;
+use umdev_proto::wire;
+
+use crate::device::reg;
+
+/// Page size of pins and of the dirty log.
+pub const PAGE: u64 = 4096;
+
+fn write32(c: &mut Client, off: u64, v: u32) {
+    c.region_write(0, off, &v.to_le_bytes()).unwrap();
+}
+
+fn status(c: &mut Client) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(0, reg::DMA_STATUS, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn command(c: &mut Client, iova: u64, cmd: u32) -> u32 {
+    c.region_write(0, reg::DMA_ADDR, &iova.to_le_bytes())
+        .unwrap();
+    write32(c, reg::DMA_CMD, cmd);
+    status(c)
+}
+
+/// Command 1: the device writes `len` bytes `seed, seed+1, ...` at `iova` (a copy).
+pub fn copy_write(c: &mut Client, iova: u64, len: u32, seed: u8) -> u32 {
+    write32(c, reg::DMA_LEN, len);
+    c.region_write(0, reg::DMA_SEED, &[seed]).unwrap();
+    command(c, iova, 1)
+}
+
+/// Command 3: the device pins `pages` pages at `iova` with access `prot` (1 r, 2 w, 3 rw).
+pub fn pin(c: &mut Client, iova: u64, pages: u32, prot: u32) -> u32 {
+    write32(c, reg::PIN_PAGES, pages);
+    write32(c, reg::PIN_PROT, prot);
+    command(c, iova, 3)
+}
+
+/// Command 4: the device writes `len` bytes `seed+i` at `iova` through a pin it holds.
+pub fn pinned_write(c: &mut Client, iova: u64, len: u32, seed: u8) -> u32 {
+    write32(c, reg::DMA_LEN, len);
+    c.region_write(0, reg::DMA_SEED, &[seed]).unwrap();
+    command(c, iova, 4)
+}
+
+/// Command 5: the device unpins `pages` pages at `iova`.
+pub fn unpin(c: &mut Client, iova: u64, pages: u32) -> u32 {
+    write32(c, reg::PIN_PAGES, pages);
+    command(c, iova, 5)
+}
+
+/// What the device's `dma_unmap` hook does: 0 unpin, 1 forget, 2 unpin 200 ms later.
+pub fn unmap_mode(c: &mut Client, mode: u32) {
+    write32(c, reg::UNMAP_MODE, mode);
+}
+
+/// A memfd of `size` bytes, mapped read-write (or read-only) at `iova`; returns the memfd.
+pub fn map_memfd(c: &mut Client, iova: u64, size: u64, writable: bool) -> OwnedFd {
+    let mem = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&mem, size).unwrap();
+    let mut flags = wire::DMA_MAP_FLAG_READ;
+    if writable {
+        flags |= wire::DMA_MAP_FLAG_WRITE;
+    }
+    c.dma_map(iova, size, flags, Some((mem.as_fd(), 0)))
+        .unwrap();
+    mem
+}
+
+/// The pattern `seed, seed+1, ...` of `len` bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+}
