@@ -1,0 +1,613 @@
+//! The control API server: one request per connection, answered from the core and the
+//! definition store with mdevctl's semantics (`define`, `start`, `list`, ...).
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+use umdev_api::control::{
+    read_request, write_response, DeviceEntry, GroupEntry, Holder, TypeEntry,
+};
+use umdev_api::{Definition, DefinitionStore, Request, Response, Start};
+use umdev_core::{Core, CoreError, MdevUuid};
+
+/// A failed request: an errno and a message (what mdevctl would print).
+#[derive(Debug)]
+pub struct Failure {
+    errno: i32,
+    message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn fail(errno: rustix::io::Errno, message: impl Into<String>) -> Failure {
+    Failure {
+        errno: errno.raw_os_error(),
+        message: message.into(),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    fail(rustix::io::Errno::INVAL, message)
+}
+
+impl From<CoreError> for Failure {
+    fn from(e: CoreError) -> Failure {
+        fail(e.errno(), e.to_string())
+    }
+}
+
+fn parse_uuid(s: &str) -> Result<MdevUuid, Failure> {
+    MdevUuid::parse(s).map_err(|e| invalid(e.to_string()))
+}
+
+/// Creates `uuid` from a definition and writes its attributes in order; if one cannot be
+/// written the device is removed again (mdevctl's `start`).
+pub fn start_device(
+    core: &Core,
+    parent: &str,
+    uuid: MdevUuid,
+    def: &Definition,
+) -> Result<(), Failure> {
+    if let Some(m) = core.mdev(&uuid) {
+        let what = if m.parent != parent {
+            "Device exists under different parent"
+        } else if m.type_id != def.mdev_type {
+            "Device exists with different type"
+        } else {
+            "Device already exists"
+        };
+        return Err(fail(rustix::io::Errno::EXIST, what));
+    }
+    if !core.has_parent(parent) {
+        return Err(fail(
+            rustix::io::Errno::NODEV,
+            format!("Unable to find parent device '{parent}'"),
+        ));
+    }
+    core.create(parent, &def.mdev_type, uuid).map_err(|e| {
+        let f = Failure::from(e);
+        Failure {
+            message: format!(
+                "Failed to create mdev {uuid}, type {} on {parent}: {}",
+                def.mdev_type, f.message
+            ),
+            ..f
+        }
+    })?;
+    for (k, v) in &def.attrs {
+        if let Err(e) = core.write_attr(&uuid, k, v) {
+            let _ = core.remove(&uuid);
+            let f = Failure::from(e);
+            return Err(Failure {
+                message: format!("Failed to write {v} to attribute {k}: {}", f.message),
+                ..f
+            });
+        }
+    }
+    Ok(())
+}
+
+struct Handler {
+    core: Core,
+    store: DefinitionStore,
+}
+
+impl Handler {
+    fn handle(&self, req: Request) -> Response {
+        let r = match req {
+            Request::Types { parent } => Ok(self.types(parent.as_deref())),
+            Request::List {
+                defined,
+                uuid,
+                parent,
+            } => self.list(defined, uuid.as_deref(), parent.as_deref()),
+            Request::Define {
+                uuid,
+                parent,
+                mdev_type,
+                auto,
+                json,
+                force: _,
+            } => self.define(uuid.as_deref(), parent, mdev_type, auto, json),
+            Request::Undefine { uuid, parent } => self.undefine(&uuid, parent.as_deref()),
+            Request::Modify {
+                uuid,
+                parent,
+                mdev_type,
+                addattr,
+                delattr,
+                index,
+                value,
+                auto,
+                manual,
+                json,
+            } => self.modify(Modify {
+                uuid,
+                parent,
+                mdev_type,
+                addattr,
+                delattr,
+                index,
+                value,
+                auto,
+                manual,
+                json,
+            }),
+            Request::Start {
+                uuid,
+                parent,
+                mdev_type,
+                json,
+            } => self.start(uuid.as_deref(), parent, mdev_type, json),
+            Request::Stop { uuid } => self.stop(&uuid),
+            Request::Socket { uuid } => self.socket(&uuid),
+            Request::Groups => Ok(self.groups()),
+        };
+        r.unwrap_or_else(|f| Response::Error {
+            errno: f.errno,
+            message: f.message,
+        })
+    }
+
+    fn types(&self, parent: Option<&str>) -> Response {
+        let mut types = Vec::new();
+        for p in self.core.parents() {
+            if parent.is_some_and(|x| x != p) {
+                continue;
+            }
+            let Ok(mut ts) = self.core.types(&p) else {
+                continue;
+            };
+            ts.sort_by(|a, b| a.id.cmp(&b.id));
+            types.extend(ts.into_iter().map(|t| TypeEntry {
+                parent: p.clone(),
+                id: t.id,
+                available_instances: t.available_instances,
+                device_api: t.device_api,
+                name: t.name,
+                description: t.description.map(|d| d.trim().replace('\n', ", ")),
+            }));
+        }
+        Response::Types { types }
+    }
+
+    fn definition(&self, parent: &str, uuid: &str) -> Option<Definition> {
+        self.store.load(parent, uuid).ok()
+    }
+
+    fn list(
+        &self,
+        defined: bool,
+        uuid: Option<&str>,
+        parent: Option<&str>,
+    ) -> Result<Response, Failure> {
+        let uuid = uuid.map(parse_uuid).transpose()?.map(|u| u.to_string());
+        let mut devices = Vec::new();
+        if defined {
+            for (p, u, d) in self.store.list() {
+                let Ok(d) = d else { continue };
+                if parent.is_some_and(|x| x != p) || uuid.as_ref().is_some_and(|x| *x != u) {
+                    continue;
+                }
+                let active = MdevUuid::parse(&u)
+                    .ok()
+                    .and_then(|m| self.core.mdev(&m))
+                    .filter(|m| m.parent == p && m.type_id == d.mdev_type);
+                devices.push(DeviceEntry {
+                    uuid: u,
+                    parent: p,
+                    mdev_type: d.mdev_type,
+                    auto: d.start == Start::Auto,
+                    active: active.is_some(),
+                    defined: true,
+                    attrs: d.attrs,
+                    socket: active
+                        .as_ref()
+                        .and_then(|m| m.socket.as_ref().map(|s| s.display().to_string())),
+                    iommu_group: active.map(|m| m.iommu_group),
+                });
+            }
+        } else {
+            for m in self.core.mdevs() {
+                let u = m.uuid.to_string();
+                if parent.is_some_and(|x| x != m.parent) || uuid.as_ref().is_some_and(|x| *x != u) {
+                    continue;
+                }
+                let d = self.definition(&m.parent, &u);
+                devices.push(DeviceEntry {
+                    auto: d.as_ref().is_some_and(|d| d.start == Start::Auto),
+                    defined: d.is_some(),
+                    uuid: u,
+                    parent: m.parent,
+                    mdev_type: m.type_id,
+                    active: true,
+                    // mdevctl shows an active device's attributes only from callouts.
+                    attrs: Vec::new(),
+                    socket: m.socket.map(|s| s.display().to_string()),
+                    iommu_group: Some(m.iommu_group),
+                });
+            }
+        }
+        devices.sort_by(|a, b| (&a.parent, &a.uuid).cmp(&(&b.parent, &b.uuid)));
+        Ok(Response::Devices { devices })
+    }
+
+    fn define(
+        &self,
+        uuid: Option<&str>,
+        parent: Option<String>,
+        mdev_type: Option<String>,
+        auto: bool,
+        json: Option<serde_json::Value>,
+    ) -> Result<Response, Failure> {
+        let given = uuid.map(parse_uuid).transpose()?;
+        let u = given.unwrap_or_else(MdevUuid::random);
+        let (parent, def) = if let Some(json) = json {
+            if mdev_type.is_some() {
+                return Err(invalid(
+                    "Device type cannot be specified separately from the JSON definition",
+                ));
+            }
+            let parent = parent
+                .ok_or_else(|| invalid("Parent device required to define device via json"))?;
+            if self.definition(&parent, &u.to_string()).is_some() {
+                return Err(fail(
+                    rustix::io::Errno::EXIST,
+                    format!("Cowardly refusing to overwrite existing config for {parent}/{u}"),
+                ));
+            }
+            let def = Definition::from_json(&json).map_err(|e| invalid(e.to_string()))?;
+            (parent, def)
+        } else {
+            let active = given.and_then(|u| self.core.mdev(&u));
+            if given.is_some() && parent.is_none() && (active.is_none() || mdev_type.is_some()) {
+                return Err(invalid("No parent specified"));
+            }
+            let parent = parent
+                .or_else(|| active.as_ref().map(|m| m.parent.clone()))
+                .ok_or_else(|| invalid("No parent specified"))?;
+            let mdev_type = mdev_type
+                .or_else(|| active.as_ref().map(|m| m.type_id.clone()))
+                .ok_or_else(|| invalid("No type specified"))?;
+            if self.definition(&parent, &u.to_string()).is_some() {
+                return Err(fail(
+                    rustix::io::Errno::EXIST,
+                    format!("Device {u} on {parent} already defined"),
+                ));
+            }
+            let start = if auto { Start::Auto } else { Start::Manual };
+            let def = Definition {
+                mdev_type,
+                start,
+                attrs: Vec::new(),
+            };
+            (parent, def)
+        };
+        self.store
+            .save(&parent, &u.to_string(), &def)
+            .map_err(|e| fail(rustix::io::Errno::IO, e.to_string()))?;
+        Ok(match given {
+            Some(_) => Response::Done,
+            None => Response::Uuid {
+                uuid: u.to_string(),
+            },
+        })
+    }
+
+    /// The definitions of `uuid`, under `parent` if given.
+    fn defined(&self, uuid: &str, parent: Option<&str>) -> Vec<(String, Definition)> {
+        self.store
+            .list()
+            .into_iter()
+            .filter(|(p, u, _)| u == uuid && parent.is_none_or(|x| x == p))
+            .filter_map(|(p, _, d)| d.ok().map(|d| (p, d)))
+            .collect()
+    }
+
+    fn undefine(&self, uuid: &str, parent: Option<&str>) -> Result<Response, Failure> {
+        let u = parse_uuid(uuid)?.to_string();
+        let defs = self.defined(&u, parent);
+        if defs.is_empty() {
+            return Err(fail(
+                rustix::io::Errno::NOENT,
+                "No devices match the specified uuid",
+            ));
+        }
+        for (p, _) in defs {
+            self.store
+                .remove(&p, &u)
+                .map_err(|e| fail(rustix::io::Errno::IO, e.to_string()))?;
+        }
+        Ok(Response::Done)
+    }
+
+    fn one_definition(
+        &self,
+        u: &str,
+        parent: Option<&str>,
+    ) -> Result<(String, Definition), Failure> {
+        let mut defs = self.defined(u, parent);
+        match defs.len() {
+            0 => Err(fail(
+                rustix::io::Errno::NOENT,
+                format!("Mediated device {u} is not defined"),
+            )),
+            1 => Ok(defs.remove(0)),
+            _ => Err(invalid(format!(
+                "Multiple definitions found for device {u}. Please specify a parent."
+            ))),
+        }
+    }
+
+    fn modify(&self, m: Modify) -> Result<Response, Failure> {
+        let u = parse_uuid(&m.uuid)?.to_string();
+        let (parent, mut def) = if let Some(json) = m.json {
+            let parent = m
+                .parent
+                .ok_or_else(|| invalid("Parent device required to modify device via json file"))?;
+            let def = Definition::from_json(&json).map_err(|e| invalid(e.to_string()))?;
+            (parent, def)
+        } else {
+            let (parent, mut def) = self.one_definition(&u, m.parent.as_deref())?;
+            if let Some(t) = m.mdev_type {
+                def.mdev_type = t;
+            }
+            if m.auto && m.manual {
+                return Err(invalid("'auto' and 'manual' are mutually exclusive"));
+            }
+            if m.auto {
+                def.start = Start::Auto;
+            } else if m.manual {
+                def.start = Start::Manual;
+            }
+            (parent, def)
+        };
+        let index = m.index.map(|i| i as usize);
+        if let Some(name) = m.addattr {
+            let value = m
+                .value
+                .ok_or_else(|| invalid("No attribute value provided"))?;
+            match index {
+                Some(i) if i > def.attrs.len() => {
+                    return Err(invalid(format!("Attribute index {i} is invalid")))
+                }
+                Some(i) => def.attrs.insert(i, (name, value)),
+                None => def.attrs.push((name, value)),
+            }
+        } else if m.delattr {
+            match index {
+                Some(i) if i >= def.attrs.len() => {
+                    return Err(invalid(format!("Attribute index {i} is invalid")))
+                }
+                Some(i) => {
+                    def.attrs.remove(i);
+                }
+                None => {
+                    def.attrs.pop();
+                }
+            }
+        }
+        self.store
+            .save(&parent, &u, &def)
+            .map_err(|e| fail(rustix::io::Errno::IO, e.to_string()))?;
+        Ok(Response::Done)
+    }
+
+    fn start(
+        &self,
+        uuid: Option<&str>,
+        parent: Option<String>,
+        mdev_type: Option<String>,
+        json: Option<serde_json::Value>,
+    ) -> Result<Response, Failure> {
+        let given = uuid.map(parse_uuid).transpose()?;
+        let u = given.unwrap_or_else(MdevUuid::random);
+        let (parent, def) = if let Some(json) = json {
+            if mdev_type.is_some() {
+                return Err(invalid(
+                    "Device type cannot be specified separately from json file",
+                ));
+            }
+            let parent = parent
+                .ok_or_else(|| invalid("Parent device required to start device via json file"))?;
+            (
+                parent,
+                Definition::from_json(&json).map_err(|e| invalid(e.to_string()))?,
+            )
+        } else {
+            let mut found = None;
+            if given.is_some() {
+                let defs = self.defined(&u.to_string(), parent.as_deref());
+                if defs.len() > 1 {
+                    return Err(invalid(format!(
+                        "Multiple definitions found for device {u}. Please specify a parent."
+                    )));
+                }
+                if let Some((p, d)) = defs.into_iter().next() {
+                    if mdev_type.as_ref().is_some_and(|t| *t != d.mdev_type) {
+                        return Err(fail(
+                            rustix::io::Errno::EXIST,
+                            format!(
+                                "Device {u} already exists on parent {p} with type {}",
+                                d.mdev_type
+                            ),
+                        ));
+                    }
+                    found = Some((p, d));
+                }
+            }
+            match found {
+                Some(x) => x,
+                None => {
+                    if mdev_type.is_some() && parent.is_none() {
+                        return Err(invalid("can't provide type without parent"));
+                    }
+                    let (Some(p), Some(t)) = (parent, mdev_type) else {
+                        return Err(invalid("Device is insufficiently specified"));
+                    };
+                    (
+                        p,
+                        Definition {
+                            mdev_type: t,
+                            start: Start::Manual,
+                            attrs: Vec::new(),
+                        },
+                    )
+                }
+            }
+        };
+        start_device(&self.core, &parent, u, &def)?;
+        Ok(match given {
+            Some(_) => Response::Done,
+            None => Response::Uuid {
+                uuid: u.to_string(),
+            },
+        })
+    }
+
+    fn stop(&self, uuid: &str) -> Result<Response, Failure> {
+        let u = parse_uuid(uuid)?;
+        if self.core.mdev(&u).is_none() {
+            return Err(fail(
+                rustix::io::Errno::NODEV,
+                format!("Device {u} is not an active mdev"),
+            ));
+        }
+        self.core.remove(&u).map_err(|e| {
+            let f = Failure::from(e);
+            Failure {
+                message: format!("Error removing device {u}: {}", f.message),
+                ..f
+            }
+        })?;
+        Ok(Response::Done)
+    }
+
+    fn socket(&self, uuid: &str) -> Result<Response, Failure> {
+        let u = parse_uuid(uuid)?;
+        let m = self.core.mdev(&u).ok_or_else(|| {
+            fail(
+                rustix::io::Errno::NODEV,
+                format!("Mediated device {u} is not active"),
+            )
+        })?;
+        let path = m
+            .socket
+            .ok_or_else(|| fail(rustix::io::Errno::NODEV, format!("{u} has no socket")))?;
+        Ok(Response::Socket {
+            uuid: u.to_string(),
+            path: path.display().to_string(),
+        })
+    }
+
+    fn groups(&self) -> Response {
+        let groups = self
+            .core
+            .groups()
+            .into_iter()
+            .map(|g| GroupEntry {
+                id: g.id,
+                devices: g.devices.iter().map(ToString::to_string).collect(),
+                owner: g.owner.map(|c| Holder {
+                    pid: c.peer.map(|p| p.pid),
+                    uid: c.peer.map(|p| p.uid),
+                    connection: c.connection,
+                }),
+                peer_to_peer: g.peer_to_peer.map(|p| p.to_string()),
+            })
+            .collect();
+        Response::Groups { groups }
+    }
+}
+
+struct Modify {
+    uuid: String,
+    parent: Option<String>,
+    mdev_type: Option<String>,
+    addattr: Option<String>,
+    delattr: bool,
+    index: Option<u32>,
+    value: Option<String>,
+    auto: bool,
+    manual: bool,
+    json: Option<serde_json::Value>,
+}
+
+/// The control socket's accept loop, in a thread of its own.
+pub struct ControlServer {
+    path: PathBuf,
+    stopped: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listens at `path` (mode 0600: the API changes devices) and serves until stopped.
+    pub fn start(core: Core, store: DefinitionStore, path: &Path) -> Result<ControlServer> {
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let handler = Handler { core, store };
+        let stop = stopped.clone();
+        let thread = std::thread::Builder::new()
+            .name("umdev-control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    match stream {
+                        Ok(s) => serve_one(&handler, &s),
+                        Err(e) => tracing::warn!(error = %e, "control socket accept"),
+                    }
+                }
+            })
+            .context("starting the control thread")?;
+        Ok(ControlServer {
+            path: path.to_owned(),
+            stopped,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting, waits for the thread and removes the socket.
+    pub fn stop(mut self) {
+        self.stopped.store(true, Ordering::Release);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_one(handler: &Handler, s: &UnixStream) {
+    let response = match read_request(s) {
+        Ok(Ok(req)) => {
+            tracing::debug!(?req, "control request");
+            handler.handle(req)
+        }
+        Ok(Err(e)) => Response::Error {
+            errno: rustix::io::Errno::INVAL.raw_os_error(),
+            message: format!("malformed request: {e}"),
+        },
+        Err(e) => {
+            tracing::debug!(error = %e, "control connection dropped");
+            return;
+        }
+    };
+    if let Err(e) = write_response(s, &response) {
+        tracing::debug!(error = %e, "control reply not delivered");
+    }
+}
