@@ -104,7 +104,7 @@ fn scenario(c: &mut Client) -> Vec<u64> {
     dirty_some(c, &writes, &[BASE + 700 * PAGE]);
     // A read-only pin is not dirty.
     assert_eq!(cmd::pin(c, BASE + 800 * PAGE, 1, 1), 0);
-    let mut pages = vec![0, 3, 4, 100, SIZE / PAGE - 1, 700];
+    let mut pages = [0, 3, 4, 100, SIZE / PAGE - 1, 700];
     pages.sort_unstable();
     pages.iter().map(|p| BASE + p * PAGE).collect()
 }
