@@ -159,11 +159,12 @@ proptest! {
                     let fd = rustix::io::fcntl_dupfd_cloexec(file.as_fd(), 0).unwrap();
                     let backing = Backing::Fd { fd, offset: host_base(slot) * PAGE_SIZE };
                     let got = errno(space.map(range, prot, backing));
-                    let want = if model.maps.contains_key(&slot) {
-                        Err(Errno::EXIST)
-                    } else {
-                        model.maps.insert(slot, w);
-                        Ok(())
+                    let want = match model.maps.entry(slot) {
+                        std::collections::btree_map::Entry::Occupied(_) => Err(Errno::EXIST),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(w);
+                            Ok(())
+                        }
                     };
                     prop_assert_eq!(got, want, "{:?}", op);
                 }
