@@ -1,0 +1,165 @@
+//! The command line: mdevctl's commands and options, and umdevctl's own.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Manage umdev's mediated devices, as mdevctl manages the kernel's, through umdevd's
+/// control API.
+#[derive(Debug, Parser)]
+#[command(name = "umdevctl", version, about)]
+pub struct Cli {
+    /// umdevd's control socket.
+    #[arg(long, global = true, env = "UMDEV_CONTROL", default_value = umdev_api::control::DEFAULT_CONTROL_SOCKET)]
+    pub control: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Define a persistent mediated device (of an active device, or of parent and type).
+    Define {
+        /// UUID of the device (generated and printed if not given).
+        #[arg(short, long)]
+        uuid: Option<String>,
+        /// Start the device automatically with its parent.
+        #[arg(short, long, conflicts_with = "jsonfile")]
+        auto: bool,
+        /// Parent device.
+        #[arg(short, long)]
+        parent: Option<String>,
+        /// Type of the device.
+        #[arg(short = 't', long = "type", conflicts_with = "jsonfile")]
+        mdev_type: Option<String>,
+        /// A definition in mdevctl's JSON format.
+        #[arg(long)]
+        jsonfile: Option<PathBuf>,
+        /// Go on despite errors.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Remove a persistent definition.
+    Undefine {
+        /// UUID of the device.
+        #[arg(short, long)]
+        uuid: String,
+        /// Parent device.
+        #[arg(short, long)]
+        parent: Option<String>,
+        /// Go on despite errors.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Modify a persistent definition.
+    Modify {
+        /// UUID of the device.
+        #[arg(short, long)]
+        uuid: String,
+        /// Parent device.
+        #[arg(short, long)]
+        parent: Option<String>,
+        /// New type.
+        #[arg(short = 't', long = "type")]
+        mdev_type: Option<String>,
+        /// Add an attribute (with --value, at --index).
+        #[arg(long, requires = "value")]
+        addattr: Option<String>,
+        /// Delete the attribute at --index (else the last).
+        #[arg(long, conflicts_with = "addattr")]
+        delattr: bool,
+        /// Attribute position.
+        #[arg(short, long)]
+        index: Option<u32>,
+        /// Value of the added attribute.
+        #[arg(long)]
+        value: Option<String>,
+        /// Start with the parent.
+        #[arg(short, long, conflicts_with = "manual")]
+        auto: bool,
+        /// Start only on request.
+        #[arg(short, long)]
+        manual: bool,
+        /// Change the active device (not supported by umdev: no callouts).
+        #[arg(short, long)]
+        live: bool,
+        /// With --live, change the definition too.
+        #[arg(short, long)]
+        defined: bool,
+        /// A new definition in mdevctl's JSON format.
+        #[arg(long)]
+        jsonfile: Option<PathBuf>,
+        /// Go on despite errors.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Start a mediated device: a defined one, or a new one of parent and type.
+    Start {
+        /// UUID of the device (generated and printed if not given).
+        #[arg(short, long)]
+        uuid: Option<String>,
+        /// Parent device.
+        #[arg(short, long)]
+        parent: Option<String>,
+        /// Type of the device.
+        #[arg(short = 't', long = "type")]
+        mdev_type: Option<String>,
+        /// A definition in mdevctl's JSON format.
+        #[arg(long, conflicts_with = "mdev_type")]
+        jsonfile: Option<PathBuf>,
+        /// Go on despite errors.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Stop (remove) an active mediated device.
+    Stop {
+        /// UUID of the device.
+        #[arg(short, long)]
+        uuid: String,
+        /// Go on despite errors.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// List active (or defined) mediated devices.
+    List {
+        /// Defined devices instead of active ones.
+        #[arg(short, long)]
+        defined: bool,
+        /// JSON output.
+        #[arg(long)]
+        dumpjson: bool,
+        /// Show attributes.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Only this device.
+        #[arg(short, long)]
+        uuid: Option<String>,
+        /// Only this parent.
+        #[arg(short, long)]
+        parent: Option<String>,
+    },
+    /// List the parents' types.
+    Types {
+        /// Only this parent.
+        #[arg(short, long)]
+        parent: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        dumpjson: bool,
+    },
+    /// Print an active device's vfio-user socket and a QEMU -device argument for it.
+    Socket {
+        /// UUID of the device.
+        uuid: String,
+    },
+    /// List the IOMMU groups, their devices and which client holds each.
+    Groups,
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Manpage,
+}
