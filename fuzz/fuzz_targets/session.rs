@@ -82,6 +82,7 @@ fn config() -> ServerConfig {
         max_dma_maps: 8,
         spin: Duration::ZERO,
         dma_timeout: Duration::from_millis(100),
+        ..ServerConfig::default()
     }
 }
 
