@@ -35,13 +35,16 @@ use crate::error::DmaError;
 use crate::range::{IovaRange, Prot, PAGE_SIZE};
 
 /// Identity of a file: `(st_dev, st_ino)`.
-type FileKey = (u64, u64);
+pub(crate) type FileKey = (u64, u64);
 
 /// One mmap of (part of) a client's file, shared by the mappings that reach into it.
 #[derive(Debug)]
 pub(crate) struct SharedMmap {
-    /// Unique within the client; keys the host-page pin counts.
+    /// Unique within the client, for logs.
     pub(crate) id: u64,
+    /// The file: keys the host-page pin counts, so that a file page reached through two
+    /// mmaps of the file is still one page.
+    pub(crate) key: FileKey,
     /// File offset of the first byte of the mmap.
     pub(crate) file_start: u64,
     pub(crate) len: u64,
@@ -70,8 +73,8 @@ pub(crate) struct MmapSlice {
 pub(crate) struct Charges {
     /// Pages charged to the budget.
     pub(crate) charged: u64,
-    /// Pin counts per page of each shared mmap (by mmap id), across all devices.
-    pub(crate) host: HashMap<u64, PageCounts>,
+    /// Pin counts per page of each file (by file page), across all devices and mmaps.
+    pub(crate) host: HashMap<FileKey, PageCounts>,
 }
 
 /// The memory one client lends to the server: shared mmaps and the locked-memory budget.
@@ -230,6 +233,7 @@ impl ClientMemory {
                 self.live.fetch_add(1, Ordering::Relaxed);
                 let m = Arc::new(SharedMmap {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    key,
                     file_start,
                     len,
                     writable,

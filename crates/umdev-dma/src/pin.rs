@@ -24,7 +24,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard, Weak};
 
-use crate::client::{Charges, ClientMemory};
+use crate::client::{Charges, ClientMemory, FileKey};
 use crate::error::DmaError;
 use crate::mapping::{Mapping, MappingPins, Memory};
 use crate::range::{Prot, PAGE_SIZE};
@@ -118,10 +118,14 @@ impl Segment {
     }
 }
 
-/// Host page of mapping page `i`: (shared mmap id, page index in the mmap).
-fn host_page(m: &Mapping, i: usize) -> Option<(u64, usize)> {
+/// Host page of mapping page `i`: (file, page index in the file).
+fn host_page(m: &Mapping, i: usize) -> Option<(FileKey, usize)> {
     match &m.memory {
-        Memory::Mmap(s) => Some((s.shared.id, s.offset / PAGE_SIZE as usize + i)),
+        Memory::Mmap(s) => {
+            let file_page =
+                s.shared.file_start / PAGE_SIZE + (s.offset / PAGE_SIZE as usize) as u64;
+            Some((s.shared.key, file_page as usize + i))
+        }
         Memory::Remote => None,
     }
 }
