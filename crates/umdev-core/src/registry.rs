@@ -454,6 +454,13 @@ impl Core {
             .is_some_and(|p| !p.unregistering)
     }
 
+    /// The declaration of type `type_id` of `parent`, if it has one; cheap (no counting),
+    /// for callers that only need to know that the type exists or what it is called.
+    pub fn type_spec(&self, parent: &str, type_id: &str) -> Option<TypeSpec> {
+        let st = self.inner.lock();
+        st.parents.get(parent)?.find_type(type_id).cloned()
+    }
+
     /// The types of `parent`, in the parent's order.
     pub fn types(&self, parent: &str) -> Result<Vec<TypeInfo>, CoreError> {
         let st = self.inner.lock();

@@ -21,6 +21,18 @@ use crate::tree::{self, Entry, File};
 
 const TTL: Duration = Duration::ZERO;
 
+/// For the fixed skeleton (`class/mdev_bus`, `bus/mdev/devices`, ...), which never changes:
+/// saves a round trip per path component on every walk.
+const STATIC_TTL: Duration = Duration::from_secs(3600);
+
+fn ttl(path: &str) -> &'static Duration {
+    if tree::is_static(&split(path)) {
+        &STATIC_TTL
+    } else {
+        &TTL
+    }
+}
+
 /// Path <-> inode, with the kernel's lookup counts so that forgotten inodes go away.
 #[derive(Default)]
 struct Inodes {
@@ -191,7 +203,7 @@ impl Filesystem for SysFs {
         match self.resolve(&path) {
             Some(entry) => {
                 let ino = self.inodes().lookup(&path);
-                reply.entry(&TTL, &self.attr(ino, &entry), Generation(0));
+                reply.entry(ttl(&path), &self.attr(ino, &entry), Generation(0));
             }
             None => reply.error(Errno::ENOENT),
         }
@@ -203,7 +215,7 @@ impl Filesystem for SysFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.entry(ino) {
-            Ok((_, e)) => reply.attr(&TTL, &self.attr(ino.0, &e)),
+            Ok((path, e)) => reply.attr(ttl(&path), &self.attr(ino.0, &e)),
             Err(e) => reply.error(e),
         }
     }
@@ -444,6 +456,23 @@ impl Filesystem for SysFs {
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::EPERM);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes, as on sysfs. ENOSYS makes the kernel stop asking (it asks
+        // for `security.capability` before writes otherwise).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: fuser::ReplyStatfs) {

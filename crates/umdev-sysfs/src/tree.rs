@@ -71,7 +71,24 @@ fn mdev_in(core: &Core, parent: &str, uuid: &str) -> Option<umdev_core::MdevInfo
 }
 
 fn type_exists(core: &Core, parent: &str, type_id: &str) -> bool {
-    core.type_info(parent, type_id).is_ok()
+    core.type_spec(parent, type_id).is_some()
+}
+
+/// Whether `path` is part of the fixed skeleton, which never changes while mounted (the
+/// kernel may cache it).
+pub(crate) fn is_static(path: &[&str]) -> bool {
+    matches!(
+        path,
+        [] | ["class"]
+            | ["class", "mdev_bus"]
+            | ["devices"]
+            | ["devices", "umdev"]
+            | ["bus"]
+            | ["bus", "mdev"]
+            | ["bus", "mdev", "devices"]
+            | ["kernel"]
+            | ["kernel", "iommu_groups"]
+    )
 }
 
 /// What `path` is, if it exists.
@@ -108,11 +125,11 @@ pub(crate) fn resolve(core: &Core, path: &[&str]) -> Option<Entry> {
             Link(format!("../../../{u}"))
         }
         ["devices", "umdev", p, TYPES, t, f] => {
-            let info = core.type_info(p, t).ok()?;
+            let info = core.type_spec(p, t)?;
             let (parent, type_id) = (s(p), s(t));
             Entry::File(match *f {
                 "create" => File::Create { parent, type_id },
-                "name" if info.name.is_some() => File::Name { parent, type_id },
+                "name" if info.pretty_name.is_some() => File::Name { parent, type_id },
                 "description" if info.description.is_some() => {
                     File::Description { parent, type_id }
                 }
@@ -216,12 +233,12 @@ pub(crate) fn children(core: &Core, path: &[&str]) -> Option<Vec<String>> {
         }
         ["devices", "umdev", p, TYPES] => core.types(p).ok()?.into_iter().map(|t| t.id).collect(),
         ["devices", "umdev", p, TYPES, t] => {
-            let info = core.type_info(p, t).ok()?;
+            let info = core.type_spec(p, t)?;
             let mut v = names(&["available_instances", "create", "device_api", "devices"]);
             if info.description.is_some() {
                 v.push("description".into());
             }
-            if info.name.is_some() {
+            if info.pretty_name.is_some() {
                 v.push("name".into());
             }
             v
