@@ -517,14 +517,15 @@ impl<'a> Unmapping<'a> {
             tracing::debug!(range = %m.range, "DMA unmap");
         }
         if let Some((page_size, out)) = dirty {
-            out.fill(0);
+            let mut bitmap = crate::dirty::ReportOut::new(out);
             if let (Some(first), Some(last)) = (self.mappings.first(), self.mappings.last()) {
                 let start = first.range.start();
                 let len = last.range.end() - start;
                 for m in &self.mappings {
-                    m.report_dirty(start, len, page_size, out);
+                    m.report_dirty(start, len, page_size, &mut bitmap);
                 }
             }
+            bitmap.finish();
         }
         let mappings = std::mem::take(&mut self.mappings);
         let n = mappings.len();

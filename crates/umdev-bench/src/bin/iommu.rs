@@ -31,6 +31,9 @@ struct Args {
     /// Fewer iterations (for CI smoke runs).
     #[arg(long)]
     quick: bool,
+    /// Only this part: `translate`, `pin` or `report`.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// A tiny xorshift generator: the benchmark needs no statistics, only scattered addresses.
@@ -300,8 +303,15 @@ fn report(args: &Args) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    translate(&args)?;
-    pin_unpin(&args)?;
-    report(&args)?;
+    let run = |part: &str| args.only.as_deref().is_none_or(|o| o == part);
+    if run("translate") {
+        translate(&args)?;
+    }
+    if run("pin") {
+        pin_unpin(&args)?;
+    }
+    if run("report") {
+        report(&args)?;
+    }
     Ok(())
 }
