@@ -17,6 +17,7 @@
 
 mod error;
 mod memory;
+pub mod migration;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;

@@ -29,17 +29,26 @@ pub(crate) enum HostKind {
 pub(crate) struct Port {
     pub(crate) uart: Uart,
     pub(crate) tx: VecDeque<u8>,
-    kind: HostKind,
-    connected: bool,
+    /// Bytes read from the host that the receiver has not taken yet (its room can shrink
+    /// between the check and the push, and a stopped card takes none): migrated with the
+    /// card, so nothing typed is lost.
+    pub(crate) host_in: VecDeque<u8>,
+    /// Migration asks the host thread to let go of its connection (see `state.rs`).
+    pub(crate) detach: bool,
+    pub(crate) kind: HostKind,
+    pub(crate) connected: bool,
 }
 
 /// State shared by the guest-facing device and the host I/O threads.
 #[derive(Debug)]
 pub(crate) struct Card {
     pub(crate) ports: Vec<Port>,
-    irqs: Option<Interrupts>,
-    mode: IrqMode,
-    level: bool,
+    pub(crate) irqs: Option<Interrupts>,
+    pub(crate) mode: IrqMode,
+    pub(crate) level: bool,
+    /// False while migration has the card stopped: no host byte enters a receiver and no
+    /// transmitted byte leaves.
+    pub(crate) running: bool,
 }
 
 /// Locks the card; a poisoned lock still holds consistent plain data.
@@ -61,6 +70,8 @@ impl Card {
                 Port {
                     uart,
                     tx: VecDeque::new(),
+                    host_in: VecDeque::new(),
+                    detach: false,
                     kind,
                     connected: kind == HostKind::Pty,
                 }
@@ -71,6 +82,7 @@ impl Card {
             irqs: None,
             mode: IrqMode::Intx,
             level: false,
+            running: true,
         }
     }
 
@@ -159,9 +171,46 @@ impl Card {
     /// The host thread's view of a port: room in RX for host bytes, and whether bytes wait
     /// to be sent.
     pub(crate) fn host_wants(&self, port: usize) -> (usize, bool) {
-        self.ports
-            .get(port)
-            .map_or((0, false), |p| (p.host_rx_room(), !p.tx.is_empty()))
+        if !self.running {
+            return (0, false);
+        }
+        self.ports.get(port).map_or((0, false), |p| {
+            let room = if p.host_in.is_empty() {
+                p.host_rx_room()
+            } else {
+                0
+            };
+            (room, !p.tx.is_empty())
+        })
+    }
+
+    /// Bytes read from the host: queued, then as many as the receiver takes moved into it.
+    pub(crate) fn host_push(&mut self, port: usize, bytes: &[u8]) {
+        if let Some(p) = self.ports.get_mut(port) {
+            p.host_in.extend(bytes);
+        }
+        self.host_flush(port);
+    }
+
+    /// Moves queued host bytes into the receiver while it has room (never while stopped).
+    pub(crate) fn host_flush(&mut self, port: usize) {
+        if !self.running {
+            return;
+        }
+        let Some(p) = self.ports.get_mut(port) else {
+            return;
+        };
+        if p.host_in.is_empty() {
+            return;
+        }
+        let (a, _) = p.host_in.as_slices();
+        let n = if p.host_rx_room() > 0 {
+            p.uart.push_rx(a)
+        } else {
+            0
+        };
+        p.host_in.drain(..n);
+        self.update_irq();
     }
 
     /// A peer connected to (or left) the port's socket.
@@ -178,6 +227,7 @@ impl Card {
     }
 
     /// Bytes from the host; returns how many the receiver took.
+    #[cfg(test)]
     pub(crate) fn host_rx(&mut self, port: usize, bytes: &[u8]) -> usize {
         let n = match self.ports.get_mut(port) {
             Some(p) if p.host_rx_room() > 0 => p.uart.push_rx(bytes),
@@ -305,6 +355,27 @@ impl PciDevice for Mtty {
 
     fn irq_mode_changed(&mut self, mode: IrqMode) {
         lock(&self.card).set_mode(mode);
+    }
+
+    fn migration(&self) -> Option<umdev_pci::MigrationSpec> {
+        Some(self.migration_spec())
+    }
+
+    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+        self.set_running_state(running);
+        Ok(())
+    }
+
+    fn save(&mut self, state: &mut umdev_pci::StateWriter) -> Result<(), DeviceError> {
+        self.save_state(state)
+    }
+
+    fn load(
+        &mut self,
+        _version: u32,
+        state: &umdev_pci::StateReader<'_>,
+    ) -> Result<(), DeviceError> {
+        self.load_state(state)
     }
 }
 

@@ -91,7 +91,6 @@ pub(crate) fn spawn(
         listener,
         conn,
         _slave: slave,
-        pending: Vec::new(),
     };
     std::thread::Builder::new()
         .name(format!("mtty-port{port}"))
@@ -112,9 +111,6 @@ struct HostPort {
     listener: Option<UnixListener>,
     conn: Option<Conn>,
     _slave: Option<OwnedFd>,
-    /// Bytes read from the host that the receiver has not taken yet (its room can shrink
-    /// between the check and the push, e.g. when the guest enters loopback).
-    pending: Vec<u8>,
 }
 
 impl HostPort {
@@ -128,9 +124,15 @@ impl HostPort {
     }
 
     fn step(&mut self) -> Result<(), Errno> {
-        self.flush_pending();
+        let detach = lock(&self.card).ports[self.port].detach;
+        if detach {
+            self.detach();
+            // Cleared only now: the saving side waits for it.
+            lock(&self.card).ports[self.port].detach = false;
+        }
+        lock(&self.card).host_flush(self.port);
         let (room, tx_pending) = lock(&self.card).host_wants(self.port);
-        let want_in = room > 0 && self.pending.is_empty();
+        let want_in = room > 0;
         let want_out = tx_pending && self.conn.as_ref().is_some_and(|c| !c.write_closed);
 
         let wake = Arc::clone(&self.wake);
@@ -229,11 +231,33 @@ impl HostPort {
         }
     }
 
-    fn flush_pending(&mut self) {
-        if !self.pending.is_empty() {
-            let n = lock(&self.card).host_rx(self.port, &self.pending);
-            self.pending.drain(..n);
+    /// Migration is saving the stopped card: the connection is shut down both ways, what
+    /// the peer had sent is read to its end into the card's `host_in` (so it migrates), and
+    /// the connection is dropped. The peer sees end of file after every byte the card sent,
+    /// and EPIPE on its next write: it knows exactly what was taken and reconnects to the
+    /// destination. A PTY has no such protocol and is left alone.
+    fn detach(&mut self) {
+        if !self.conn.as_ref().is_some_and(|c| c.socket) {
+            return;
         }
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let _ = rustix::net::shutdown(&conn.fd, rustix::net::Shutdown::Both);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rustix::io::read(&conn.fd, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => lock(&self.card).ports[self.port].host_in.extend(&buf[..n]),
+                Err(Errno::INTR) => {}
+                Err(_) => break,
+            }
+        }
+        lock(&self.card).host_connected(self.port, false);
+        tracing::info!(
+            port = self.port,
+            "mtty: connection handed over for migration"
+        );
     }
 
     fn read_host(&mut self, room: usize) {
@@ -243,10 +267,7 @@ impl HostPort {
         let mut buf = vec![0u8; room.min(4096)];
         match rustix::io::read(&conn.fd, &mut buf) {
             Ok(0) => self.disconnect(),
-            Ok(n) => {
-                self.pending.extend_from_slice(&buf[..n]);
-                self.flush_pending();
-            }
+            Ok(n) => lock(&self.card).host_push(self.port, &buf[..n]),
             Err(Errno::AGAIN | Errno::INTR) => {}
             Err(e) => {
                 tracing::debug!(port = self.port, error = %e, "mtty: host read failed");

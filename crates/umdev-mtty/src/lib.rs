@@ -26,6 +26,7 @@ mod device;
 mod host;
 pub mod parent;
 pub mod regs;
+mod state;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;

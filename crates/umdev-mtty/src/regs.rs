@@ -373,6 +373,80 @@ impl Uart {
     }
 }
 
+/// Field tags of one port's registers, after the port's base tag (see `state.rs`).
+mod tag {
+    pub const IER: u16 = 0;
+    pub const LCR: u16 = 1;
+    pub const MCR: u16 = 2;
+    pub const SCR: u16 = 3;
+    pub const DLL: u16 = 4;
+    pub const DLM: u16 = 5;
+    pub const FIFO_ENABLED: u16 = 6;
+    pub const RX_TRIGGER: u16 = 7;
+    pub const RX: u16 = 8;
+    pub const OVERRUN: u16 = 9;
+    pub const THR_PENDING: u16 = 10;
+    pub const MSR_DELTA: u16 = 11;
+}
+
+impl Uart {
+    /// Writes the guest-visible registers and the receive FIFO (not the host-side
+    /// connection, which belongs to each daemon's own endpoint).
+    pub(crate) fn save_state(&self, w: &mut umdev_pci::StateWriter, base: u16) {
+        let rx: Vec<u8> = self.rx.iter().copied().collect();
+        w.u8(base + tag::IER, self.ier)
+            .u8(base + tag::LCR, self.lcr)
+            .u8(base + tag::MCR, self.mcr)
+            .u8(base + tag::SCR, self.scr)
+            .u8(base + tag::DLL, self.dll)
+            .u8(base + tag::DLM, self.dlm)
+            .bool(base + tag::FIFO_ENABLED, self.fifo_enabled)
+            .u8(
+                base + tag::RX_TRIGGER,
+                u8::try_from(self.rx_trigger).unwrap_or(1),
+            )
+            .bytes(base + tag::RX, &rx)
+            .bool(base + tag::OVERRUN, self.overrun)
+            .bool(base + tag::THR_PENDING, self.thr_pending)
+            .u8(base + tag::MSR_DELTA, self.msr_delta);
+    }
+
+    /// A port with the registers of `r` and this port's host-side state; checks every value
+    /// a 16550A can hold.
+    pub(crate) fn load_state(
+        &self,
+        r: &umdev_pci::StateReader<'_>,
+        base: u16,
+    ) -> Result<Uart, umdev_pci::StreamError> {
+        let bad = |t: u16, why| umdev_pci::StreamError::BadField { tag: base + t, why };
+        let fifo_enabled = r.bool(base + tag::FIFO_ENABLED)?;
+        let rx_trigger = usize::from(r.u8(base + tag::RX_TRIGGER)?);
+        if ![1, 4, 8, 14].contains(&rx_trigger) {
+            return Err(bad(tag::RX_TRIGGER, "not a 16550A trigger level"));
+        }
+        let rx = r.bytes(base + tag::RX)?;
+        if rx.len() > if fifo_enabled { FIFO_SIZE } else { 1 } {
+            return Err(bad(tag::RX, "more bytes than the receiver holds"));
+        }
+        Ok(Uart {
+            ier: r.u8(base + tag::IER)? & 0x0f,
+            lcr: r.u8(base + tag::LCR)?,
+            mcr: r.u8(base + tag::MCR)? & 0x1f,
+            scr: r.u8(base + tag::SCR)?,
+            dll: r.u8(base + tag::DLL)?,
+            dlm: r.u8(base + tag::DLM)?,
+            fifo_enabled,
+            rx_trigger,
+            rx: rx.iter().copied().collect(),
+            overrun: r.bool(base + tag::OVERRUN)?,
+            thr_pending: r.bool(base + tag::THR_PENDING)?,
+            msr_delta: r.u8(base + tag::MSR_DELTA)? & 0x0f,
+            host_connected: self.host_connected,
+            tx_blocked: self.tx_blocked,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,6 +165,21 @@ pub enum DeviceError {
     /// The device does not implement this operation.
     #[error("operation not supported by the device")]
     Unsupported,
+    /// A migration request failed (its own errno: EINVAL, EBUSY, ENOTSUP, ...).
+    #[error("migration request failed")]
+    Migration(#[source] crate::migration::MigrationError),
+}
+
+impl From<crate::migration::MigrationError> for DeviceError {
+    fn from(e: crate::migration::MigrationError) -> Self {
+        Self::Migration(e)
+    }
+}
+
+impl From<crate::state_format::StreamError> for DeviceError {
+    fn from(e: crate::state_format::StreamError) -> Self {
+        Self::Migration(crate::migration::MigrationError::Stream(e))
+    }
 }
 
 impl DeviceError {
@@ -178,6 +193,7 @@ impl DeviceError {
             | Self::InvalidSetIrqs(_) => Errno::INVAL.raw_os_error(),
             Self::Refused(e) | Self::Io(e) => *e,
             Self::Unsupported => Errno::NOTSUP.raw_os_error(),
+            Self::Migration(e) => e.errno(),
         }
     }
 }

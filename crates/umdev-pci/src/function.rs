@@ -10,7 +10,9 @@ use crate::client::ClientId;
 use crate::config::ConfigSpace;
 use crate::error::DeviceError;
 use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState};
+use crate::migration::{GatedDma, Migration, MigrationSpec};
 use crate::spec::{ranges_overlap, PciDeviceSpec};
+use crate::state_format::{StateReader, StateWriter};
 use crate::{BarIndex, IrqIndex, CONFIG_REGION, NUM_IRQS, NUM_REGIONS, ROM_REGION, VGA_REGION};
 
 pub use umdev_proto::wire::{
@@ -45,6 +47,30 @@ pub trait PciDevice: Send {
     /// its pins past it is revoked (see `umdev_dma::Unmapping`). Devices that never pin need
     /// not implement it.
     fn dma_unmap(&mut self, _iova: u64, _len: u64) {}
+    /// Whether and how the device migrates; `None` (the default) means not migratable, and
+    /// the migration features answer ENOTSUP. Asked once, when the function is built.
+    fn migration(&self) -> Option<MigrationSpec> {
+        None
+    }
+    /// The device stops (`false`: entering STOP, STOP_COPY, RESUMING) or runs again (`true`).
+    /// A stopped device changes no state of its own and takes no host input; the framework
+    /// already refuses its BAR accesses, holds its interrupts and refuses its DMA writes
+    /// (pinned pages excepted: the device must not write through them). An error puts the
+    /// function in ERROR.
+    fn set_running(&mut self, _running: bool) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Writes the device's state: when PRE_COPY begins (still running: a snapshot) and at
+    /// STOP_COPY (stopped: the state that is loaded). An error puts the function in ERROR.
+    fn save(&mut self, _state: &mut StateWriter) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported)
+    }
+    /// Replaces the device's state by one `save` wrote with state `version` (between the
+    /// spec's `min_version` and `version`; the stream is already checked). All or nothing:
+    /// validate every field first; on error the device must be as it was.
+    fn load(&mut self, _version: u32, _state: &StateReader<'_>) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported)
+    }
 }
 
 /// What a device gets when a client attaches.
@@ -123,8 +149,9 @@ enum Target {
 pub struct PciFunction {
     spec: PciDeviceSpec,
     config: ConfigSpace,
-    irqs: Interrupts,
-    device: Box<dyn PciDevice>,
+    pub(crate) irqs: Interrupts,
+    pub(crate) device: Box<dyn PciDevice>,
+    pub(crate) mig: Migration,
 }
 
 impl std::fmt::Debug for PciFunction {
@@ -146,6 +173,7 @@ impl PciFunction {
             config: ConfigSpace::new(&spec),
             irqs: Interrupts::new([intx, msi, msix, 1, 1]),
             spec,
+            mig: Migration::new(device.migration()),
             device,
         }
     }
@@ -296,7 +324,10 @@ impl PciFunction {
             return Ok(());
         }
         match self.route(index, offset, data.len())? {
-            Target::Device(bar) => self.device.bar_read(bar, offset, data),
+            Target::Device(bar) => {
+                self.mig.check_access()?;
+                self.device.bar_read(bar, offset, data)
+            }
             Target::MsixTable(rel) => {
                 self.irqs.lock().msix.read_table(rel, data);
                 Ok(())
@@ -325,7 +356,10 @@ impl PciFunction {
             return Ok(());
         }
         match self.route(index, offset, data.len())? {
-            Target::Device(bar) => self.device.bar_write(bar, offset, data),
+            Target::Device(bar) => {
+                self.mig.check_access()?;
+                self.device.bar_write(bar, offset, data)
+            }
             Target::MsixTable(rel) => {
                 let mut s = self.irqs.lock();
                 if !s.msix.write_table(rel, data).is_empty() {
@@ -355,11 +389,13 @@ impl PciFunction {
     }
 
     /// DEVICE_RESET: config space and emulated interrupt state to power-on values (the
-    /// client's eventfds and the interrupt mode stay), then the device's own reset.
+    /// client's eventfds and the interrupt mode stay), then the device's own reset; a
+    /// migratable function returns to RUNNING from any state, ERROR included.
     pub fn reset(&mut self) -> Result<(), DeviceError> {
         self.config.reset();
         self.irqs.lock().reset();
-        self.device.reset()
+        self.device.reset()?;
+        self.migration_reset()
     }
 
     /// A client attaches; the device may refuse. The client is unknown
@@ -380,6 +416,12 @@ impl PciFunction {
         client: ClientId,
         pins: Option<Arc<Pinner>>,
     ) -> Result<(), DeviceError> {
+        // A migratable device's DMA writes are refused while it is stopped.
+        let dma: Arc<dyn Dma> = if self.mig.spec().is_some() {
+            Arc::new(GatedDma::new(dma, self.mig.stopped_flag()))
+        } else {
+            dma
+        };
         self.device.open(DeviceContext {
             irqs: self.irqs.clone(),
             dma,
@@ -401,6 +443,7 @@ impl PciFunction {
         if old != IrqMode::Intx {
             self.device.irq_mode_changed(IrqMode::Intx);
         }
+        self.migration_client_gone();
         self.device.close();
     }
 }

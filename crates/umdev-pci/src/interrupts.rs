@@ -48,6 +48,10 @@ pub(crate) struct IrqState {
     /// Command register bit 10.
     intx_disabled: bool,
     pub(crate) msix: MsixTable,
+    /// Migration gate: while the device is stopped nothing is signalled; INTx keeps its
+    /// level, MSI vectors are held here and MSI-X ones in the PBA, all delivered on resume.
+    gated: bool,
+    held_msi: Vec<bool>,
 }
 
 /// Cheap clonable handle to the function's interrupts (an `Arc` inside).
@@ -88,6 +92,8 @@ impl Interrupts {
             intx_masked: false,
             intx_disabled: false,
             msix: MsixTable::new(counts[IrqIndex::Msix as usize]),
+            gated: false,
+            held_msi: vec![false; counts[IrqIndex::Msi as usize] as usize],
         };
         Self {
             inner: Arc::new(Mutex::new(state)),
@@ -117,14 +123,18 @@ impl Interrupts {
 
     /// Triggers MSI `vector` (ignored unless the mode is MSI).
     pub fn trigger_msi(&self, vector: u32) {
-        let s = self.lock();
-        let Some(slot) = s.fds[IrqIndex::Msi as usize].get(vector as usize) else {
+        let mut s = self.lock();
+        if vector as usize >= s.fds[IrqIndex::Msi as usize].len() {
             tracing::warn!(vector, "MSI vector out of range");
             return;
-        };
+        }
         if s.mode == IrqMode::Msi {
-            if let Some(fd) = slot {
-                signal(fd);
+            if s.gated {
+                if let Some(h) = s.held_msi.get_mut(vector as usize) {
+                    *h = true;
+                }
+            } else {
+                s.signal(IrqIndex::Msi, vector as usize);
             }
         }
     }
@@ -141,11 +151,34 @@ impl Interrupts {
         if s.mode != IrqMode::Msix {
             return;
         }
-        if s.msix.is_masked(v) {
+        if s.msix.is_masked(v) || s.gated {
             s.msix.set_pending(v);
         } else if let Some(fd) = &s.fds[IrqIndex::Msix as usize][v] {
             signal(fd);
         }
+    }
+
+    /// Closes (`true`) or opens the migration gate: while closed, INTx, MSI and MSI-X are
+    /// held instead of signalled; opening it delivers what was held.
+    pub(crate) fn set_gated(&self, gated: bool) {
+        let mut s = self.lock();
+        s.gated = gated;
+        if gated {
+            return;
+        }
+        let held: Vec<usize> = s
+            .held_msi
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(v, h)| std::mem::take(h).then_some(v))
+            .collect();
+        if s.mode == IrqMode::Msi {
+            for v in held {
+                s.signal(IrqIndex::Msi, v);
+            }
+        }
+        s.intx_update();
+        s.msix_deliver_pending();
     }
 
     /// Signals the error (ERR) eventfd, if set.
@@ -172,7 +205,11 @@ impl IrqState {
 
     /// Signals INTx and automasks if the line is asserted and may be delivered.
     fn intx_update(&mut self) {
-        if self.intx_level && !self.intx_masked && !self.intx_disabled && self.mode == IrqMode::Intx
+        if self.intx_level
+            && !self.intx_masked
+            && !self.intx_disabled
+            && !self.gated
+            && self.mode == IrqMode::Intx
         {
             if let Some(Some(fd)) = self.fds[IrqIndex::Intx as usize].first() {
                 signal(fd);
@@ -193,7 +230,7 @@ impl IrqState {
 
     /// Delivers the MSI-X vectors that are pending and no longer masked.
     pub(crate) fn msix_deliver_pending(&mut self) {
-        if self.mode != IrqMode::Msix {
+        if self.mode != IrqMode::Msix || self.gated {
             return;
         }
         for v in self.msix.deliverable() {
@@ -215,6 +252,7 @@ impl IrqState {
             index.iter_mut().for_each(|slot| *slot = None);
         }
         self.intx_masked = false;
+        self.held_msi.iter_mut().for_each(|h| *h = false);
         std::mem::replace(&mut self.mode, IrqMode::Intx)
     }
 

@@ -54,8 +54,10 @@ mod config;
 mod error;
 mod function;
 mod interrupts;
+pub mod migration;
 mod msix;
 mod spec;
+pub mod state_format;
 
 pub use client::{ClientId, PeerCred};
 pub use error::{DeviceError, MsixStructure, SpecError};
@@ -68,10 +70,12 @@ pub use interrupts::{
     Interrupts, IrqData, IrqMode, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
 };
+pub use migration::{MigState, MigrationError, MigrationSpec};
 pub use msix::MSIX_ENTRY_SIZE;
 pub use spec::{
     BarKind, BarMmap, BarSpec, MsiSpec, MsixSpec, PciDeviceSpec, PciDeviceSpecBuilder, NUM_BARS,
 };
+pub use state_format::{StateReader, StateWriter, StreamError};
 
 /// Region index of BAR 0.
 pub const BAR0_REGION: u32 = 0;

@@ -88,6 +88,37 @@ pub const DEVICE_FEATURE_DMA_LOGGING_STOP: u32 = 7;
 /// Feature index: report the dirty bitmap of a range (GET; [`DmaLoggingReport`], then the
 /// bitmap in the reply).
 pub const DEVICE_FEATURE_DMA_LOGGING_REPORT: u32 = 8;
+/// Feature index: migration support (GET; [`MigFeature`] in the reply).
+pub const DEVICE_FEATURE_MIGRATION: u32 = 1;
+/// Feature index: the migration state (GET/SET; [`MigDeviceState`]).
+pub const DEVICE_FEATURE_MIG_DEVICE_STATE: u32 = 2;
+/// Feature index private to umdev (not in the kernel or the vfio-user spec): pre-copy sizing
+/// (GET; [`MigPrecopyInfo`] in the reply), the answer the kernel gives to the
+/// `VFIO_MIG_GET_PRECOPY_INFO` ioctl on the migration data fd, which vfio-user lacks. It is
+/// valid in PRE_COPY and PRE_COPY_P2P only (EINVAL elsewhere), as the ioctl is.
+pub const DEVICE_FEATURE_UMDEV_PRECOPY_INFO: u32 = 0xf001;
+/// [`MigFeature::flags`]: STOP_COPY is supported (mandatory).
+pub const MIGRATION_STOP_COPY: u64 = 1 << 0;
+/// [`MigFeature::flags`]: the P2P states are supported.
+pub const MIGRATION_P2P: u64 = 1 << 1;
+/// [`MigFeature::flags`]: the PRE_COPY states are supported.
+pub const MIGRATION_PRE_COPY: u64 = 1 << 2;
+/// Migration state: the device has failed and must be reset.
+pub const DEVICE_STATE_ERROR: u32 = 0;
+/// Migration state: the device does not change its internal or external state.
+pub const DEVICE_STATE_STOP: u32 = 1;
+/// Migration state: the device runs normally.
+pub const DEVICE_STATE_RUNNING: u32 = 2;
+/// Migration state: stopped, its state can be read out.
+pub const DEVICE_STATE_STOP_COPY: u32 = 3;
+/// Migration state: stopped, loading a new state.
+pub const DEVICE_STATE_RESUMING: u32 = 4;
+/// Migration state: running, without peer-to-peer.
+pub const DEVICE_STATE_RUNNING_P2P: u32 = 5;
+/// Migration state: running, its state can be read out while it changes.
+pub const DEVICE_STATE_PRE_COPY: u32 = 6;
+/// Migration state: PRE_COPY without peer-to-peer.
+pub const DEVICE_STATE_PRE_COPY_P2P: u32 = 7;
 
 wire_struct!(
     /// Fixed part of VERSION (request and reply); NUL-terminated JSON follows.
@@ -173,6 +204,19 @@ wire_struct!(
     /// Fixed part of MIG_DATA_READ/MIG_DATA_WRITE; data follows where there is data.
     MigData { argsz: u32, size: u32 }
 );
+wire_struct!(
+    /// Data of DEVICE_FEATURE MIGRATION.
+    MigFeature { flags: u64 }
+);
+wire_struct!(
+    /// Data of DEVICE_FEATURE MIG_DEVICE_STATE; `data_fd` is unused in vfio-user (-1).
+    MigDeviceState { device_state: u32, data_fd: i32 }
+);
+wire_struct!(
+    /// Data of [`DEVICE_FEATURE_UMDEV_PRECOPY_INFO`], as the kernel's
+    /// `struct vfio_precopy_info` without its argsz and flags.
+    MigPrecopyInfo { initial_bytes: u64, dirty_bytes: u64 }
+);
 
 /// Size on the wire of a wire struct.
 pub const fn size_of<T>() -> usize {
@@ -225,6 +269,9 @@ mod tests {
         assert_eq!(size_of::<DmaLoggingRange>(), 16);
         assert_eq!(size_of::<DmaLoggingReport>(), 24);
         assert_eq!(size_of::<MigData>(), 8);
+        assert_eq!(size_of::<MigFeature>(), 8);
+        assert_eq!(size_of::<MigDeviceState>(), 8);
+        assert_eq!(size_of::<MigPrecopyInfo>(), 16);
     }
 
     #[test]

@@ -236,13 +236,8 @@ impl<'a> Session<'a> {
             Command::RegionWriteMulti => self.write_multi(&body, &fds),
             Command::DmaRead | Command::DmaWrite => Err(ProtoError::WrongDirection(command).into()),
             Command::DeviceFeature => self.device_feature(&body, &fds),
-            Command::MigDataRead | Command::MigDataWrite => {
-                no_fds(&fds)?;
-                Err(refuse(
-                    Errno::NOTSUP,
-                    "the device does not support migration",
-                ))
-            }
+            Command::MigDataRead => self.mig_data_read(&body, &fds),
+            Command::MigDataWrite => self.mig_data_write(&body, &fds),
         }
     }
 
@@ -639,6 +634,15 @@ impl<'a> Session<'a> {
                 wire::DEVICE_FEATURE_SET
             }
             wire::DEVICE_FEATURE_DMA_LOGGING_REPORT => wire::DEVICE_FEATURE_GET,
+            // Migration features exist only for a device that declared migration support.
+            wire::DEVICE_FEATURE_MIGRATION | wire::DEVICE_FEATURE_UMDEV_PRECOPY_INFO
+                if self.function().migration_spec().is_some() =>
+            {
+                wire::DEVICE_FEATURE_GET
+            }
+            wire::DEVICE_FEATURE_MIG_DEVICE_STATE if self.function().migration_spec().is_some() => {
+                wire::DEVICE_FEATURE_GET | wire::DEVICE_FEATURE_SET
+            }
             _ => return Err(refuse(Errno::NOTSUP, "the device has no such feature")),
         };
         // As the kernel's vfio_check_feature: an operation the feature lacks is EINVAL, a
@@ -659,6 +663,9 @@ impl<'a> Session<'a> {
         }
         let space = self.space()?;
         match req.flags & wire::DEVICE_FEATURE_MASK {
+            wire::DEVICE_FEATURE_MIGRATION
+            | wire::DEVICE_FEATURE_MIG_DEVICE_STATE
+            | wire::DEVICE_FEATURE_UMDEV_PRECOPY_INFO => self.migration_feature(req, data),
             wire::DEVICE_FEATURE_DMA_LOGGING_START => {
                 let (mut ctl, mut rest) =
                     wire::split::<wire::DmaLoggingControl>(data, "DMA_LOGGING_START")?;
@@ -715,6 +722,98 @@ impl<'a> Session<'a> {
                 })
             }
         }
+    }
+
+    /// DEVICE_FEATURE GET MIGRATION, GET/SET MIG_DEVICE_STATE and GET of the pre-copy
+    /// sizing (GET replies carry the data after the header, its length added to argsz, as
+    /// the spec says; argsz must leave room for it, as the kernel's `vfio_check_feature`).
+    fn migration_feature(
+        &self,
+        req: wire::DeviceFeature,
+        data: &[u8],
+    ) -> Result<Reply, RequestError> {
+        let mut f = self.function();
+        let out: Vec<u8> = match req.flags & wire::DEVICE_FEATURE_MASK {
+            wire::DEVICE_FEATURE_MIGRATION => {
+                let flags = f.migration_spec().map_or(0, |m| m.flags);
+                wire::MigFeature { flags }.as_bytes().to_vec()
+            }
+            wire::DEVICE_FEATURE_MIG_DEVICE_STATE => {
+                let state = if req.flags & wire::DEVICE_FEATURE_SET != 0 {
+                    let (set, _) = wire::split::<wire::MigDeviceState>(data, "MIG_DEVICE_STATE")?;
+                    f.set_mig_state(set.device_state)?
+                } else {
+                    f.mig_state()?
+                };
+                wire::MigDeviceState {
+                    device_state: state as u32,
+                    data_fd: -1,
+                }
+                .as_bytes()
+                .to_vec()
+            }
+            _ => {
+                let (initial_bytes, dirty_bytes) = f.mig_precopy_info()?;
+                wire::MigPrecopyInfo {
+                    initial_bytes,
+                    dirty_bytes,
+                }
+                .as_bytes()
+                .to_vec()
+            }
+        };
+        let argsz = wire::size_of::<wire::DeviceFeature>() + out.len();
+        if (req.argsz as usize) < argsz {
+            return Err(ProtoError::Invalid("argsz too small for the feature data").into());
+        }
+        let mut body = wire::DeviceFeature {
+            argsz: u32::try_from(argsz).unwrap_or(u32::MAX),
+            flags: req.flags,
+        }
+        .as_bytes()
+        .to_vec();
+        body.extend_from_slice(&out);
+        Ok(Reply {
+            body,
+            fds: Vec::new(),
+        })
+    }
+
+    /// MIG_DATA_READ: up to `size` bytes of the device's outgoing state; a shorter reply
+    /// means no more data (for now in PRE_COPY, for good in STOP_COPY).
+    fn mig_data_read(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, _) = fixed::<wire::MigData>(body, "MIG_DATA_READ", |r| r.argsz)?;
+        self.check_count(req.size)?;
+        let head = wire::size_of::<wire::MigData>();
+        if (req.argsz as usize) < head + req.size as usize {
+            return Err(ProtoError::Invalid("argsz smaller than the data asked for").into());
+        }
+        let data = self.function().mig_data_read(req.size as usize)?;
+        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let mut out = wire::MigData {
+            argsz: wire::argsz::<wire::MigData>().saturating_add(n),
+            size: n,
+        }
+        .as_bytes()
+        .to_vec();
+        out.extend_from_slice(&data);
+        Ok(Reply {
+            body: out,
+            fds: Vec::new(),
+        })
+    }
+
+    /// MIG_DATA_WRITE: appends to the device's incoming state (RESUMING only).
+    fn mig_data_write(&self, body: &[u8], fds: &[OwnedFd]) -> Result<Reply, RequestError> {
+        no_fds(fds)?;
+        let (req, data) = fixed::<wire::MigData>(body, "MIG_DATA_WRITE", |r| r.argsz)?;
+        self.check_count(req.size)?;
+        if data.len() != req.size as usize {
+            return Err(ProtoError::Invalid("MIG_DATA_WRITE size does not match its data").into());
+        }
+        self.function().mig_data_write(data)?;
+        Ok(Reply::empty())
     }
 
     fn teardown(&mut self) {

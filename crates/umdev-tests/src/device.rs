@@ -16,7 +16,11 @@
 //! | 0x128 | 4 | pages to pin or unpin (command 3, 5) |
 //! | 0x12c | 4 | pin access: 1 = read, 2 = write, 3 = both |
 //! | 0x130 | 4 | unmap hook mode: 0 = unpin at once, 1 = forget (keep the pins: the device gets revoked), 2 = unpin from another thread 200 ms later |
+//! | 0x134 | 4 | migration failure (a migratable device only): 1 = stopping fails, 2 = saving fails |
 //! | 0x800..0x1000 | any | DMA buffer |
+//!
+//! [`TestDevice::migratable_function`] serves a device that migrates (STOP_COPY, P2P,
+//! PRE_COPY): its state is its BARs and the pins it holds, which it pins again on load.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -60,6 +64,8 @@ pub mod reg {
     pub const PIN_PROT: u64 = 0x12c;
     /// What the `dma_unmap` hook does.
     pub const UNMAP_MODE: u64 = 0x130;
+    /// Migration failure injection.
+    pub const MIG_FAIL: u64 = 0x134;
     /// DMA buffer.
     pub const DMA_BUF: u64 = 0x800;
 }
@@ -96,11 +102,27 @@ pub struct TestDevice {
     /// Handles of the pins the device holds.
     pins: Vec<PinnedPages>,
     observed: Arc<Observed>,
+    /// Declares migration support.
+    migratable: bool,
 }
+
+/// The test device's migration type and state version (2 added the pins; 1 still loads).
+pub const TEST_MIGRATION_TYPE: &str = "umdev-test";
+/// The state version the test device writes.
+pub const TEST_STATE_VERSION: u32 = 2;
 
 impl TestDevice {
     /// A device and the function serving it, plus what tests can observe.
     pub fn function() -> (PciFunction, Arc<Observed>) {
+        Self::function_with(false)
+    }
+
+    /// A migratable device and the function serving it.
+    pub fn migratable_function() -> (PciFunction, Arc<Observed>) {
+        Self::function_with(true)
+    }
+
+    fn function_with(migratable: bool) -> (PciFunction, Arc<Observed>) {
         let fd = rustix::fs::memfd_create("umdev-test-bar2", rustix::fs::MemfdFlags::CLOEXEC)
             .expect("memfd_create");
         rustix::fs::ftruncate(&fd, BAR2_SIZE).expect("ftruncate");
@@ -149,6 +171,7 @@ impl TestDevice {
             ctx: None,
             pins: Vec::new(),
             observed: observed.clone(),
+            migratable,
         };
         (PciFunction::new(spec, Box::new(dev)), observed)
     }
@@ -349,6 +372,101 @@ impl PciDevice for TestDevice {
 
     fn irq_mode_changed(&mut self, mode: IrqMode) {
         self.observed.modes.lock().unwrap().push(mode);
+    }
+
+    fn migration(&self) -> Option<umdev_pci::MigrationSpec> {
+        self.migratable.then(|| umdev_pci::MigrationSpec {
+            device_type: TEST_MIGRATION_TYPE.into(),
+            version: TEST_STATE_VERSION,
+            min_version: 1,
+            flags: umdev_pci::migration::P2P | umdev_pci::migration::PRE_COPY,
+        })
+    }
+
+    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+        if !running && self.reg32(reg::MIG_FAIL) == 1 {
+            return Err(DeviceError::Io(5));
+        }
+        Ok(())
+    }
+
+    fn save(&mut self, w: &mut umdev_pci::StateWriter) -> Result<(), DeviceError> {
+        if self.reg32(reg::MIG_FAIL) == 2 {
+            return Err(DeviceError::Io(5));
+        }
+        let mut bar2 = vec![0u8; BAR2_SIZE as usize];
+        rustix::io::pread(&*self.bar2, &mut bar2, 0)
+            .map_err(|e| DeviceError::Io(e.raw_os_error()))?;
+        w.bytes(1, &self.bar0).bytes(2, &self.bar1).bytes(3, &bar2);
+        for p in &self.pins {
+            let mut pin = p.iova().to_le_bytes().to_vec();
+            pin.extend_from_slice(&(p.page_count() as u64).to_le_bytes());
+            pin.push(p.prot().bits());
+            w.bytes(4, &pin);
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, version: u32, r: &umdev_pci::StateReader<'_>) -> Result<(), DeviceError> {
+        use umdev_pci::StreamError;
+        let sized = |tag: u16, len: u64| -> Result<Vec<u8>, DeviceError> {
+            let b = r.bytes(tag)?;
+            if b.len() as u64 != len {
+                return Err(StreamError::BadField {
+                    tag,
+                    why: "wrong size",
+                }
+                .into());
+            }
+            Ok(b.to_vec())
+        };
+        let bar0 = sized(1, BAR0_SIZE)?;
+        let bar1 = sized(2, 16)?;
+        let bar2 = sized(3, BAR2_SIZE)?;
+        // Version 1 had no pins; version 2 lists them, and they are pinned again here,
+        // all or nothing, before anything changes.
+        let mut pins = Vec::new();
+        if version >= 2 {
+            for pin in r.all(4) {
+                let bad = || StreamError::BadField {
+                    tag: 4,
+                    why: "not iova, pages, prot",
+                };
+                if pin.len() != 17 {
+                    return Err(bad().into());
+                }
+                let iova = u64::from_le_bytes(pin[..8].try_into().map_err(|_| bad())?);
+                let pages = u64::from_le_bytes(pin[8..16].try_into().map_err(|_| bad())?);
+                let prot = Prot::from_bits(pin[16]).ok_or_else(bad)?;
+                let pinner = self
+                    .ctx
+                    .as_ref()
+                    .and_then(|c| c.pins.clone())
+                    .ok_or(DeviceError::Io(19))?;
+                let pinned = pinner
+                    .pin(iova, usize::try_from(pages).map_err(|_| bad())?, prot)
+                    .map_err(|e| DeviceError::Io(e.errno()));
+                match pinned {
+                    Ok(p) => pins.push(p),
+                    Err(e) => {
+                        for p in &pins {
+                            let _ = pinner.unpin(p.iova(), p.page_count());
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        rustix::io::pwrite(&*self.bar2, &bar2, 0).map_err(|e| DeviceError::Io(e.raw_os_error()))?;
+        if let Some(pinner) = self.ctx.as_ref().and_then(|c| c.pins.clone()) {
+            for p in std::mem::take(&mut self.pins) {
+                let _ = pinner.unpin(p.iova(), p.page_count());
+            }
+        }
+        self.bar0 = bar0;
+        self.bar1 = bar1;
+        self.pins = pins;
+        Ok(())
     }
 
     fn dma_unmap(&mut self, iova: u64, len: u64) {

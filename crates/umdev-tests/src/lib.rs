@@ -47,6 +47,14 @@ impl TestServer {
         s
     }
 
+    /// Serves a fresh migratable [`TestDevice`] with the default configuration.
+    pub fn migratable_test_device() -> TestServer {
+        let (f, observed) = TestDevice::migratable_function();
+        let mut s = TestServer::start(f, ServerConfig::default());
+        s.observed = Some(observed);
+        s
+    }
+
     /// Serves `function`.
     pub fn start(function: PciFunction, config: ServerConfig) -> TestServer {
         init_logging();
