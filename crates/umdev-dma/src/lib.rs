@@ -56,6 +56,7 @@ mod counts;
 mod dirty;
 mod error;
 mod gate;
+mod index;
 mod mapping;
 mod pin;
 mod range;

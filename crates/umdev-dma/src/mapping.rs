@@ -2,6 +2,7 @@
 //! the IOMMU layer keeps per mapping (the access gate, pin counts, dirty bits).
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use vm_memory::VolatileMemory;
@@ -88,6 +89,9 @@ impl MappingPins {
 /// One entry of the table.
 #[derive(Debug)]
 pub(crate) struct Mapping {
+    /// Unique for the life of the process: tells a mapping from a later one of the same
+    /// range (see `index`).
+    pub(crate) id: u64,
     pub(crate) range: IovaRange,
     pub(crate) prot: Prot,
     pub(crate) memory: Memory,
@@ -115,7 +119,9 @@ impl Mapping {
             Backing::Remote => Memory::Remote,
             Backing::Fd { fd, offset } => Memory::Mmap(client.mmap(range, prot, fd, offset)?),
         };
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             range,
             prot,
             memory,

@@ -6,9 +6,14 @@
 //! The table is an `RwLock<BTreeMap<start, Arc<Mapping>>>`, held only for O(log n) lookups
 //! (read) and single inserts/removals (write): no copy, mmap or munmap runs under it, so a
 //! client's map/unmap never waits for device copies and device lookups wait at most for one
-//! tree insertion. A lookup clones the mapping's `Arc` (or takes a `Weak` for handles that
-//! live longer) and every access to its memory enters the mapping's gate for the duration
-//! of that one access.
+//! tree insertion. A lookup clones the mapping's `Arc` and every access to its memory enters
+//! the mapping's gate for the duration of that one access.
+//!
+//! `translate` reads a dense copy of the table instead (`index`, its own `RwLock`, changed
+//! under the table's write lock right after the table): no pointer to the mapping and no
+//! reference count on the way. Its handle keeps the mapping's start and identity and looks
+//! the mapping up in the table at its first access (then keeps a `Weak`): a mapping
+//! removed from the table is never found again, even when the range is mapped anew.
 //!
 //! # The unmap protocol (what DMA_UNMAP's reply means)
 //!
@@ -41,12 +46,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::sync::{
+    Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 use std::time::{Duration, Instant};
 
 use crate::client::ClientMemory;
 use crate::dirty::Logging;
 use crate::error::DmaError;
+use crate::index::{Entry, Index};
 use crate::mapping::{Backing, Mapping};
 use crate::pin::{HolderState, PinnerId};
 use crate::range::{IovaRange, Prot};
@@ -99,7 +107,9 @@ pub(crate) type Table = BTreeMap<u64, Arc<Mapping>>;
 pub struct AddressSpace {
     limits: DmaLimits,
     client: Arc<ClientMemory>,
-    table: RwLock<Table>,
+    table: Arc<RwLock<Table>>,
+    /// The same mappings, dense, for `translate` (see `index`).
+    index: RwLock<Index>,
     remote: RwLock<Option<Arc<dyn RemoteDma>>>,
     logging: Arc<Logging>,
     holders: Mutex<HashMap<u64, Weak<HolderState>>>,
@@ -134,7 +144,8 @@ impl AddressSpace {
         Self {
             limits,
             client,
-            table: RwLock::new(BTreeMap::new()),
+            table: Arc::new(RwLock::new(BTreeMap::new())),
+            index: RwLock::new(Index::default()),
             remote: RwLock::new(None),
             logging: Arc::new(Logging::default()),
             holders: Mutex::new(HashMap::new()),
@@ -175,6 +186,13 @@ impl AddressSpace {
         // On error the guard, declared after `mapping`, is released before the munmap.
         self.check_insert(&table, range)?;
         tracing::debug!(%range, ?prot, fd_backed = mapping.fd_backed(), "DMA map");
+        self.write_index().insert(Entry {
+            start: range.start(),
+            end: range.end(),
+            id: mapping.id,
+            prot,
+            fd_backed: mapping.fd_backed(),
+        });
         table.insert(range.start(), mapping);
         Ok(())
     }
@@ -261,8 +279,11 @@ impl AddressSpace {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(DmaError::InvalidRange { start: iova, len })?;
-        let table = self.read_table();
-        let m = find(&table, iova).ok_or(DmaError::Fault { iova })?;
+        // The dense index, not the table: no pointer to the mapping is followed and no
+        // reference count is touched; the handle finds its mapping on its first access.
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        let m = *index.find(iova).ok_or(DmaError::Fault { iova })?;
+        drop(index);
         if !m.prot.contains(prot) {
             return Err(DmaError::PermissionDenied {
                 iova,
@@ -270,16 +291,17 @@ impl AddressSpace {
                 has: m.prot,
             });
         }
-        if end > m.range.end() {
-            return Err(DmaError::Fault {
-                iova: m.range.end(),
-            });
+        if end > m.end {
+            return Err(DmaError::Fault { iova: m.end });
         }
-        if !m.fd_backed() {
+        if !m.fd_backed {
             return Err(DmaError::NoHostMemory { iova });
         }
         Ok(Translation {
-            mapping: Arc::downgrade(m),
+            table: self.table.clone(),
+            start: m.start,
+            id: m.id,
+            mapping: OnceLock::new(),
             logging: self.logging.clone(),
             iova,
             len,
@@ -305,6 +327,11 @@ impl AddressSpace {
         // Lookups never leave the table half-changed, and map/unmap change it with single
         // BTreeMap operations: a poisoned lock still guards a consistent table.
         self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_index(&self) -> RwLockWriteGuard<'_, Index> {
+        // Changed only by single insertions and removals: consistent even if poisoned.
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn logging(&self) -> &Logging {
@@ -503,7 +530,9 @@ impl<'a> Unmapping<'a> {
                 .table
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
+            let mut index = self.space.write_index();
             for m in &self.mappings {
+                index.remove(m.range.start(), m.id);
                 if table
                     .get(&m.range.start())
                     .is_some_and(|t| Arc::ptr_eq(t, m))
@@ -549,7 +578,12 @@ impl Drop for Unmapping<'_> {
 /// volatile accesses to its memory, valid until the mapping is unmapped.
 #[derive(Clone, Debug)]
 pub struct Translation {
-    mapping: Weak<Mapping>,
+    table: Arc<RwLock<Table>>,
+    /// The mapping's start and identity, as `translate` found them in the index.
+    start: u64,
+    id: u64,
+    /// The mapping, once an access has looked it up in the table.
+    mapping: OnceLock<Weak<Mapping>>,
     logging: Arc<Logging>,
     iova: u64,
     len: u64,
@@ -571,7 +605,7 @@ impl Translation {
     /// Host virtual address of the first byte while the mapping exists, for diagnostics
     /// (two translations of the same file page show the same address: one shared mmap).
     pub fn host_addr(&self) -> Option<usize> {
-        self.mapping.upgrade()?.host_addr(self.iova)
+        self.mapping()?.host_addr(self.iova)
     }
 
     /// Reads `buf.len()` bytes at `offset` of the handle.
@@ -612,9 +646,23 @@ impl Translation {
         if len == 0 {
             return Ok(());
         }
-        let m = self.mapping.upgrade().ok_or(DmaError::Fault { iova })?;
+        let m = self.mapping().ok_or(DmaError::Fault { iova })?;
         let _in = m.gate.enter().ok_or(DmaError::Fault { iova })?;
         f(&m, iova)
+    }
+
+    /// The mapping while it is in the table. Once gone it never comes back (identities are
+    /// not reused), and an access that got it before its unmap meets its closed gate.
+    fn mapping(&self) -> Option<Arc<Mapping>> {
+        if let Some(m) = self.mapping.get() {
+            return m.upgrade();
+        }
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let m = table.get(&self.start).filter(|m| m.id == self.id)?.clone();
+        drop(table);
+        // Another clone of this handle may have set it first: the same mapping.
+        let _ = self.mapping.set(Arc::downgrade(&m));
+        Some(m)
     }
 }
 #[cfg(test)]
@@ -863,6 +911,33 @@ mod tests {
         panic!("never caught the copy in flight");
     }
 
+    #[test]
+    fn translation_fails_after_unmap_even_when_the_range_is_mapped_again() {
+        let s = space();
+        let (backing, _file) = memfd_pair("umdev-dma-translate", PAGE_SIZE);
+        s.map(range(0, PAGE_SIZE), Prot::READ_WRITE, backing)
+            .unwrap();
+        let t = s.translate(16, 8, Prot::READ_WRITE).unwrap();
+        let unused = s.translate(16, 8, Prot::READ).unwrap(); // never accessed before unmap
+        t.write(0, &[7; 8]).unwrap();
+        let mut buf = [0u8; 8];
+        t.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [7; 8]);
+        s.unmap(range(0, PAGE_SIZE)).unwrap();
+        let (backing, _file2) = memfd_pair("umdev-dma-translate-2", PAGE_SIZE);
+        s.map(range(0, PAGE_SIZE), Prot::READ_WRITE, backing)
+            .unwrap();
+        for h in [&t, &unused] {
+            assert_eq!(h.read(0, &mut buf).unwrap_err().as_errno(), Errno::FAULT);
+            assert!(h.host_addr().is_none());
+        }
+        assert!(s
+            .translate(16, 8, Prot::READ)
+            .unwrap()
+            .read(0, &mut buf)
+            .is_ok());
+    }
+
     /// A client whose memory reads as zeros and swallows writes.
     struct NullClient;
 
@@ -889,6 +964,7 @@ mod tests {
         Lookup(u64),
         Read(u64, usize),
         Write(u64, usize),
+        Translate(u64, u64, u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -899,6 +975,7 @@ mod tests {
             2 => (0u64..80).prop_map(Op::Lookup),
             2 => (0u64..80, 0usize..24).prop_map(|(s, l)| Op::Read(s, l)),
             2 => (0u64..80, 0usize..24).prop_map(|(s, l)| Op::Write(s, l)),
+            2 => (0u64..80, 0u64..24, 1u8..=3).prop_map(|(s, l, p)| Op::Translate(s, l, p)),
         ]
     }
 
@@ -951,6 +1028,22 @@ mod tests {
             Ok(())
         }
 
+        /// What `translate` answers: every mapping here is fd-less, so a range inside one
+        /// mapping with the permission is EINVAL (no host memory).
+        fn translate(&self, iova: u64, len: u64, needed: Prot) -> Result<(), Errno> {
+            if len == 0 {
+                return Err(Errno::INVAL);
+            }
+            let (s, l, p) = self.find(iova).ok_or(Errno::FAULT)?;
+            if !p.contains(needed) {
+                return Err(Errno::PERM);
+            }
+            if iova + len > s + l {
+                return Err(Errno::FAULT);
+            }
+            Err(Errno::INVAL)
+        }
+
         fn sorted(&self) -> Vec<(u64, u64, Prot)> {
             let mut v = self.maps.clone();
             v.sort_unstable_by_key(|m| m.0);
@@ -993,6 +1086,11 @@ mod tests {
                     Op::Write(iova, len) => {
                         let got = errno(s.write(iova, &vec![0; len]));
                         prop_assert_eq!(got, model.access(iova, len, Prot::WRITE), "{:?}", op);
+                    }
+                    Op::Translate(iova, len, bits) => {
+                        let prot = Prot::from_bits(bits).unwrap();
+                        let got = errno(s.translate(iova, len, prot).map(|_| ()));
+                        prop_assert_eq!(got, model.translate(iova, len, prot), "{:?}", op);
                     }
                 }
                 let table: Vec<_> = s
