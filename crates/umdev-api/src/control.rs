@@ -98,6 +98,27 @@ pub enum Request {
     },
     /// The IOMMU groups and who holds them.
     Groups,
+    /// Registers a parent device at run time; its auto-start definitions are created.
+    AddParent {
+        /// The parent's name (`mtty2`).
+        name: String,
+        /// Its driver (`mtty`).
+        driver: String,
+        /// Its pool size (mtty: ports, default 24).
+        ports: Option<u32>,
+        /// Where mtty ports' host sides go: `socket` (default), `pty` or `none`.
+        console: Option<String>,
+        /// Whether its types share peer-to-peer resources.
+        peer_to_peer: bool,
+    },
+    /// Unregisters a parent and removes its devices (EBUSY while one is held, unless
+    /// `force`).
+    RemoveParent {
+        /// The parent's name.
+        name: String,
+        /// Take held devices away from their clients.
+        force: bool,
+    },
 }
 
 /// One type of one parent.

@@ -302,3 +302,35 @@ fn umdevctl_generates_completions_and_a_man_page() {
     assert!(man.contains(".TH umdevctl"));
     assert!(man.contains("groups"));
 }
+
+#[test]
+fn a_parent_added_at_run_time_starts_its_auto_definitions_and_goes_with_its_devices() {
+    let Some(t) = Tools::start() else { return };
+    let (a, m) = (new_uuid(), new_uuid());
+    t.ok(&["define", "--auto", "-u", &a, "-p", "mtty9", "-t", "mtty-1"]);
+    t.ok(&["define", "-u", &m, "-p", "mtty9", "-t", "mtty-1"]);
+    assert!(!t.d.sys().join("class/mdev_bus/mtty9").exists());
+    t.uok(&["add-parent", "mtty9", "--console", "none", "--ports", "4"]);
+    // What mdevctl's udev rule would do: the auto definition is started, the manual one not.
+    assert_eq!(
+        t.same(&["list"]),
+        format!("{a} mtty9 mtty-1 auto (defined)\n")
+    );
+    assert_eq!(t.d.available("mtty9", "mtty-1"), 3);
+    assert!(!t.umdevctl(&["add-parent", "mtty9"]).status.success());
+    // Refused while a client holds one of its devices, unless forced.
+    let sock = t.d.root().join(format!("sockets/{a}.sock"));
+    let _client = umdev_client::Client::connect(&sock).unwrap();
+    let e = t.umdevctl(&["remove-parent", "mtty9"]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("in use"));
+    assert!(t.d.mdev_dir(&a).exists());
+    t.uok(&["remove-parent", "mtty9", "--force"]);
+    assert!(!t.d.sys().join("class/mdev_bus/mtty9").exists());
+    assert!(!t.d.mdev_dir(&a).exists());
+    assert!(!sock.exists());
+    assert_eq!(t.same(&["list"]), "");
+    // The definitions stay, as they do when a kernel parent goes.
+    assert_eq!(t.same(&["list", "-d"]).lines().count(), 2);
+    assert!(!t.umdevctl(&["remove-parent", "mtty9"]).status.success());
+}

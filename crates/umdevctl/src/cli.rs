@@ -155,6 +155,31 @@ pub enum Command {
     },
     /// List the IOMMU groups, their devices and which client holds each.
     Groups,
+    /// Register a parent device at run time (its auto-start definitions start).
+    AddParent {
+        /// The parent's name.
+        name: String,
+        /// Its driver.
+        #[arg(long, default_value = "mtty")]
+        driver: String,
+        /// Its pool size (mtty: ports).
+        #[arg(long)]
+        ports: Option<u32>,
+        /// Where mtty ports' host sides go.
+        #[arg(long, value_parser = ["socket", "pty", "none"])]
+        console: Option<String>,
+        /// Its types share peer-to-peer resources (`peer_to_peer_resource_uuid`).
+        #[arg(long)]
+        peer_to_peer: bool,
+    },
+    /// Unregister a parent device, removing its devices.
+    RemoveParent {
+        /// The parent's name.
+        name: String,
+        /// Remove devices even while clients hold them.
+        #[arg(short, long)]
+        force: bool,
+    },
     /// Print a shell completion script.
     Completions {
         /// The shell.

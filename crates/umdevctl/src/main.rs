@@ -196,6 +196,25 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{path}")?;
             writeln!(out, "{}", qemu_arg(&path))?;
         }
+        Command::AddParent {
+            name,
+            driver,
+            ports,
+            console,
+            peer_to_peer,
+        } => {
+            let req = Request::AddParent {
+                name,
+                driver,
+                ports,
+                console,
+                peer_to_peer,
+            };
+            call(&client, &req)?;
+        }
+        Command::RemoveParent { name, force } => {
+            call(&client, &Request::RemoveParent { name, force })?;
+        }
         Command::Groups => {
             let Response::Groups { groups } = call(&client, &Request::Groups)? else {
                 bail!("unexpected answer");

@@ -87,6 +87,26 @@ fn default_parents() -> Vec<ParentConfig> {
         .collect()
 }
 
+impl ParentConfig {
+    /// The parent driver this configuration describes (only `mtty` exists).
+    pub fn build(&self, sockets_dir: &Path) -> Result<std::sync::Arc<dyn umdev_core::Parent>> {
+        if self.driver != "mtty" {
+            bail!("unknown driver {:?} (known: mtty)", self.driver);
+        }
+        let console = match self.console {
+            ConsoleConfig::None => umdev_mtty::parent::Console::None,
+            ConsoleConfig::Pty => umdev_mtty::parent::Console::Pty,
+            ConsoleConfig::Socket => umdev_mtty::parent::Console::Sockets(sockets_dir.to_owned()),
+        };
+        let parent = umdev_mtty::parent::MttyParent::new(
+            self.ports.unwrap_or(umdev_mtty::parent::POOL_PORTS),
+            console,
+        )
+        .with_peer_to_peer(self.peer_to_peer);
+        Ok(std::sync::Arc::new(parent))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

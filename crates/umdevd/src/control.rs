@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,6 +14,8 @@ use umdev_api::control::{
 };
 use umdev_api::{Definition, DefinitionStore, Request, Response, Start};
 use umdev_core::{Core, CoreError, MdevUuid};
+
+use crate::config::{Config, ConsoleConfig, ParentConfig};
 
 /// A failed request: an errno and a message (what mdevctl would print).
 #[derive(Debug)]
@@ -99,6 +101,8 @@ pub fn start_device(
 struct Handler {
     core: Core,
     store: DefinitionStore,
+    /// Where new parents' console sockets go.
+    sockets_dir: PathBuf,
 }
 
 impl Handler {
@@ -151,6 +155,18 @@ impl Handler {
             Request::Stop { uuid } => self.stop(&uuid),
             Request::Socket { uuid } => self.socket(&uuid),
             Request::Groups => Ok(self.groups()),
+            Request::AddParent {
+                name,
+                driver,
+                ports,
+                console,
+                peer_to_peer,
+            } => self.add_parent(name, driver, ports, console.as_deref(), peer_to_peer),
+            Request::RemoveParent { name, force } => self
+                .core
+                .unregister_parent(&name, force)
+                .map(|()| Response::Done)
+                .map_err(Failure::from),
         };
         r.unwrap_or_else(|f| Response::Error {
             errno: f.errno,
@@ -509,6 +525,36 @@ impl Handler {
         })
     }
 
+    fn add_parent(
+        &self,
+        name: String,
+        driver: String,
+        ports: Option<u32>,
+        console: Option<&str>,
+        peer_to_peer: bool,
+    ) -> Result<Response, Failure> {
+        let console = match console {
+            None | Some("socket") => ConsoleConfig::Socket,
+            Some("pty") => ConsoleConfig::Pty,
+            Some("none") => ConsoleConfig::None,
+            Some(c) => return Err(invalid(format!("unknown console {c:?}"))),
+        };
+        let config = ParentConfig {
+            name: name.clone(),
+            driver,
+            ports,
+            console,
+            peer_to_peer,
+        };
+        let parent = config
+            .build(&self.sockets_dir)
+            .map_err(|e| invalid(e.to_string()))?;
+        self.core.register_parent(&name, parent)?;
+        // What mdevctl's udev rule does when a parent appears.
+        crate::daemon::start_auto_definitions(&self.core, &self.store, &name);
+        Ok(Response::Done)
+    }
+
     fn groups(&self) -> Response {
         let groups = self
             .core
@@ -550,14 +596,20 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Listens at `path` (mode 0600: the API changes devices) and serves until stopped.
-    pub fn start(core: Core, store: DefinitionStore, path: &Path) -> Result<ControlServer> {
+    /// Listens at the configured control socket (mode 0600: the API changes devices) and
+    /// serves until stopped.
+    pub fn start(core: Core, store: DefinitionStore, config: &Config) -> Result<ControlServer> {
+        let path = &config.control_socket();
         let listener =
             UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting the mode of {}", path.display()))?;
         let stopped = Arc::new(AtomicBool::new(false));
-        let handler = Handler { core, store };
+        let handler = Handler {
+            core,
+            store,
+            sockets_dir: config.sockets_dir(),
+        };
         let stop = stopped.clone();
         let thread = std::thread::Builder::new()
             .name("umdev-control".into())

@@ -12,11 +12,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use umdev_api::{DefinitionStore, Start};
 use umdev_core::{Core, CoreConfig, MdevUuid};
-use umdev_mtty::parent::{Console, MttyParent, POOL_PORTS};
 use umdev_server::ServerConfig;
 use umdev_sysfs::SysfsMount;
 
-use crate::config::{Config, ConsoleConfig};
+use crate::config::Config;
 use crate::control::ControlServer;
 use crate::serve::SocketServe;
 
@@ -88,14 +87,7 @@ pub fn start_auto_definitions(core: &Core, store: &DefinitionStore, parent: &str
 
 fn register_parents(core: &Core, config: &Config) -> Result<()> {
     for p in &config.parent {
-        let console = match p.console {
-            ConsoleConfig::None => Console::None,
-            ConsoleConfig::Pty => Console::Pty,
-            ConsoleConfig::Socket => Console::Sockets(config.sockets_dir()),
-        };
-        let parent = MttyParent::new(p.ports.unwrap_or(POOL_PORTS), console)
-            .with_peer_to_peer(p.peer_to_peer);
-        core.register_parent(&p.name, Arc::new(parent))
+        core.register_parent(&p.name, p.build(&config.sockets_dir())?)
             .with_context(|| format!("registering parent {}", p.name))?;
     }
     Ok(())
@@ -139,7 +131,7 @@ pub fn run(config: Config) -> Result<()> {
     for p in core.parents() {
         start_auto_definitions(&core, &store, &p);
     }
-    let control = ControlServer::start(core.clone(), store, &config.control_socket())?;
+    let control = ControlServer::start(core.clone(), store, &config)?;
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
