@@ -415,15 +415,38 @@ impl Core {
         };
         for uuid in devices {
             match self.remove_inner(&uuid, true) {
-                Ok(()) | Err(CoreError::NoDevice(_)) => {}
+                Ok(()) | Err(CoreError::NoDevice(_)) | Err(CoreError::Removing(_)) => {}
                 Err(e) => {
                     tracing::warn!(%uuid, error = %e, "removing an mdev of an unregistering parent")
                 }
             }
         }
         let mut st = self.inner.lock();
-        // Removals running elsewhere when we started may still be finishing: wait for them.
-        while st.parents.get(name).is_some_and(|p| !p.devices.is_empty()) {
+        // Removals that were already running when we started finish on their own, or fail
+        // (a client that kept its device): then the device is removed here, by force.
+        loop {
+            let left: Vec<(MdevUuid, bool)> = st
+                .parents
+                .get(name)
+                .map(|p| {
+                    p.devices
+                        .iter()
+                        .map(|u| (*u, st.mdevs.get(u).is_some_and(|m| m.removing)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if left.is_empty() {
+                break;
+            }
+            if let Some((uuid, _)) = left.iter().find(|(_, removing)| !removing) {
+                let uuid = *uuid;
+                drop(st);
+                if let Err(e) = self.remove_inner(&uuid, true) {
+                    tracing::debug!(%uuid, error = %e, "forced removal raced another");
+                }
+                st = self.inner.lock();
+                continue;
+            }
             st = self
                 .inner
                 .changed
@@ -617,6 +640,8 @@ impl Core {
             if let Some(m) = st.mdevs.get_mut(uuid) {
                 if m.held_by.is_some() && !hot_unplug {
                     m.removing = false;
+                    // An unregistering parent may be waiting for this removal.
+                    self.inner.changed.notify_all();
                     return Err(CoreError::Busy(format!(
                         "mdev {uuid} (its client did not release it)"
                     )));

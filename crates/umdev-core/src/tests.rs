@@ -516,6 +516,28 @@ fn unregistering_a_parent_in_use_is_refused_unless_forced() {
 }
 
 #[test]
+fn a_forced_unregister_completes_while_a_removal_waits_for_a_client() {
+    let f = Fixture::new(300).with_vram("gpu0", false, false);
+    f.core.create("gpu0", "vram-128", uuid(1)).unwrap();
+    f.open(&uuid(1), client(10, 1)).unwrap();
+    let core = f.core.clone();
+    // This removal waits for the client, which never lets go: it fails with EBUSY.
+    let pending = std::thread::spawn(move || core.remove(&uuid(1)));
+    std::thread::sleep(Duration::from_millis(50));
+    f.core.unregister_parent("gpu0", true).unwrap();
+    assert!(f.core.mdevs().is_empty());
+    assert!(f.core.parents().is_empty());
+    let r = pending.join().unwrap();
+    assert!(
+        matches!(
+            r.as_ref().map_err(CoreError::errno),
+            Ok(()) | Err(Errno::BUSY)
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
 fn unregistering_an_idle_parent_removes_its_devices() {
     let f = Fixture::new(10).with_vram("gpu0", false, false);
     f.core.create("gpu0", "vram-128", uuid(1)).unwrap();
