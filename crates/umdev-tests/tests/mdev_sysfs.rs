@@ -390,3 +390,24 @@ fn a_second_client_is_refused_on_every_device_of_a_held_group() {
         }
     }
 }
+
+#[test]
+fn sockets_have_the_configured_mode_and_owner() {
+    if unavailable().is_some() {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let u = new_uuid();
+    let d = Daemon::start(CONFIG);
+    d.create("mtty0", "mtty-1", &u).unwrap();
+    let m = std::fs::metadata(d.root().join(format!("sockets/{u}.sock"))).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o600, "default mode");
+    drop(d);
+    let d = Daemon::start(&format!(
+        "socket_mode = \"0660\"\nsocket_owner = \"65534:65534\"\n{CONFIG}"
+    ));
+    d.create("mtty0", "mtty-1", &u).unwrap();
+    let m = std::fs::metadata(d.root().join(format!("sockets/{u}.sock"))).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o660);
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+}
