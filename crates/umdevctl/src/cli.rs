@@ -155,6 +155,19 @@ pub enum Command {
     },
     /// List the IOMMU groups, their devices and which client holds each.
     Groups,
+    /// Live-migrate a device from one vfio-user socket to another (for setups whose VMM
+    /// cannot migrate vfio-user devices): pre-copy rounds while the dirty data shrinks, then
+    /// STOP_COPY, RESUMING and RUNNING on the destination. Each end is a socket path, or the
+    /// UUID of an active device of the daemon at --control.
+    Migrate {
+        /// The source device.
+        from: String,
+        /// The destination device (same type, not in use).
+        to: String,
+        /// Most pre-copy rounds.
+        #[arg(long, default_value_t = 16)]
+        max_rounds: usize,
+    },
     /// Register a parent device at run time (its auto-start definitions start).
     AddParent {
         /// The parent's name.

@@ -73,6 +73,25 @@ fn groups_text(groups: &[GroupEntry]) -> String {
     s
 }
 
+/// A device named by its socket path, or by its UUID on the daemon at `--control`.
+fn device_socket(client: &Client, name: &str) -> Result<String> {
+    if std::path::Path::new(name).exists() {
+        return Ok(name.to_owned());
+    }
+    match call(
+        client,
+        &Request::Socket {
+            uuid: name.to_owned(),
+        },
+    ) {
+        Ok(Response::Socket { path, .. }) => Ok(path),
+        Ok(_) => bail!("unexpected answer"),
+        Err(e) => Err(e.context(format!(
+            "{name} is neither a socket nor a device the daemon knows"
+        ))),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.control);
     let mut out = std::io::stdout().lock();
@@ -214,6 +233,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::RemoveParent { name, force } => {
             call(&client, &Request::RemoveParent { name, force })?;
+        }
+        Command::Migrate {
+            from,
+            to,
+            max_rounds,
+        } => {
+            let from = device_socket(&client, &from)?;
+            let to = device_socket(&client, &to)?;
+            let opts = umdev_client::migration::MigrateOptions {
+                max_rounds,
+                ..Default::default()
+            };
+            let report = umdev_client::migration::migrate_sockets(&from, &to, opts)
+                .with_context(|| format!("migrating {from} to {to}"))?;
+            writeln!(out, "{report}")?;
         }
         Command::Groups => {
             let Response::Groups { groups } = call(&client, &Request::Groups)? else {
