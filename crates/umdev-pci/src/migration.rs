@@ -485,7 +485,7 @@ impl PciFunction {
         if let Err(e) = &result {
             tracing::warn!(
                 device_type = spec.device_type,
-                error = %crate::migration::chain(e),
+                error = e as &(dyn std::error::Error + 'static),
                 "incoming device state refused; the device is unchanged"
             );
         }
@@ -584,18 +584,6 @@ impl PciFunction {
             s => s,
         };
     }
-}
-
-/// The error and its sources, for one log line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

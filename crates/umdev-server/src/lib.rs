@@ -235,9 +235,8 @@ impl Server {
                 std::thread::Builder::new()
                     .name("umdev-session".into())
                     .spawn(move || {
-                        if let Err(e) = serve_one(&function, &config, &stop, transport, client) {
-                            tracing::warn!(error = %session::display_chain(&e), "session ended with an error");
-                        }
+                        // serve_one logs how the session ended.
+                        let _ = serve_one(&function, &config, &stop, transport, client);
                         let _ = done.send(());
                     })
                     .map_err(ServerError::Listener)?,
@@ -272,7 +271,10 @@ fn serve_one(
     *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match &result {
         Ok(()) => tracing::info!("client disconnected"),
-        Err(e) => tracing::warn!(error = %session::display_chain(e), "client session failed"),
+        Err(e) => tracing::warn!(
+            error = e as &(dyn std::error::Error + 'static),
+            "client session failed"
+        ),
     }
     result
 }

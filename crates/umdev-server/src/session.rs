@@ -178,7 +178,7 @@ impl<'a> Session<'a> {
                     msg_id = header.msg_id,
                     command = header.command,
                     errno,
-                    error = %display_chain(&e),
+                    error = &e as &(dyn std::error::Error + 'static),
                     "request failed"
                 );
                 if header.no_reply() {
@@ -838,15 +838,3 @@ impl<'a> Session<'a> {
 
 /// Most ranges one DMA_LOGGING_START may name (the kernel's `LOG_MAX_RANGES`); E2BIG past it.
 const MAX_LOGGING_RANGES: u32 = 256;
-
-/// The error and its sources, for one log line.
-pub(crate) fn display_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
