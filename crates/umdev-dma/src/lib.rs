@@ -63,6 +63,8 @@ mod range;
 mod space;
 #[cfg(test)]
 mod testutil;
+mod translate;
+mod unmap;
 
 // Page indexes, mmap offsets and guest-memory sizes are handled as usize = u64.
 const _: () = assert!(usize::BITS == 64, "umdev targets 64-bit Linux only");
@@ -73,9 +75,9 @@ pub use error::DmaError;
 pub use mapping::Backing;
 pub use pin::{HostPage, PinnedPages, Pinner, PinnerId, MAX_PIN_PAGES};
 pub use range::{IovaRange, Prot, PAGE_SIZE};
-pub use space::{
-    AddressSpace, DmaLimits, MappingInfo, Translation, UnmapNotice, UnmapOutcome, Unmapping,
-};
+pub use space::{AddressSpace, DmaLimits, MappingInfo};
+pub use translate::Translation;
+pub use unmap::{UnmapNotice, UnmapOutcome, Unmapping};
 
 /// Message-based access for mappings that came without an fd (the server implements it by
 /// sending DMA_READ/DMA_WRITE to the client).

@@ -49,15 +49,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{
     Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
 };
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::client::ClientMemory;
 use crate::dirty::Logging;
 use crate::error::DmaError;
 use crate::index::{Entry, Index};
 use crate::mapping::{Backing, Mapping};
-use crate::pin::{HolderState, PinnerId};
+use crate::pin::HolderState;
 use crate::range::{IovaRange, Prot};
+use crate::translate::Translation;
+use crate::unmap::Unmapping;
 use crate::RemoteDma;
 
 /// Limits of one address space.
@@ -107,7 +109,7 @@ pub(crate) type Table = BTreeMap<u64, Arc<Mapping>>;
 pub struct AddressSpace {
     limits: DmaLimits,
     client: Arc<ClientMemory>,
-    table: Arc<RwLock<Table>>,
+    pub(crate) table: Arc<RwLock<Table>>,
     /// The same mappings, dense, for `translate` (see `index`).
     index: RwLock<Index>,
     remote: RwLock<Option<Arc<dyn RemoteDma>>>,
@@ -329,7 +331,7 @@ impl AddressSpace {
         self.table.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_index(&self) -> RwLockWriteGuard<'_, Index> {
+    pub(crate) fn write_index(&self) -> RwLockWriteGuard<'_, Index> {
         // Changed only by single insertions and removals: consistent even if poisoned.
         self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
@@ -427,244 +429,6 @@ pub(crate) fn find(table: &Table, iova: u64) -> Option<&Arc<Mapping>> {
         .filter(|m| m.range.contains(iova))
 }
 
-/// A device to tell that a range it pins is being unmapped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UnmapNotice {
-    /// The device's pinner.
-    pub pinner: PinnerId,
-    /// The mapping being unmapped (call the device's `dma_unmap(range)`).
-    pub range: IovaRange,
-}
-
-/// What an unmap did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct UnmapOutcome {
-    /// Mappings removed.
-    pub mappings: usize,
-    /// Devices that did not release their pins in time and were revoked.
-    pub revoked: Vec<PinnerId>,
-}
-
-/// An unmap in progress (see the module docs for the protocol). Dropping it without
-/// [`finish`](Self::finish) finishes it with no wait.
-#[must_use = "an unmap completes when finished"]
-pub struct Unmapping<'a> {
-    space: &'a AddressSpace,
-    mappings: Vec<Arc<Mapping>>,
-    done: bool,
-}
-
-impl std::fmt::Debug for Unmapping<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ranges: Vec<_> = self.mappings.iter().map(|m| m.range).collect();
-        f.debug_struct("Unmapping")
-            .field("ranges", &ranges)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> Unmapping<'a> {
-    fn new(space: &'a AddressSpace, mappings: Vec<Arc<Mapping>>) -> Self {
-        Self {
-            space,
-            mappings,
-            done: false,
-        }
-    }
-
-    /// Every (device, mapping) pair where the device pins pages of a mapping being removed:
-    /// the devices whose `dma_unmap` hook must run.
-    pub fn notices(&self) -> Vec<UnmapNotice> {
-        let mut v = Vec::new();
-        for m in &self.mappings {
-            for h in &m.pins().holders {
-                v.push(UnmapNotice {
-                    pinner: PinnerId(h.holder),
-                    range: m.range,
-                });
-            }
-        }
-        v
-    }
-
-    /// Waits up to `timeout` for the pins to be released, revokes the devices that still
-    /// hold some, removes the mappings and waits for accesses in flight (steps 2-7 of the
-    /// protocol). With `dirty = Some((page_size, out))`, the dirty bits of the removed
-    /// range are read into `out` once no write can happen any more (the caller has checked
-    /// that logging is on and sized `out` with [`dirty_bitmap_size`](crate::dirty_bitmap_size)).
-    pub fn finish(mut self, timeout: Duration, dirty: Option<(u64, &mut [u8])>) -> UnmapOutcome {
-        self.complete(timeout, dirty)
-    }
-
-    fn complete(&mut self, timeout: Duration, dirty: Option<(u64, &mut [u8])>) -> UnmapOutcome {
-        self.done = true;
-        let deadline = Instant::now() + timeout;
-        let mut stragglers: Vec<u64> = Vec::new();
-        for m in &self.mappings {
-            let mut pins = m.pins();
-            while pins.pinned_pages() > 0 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                pins = m
-                    .released
-                    .wait_timeout(pins, left)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-            }
-            stragglers.extend(pins.holders.iter().map(|h| h.holder));
-        }
-        stragglers.sort_unstable();
-        stragglers.dedup();
-        for &h in &stragglers {
-            tracing::error!(
-                pinner = h,
-                "device kept pins into an unmapped range: pins revoked, device in error state"
-            );
-            self.space.release_holder(h, true);
-        }
-        {
-            let mut table = self
-                .space
-                .table
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut index = self.space.write_index();
-            for m in &self.mappings {
-                index.remove(m.range.start(), m.id);
-                if table
-                    .get(&m.range.start())
-                    .is_some_and(|t| Arc::ptr_eq(t, m))
-                {
-                    table.remove(&m.range.start());
-                }
-            }
-        }
-        for m in &self.mappings {
-            m.gate.close_and_drain();
-            tracing::debug!(range = %m.range, "DMA unmap");
-        }
-        if let Some((page_size, out)) = dirty {
-            let mut bitmap = crate::dirty::ReportOut::new(out);
-            if let (Some(first), Some(last)) = (self.mappings.first(), self.mappings.last()) {
-                let start = first.range.start();
-                let len = last.range.end() - start;
-                for m in &self.mappings {
-                    m.report_dirty(start, len, page_size, &mut bitmap);
-                }
-            }
-            bitmap.finish();
-        }
-        let mappings = std::mem::take(&mut self.mappings);
-        let n = mappings.len();
-        drop(mappings); // munmap and close what no other mapping shares
-        UnmapOutcome {
-            mappings: n,
-            revoked: stragglers.into_iter().map(PinnerId).collect(),
-        }
-    }
-}
-
-impl Drop for Unmapping<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.complete(Duration::ZERO, None);
-        }
-    }
-}
-
-/// A handle to a range of one fd-backed mapping (from [`AddressSpace::translate`]): checked,
-/// volatile accesses to its memory, valid until the mapping is unmapped.
-#[derive(Clone, Debug)]
-pub struct Translation {
-    table: Arc<RwLock<Table>>,
-    /// The mapping's start and identity, as `translate` found them in the index.
-    start: u64,
-    id: u64,
-    /// The mapping, once an access has looked it up in the table.
-    mapping: OnceLock<Weak<Mapping>>,
-    logging: Arc<Logging>,
-    iova: u64,
-    len: u64,
-    prot: Prot,
-}
-
-impl Translation {
-    /// First IOVA of the handle.
-    pub fn iova(&self) -> u64 {
-        self.iova
-    }
-
-    /// Length in bytes (never 0).
-    #[allow(clippy::len_without_is_empty)] // Never empty by construction.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Host virtual address of the first byte while the mapping exists, for diagnostics
-    /// (two translations of the same file page show the same address: one shared mmap).
-    pub fn host_addr(&self) -> Option<usize> {
-        self.mapping()?.host_addr(self.iova)
-    }
-
-    /// Reads `buf.len()` bytes at `offset` of the handle.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.access(offset, buf.len(), Prot::READ, |m, iova| {
-            m.read_at(iova, buf)
-        })
-    }
-
-    /// Writes `data` at `offset` of the handle (logged dirty while logging is on).
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.access(offset, data.len(), Prot::WRITE, |m, iova| {
-            m.write_at(iova, data)?;
-            m.mark_dirty(&self.logging, iova, iova + data.len() as u64);
-            Ok(())
-        })
-    }
-
-    fn access(
-        &self,
-        offset: u64,
-        len: usize,
-        needed: Prot,
-        f: impl FnOnce(&Mapping, u64) -> Result<(), DmaError>,
-    ) -> Result<(), DmaError> {
-        let iova = self.iova.saturating_add(offset);
-        if !self.prot.contains(needed) {
-            return Err(DmaError::PermissionDenied {
-                iova,
-                needed,
-                has: self.prot,
-            });
-        }
-        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
-        if offset.checked_add(len64).is_none_or(|end| end > self.len) {
-            return Err(DmaError::Fault { iova });
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        let m = self.mapping().ok_or(DmaError::Fault { iova })?;
-        let _in = m.gate.enter().ok_or(DmaError::Fault { iova })?;
-        f(&m, iova)
-    }
-
-    /// The mapping while it is in the table. Once gone it never comes back (identities are
-    /// not reused), and an access that got it before its unmap meets its closed gate.
-    fn mapping(&self) -> Option<Arc<Mapping>> {
-        if let Some(m) = self.mapping.get() {
-            return m.upgrade();
-        }
-        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let m = table.get(&self.start).filter(|m| m.id == self.id)?.clone();
-        drop(table);
-        // Another clone of this handle may have set it first: the same mapping.
-        let _ = self.mapping.set(Arc::downgrade(&m));
-        Some(m)
-    }
-}
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A test that fails should panic.
 mod tests {
