@@ -7,9 +7,17 @@
 //! port and answers `host-to-guest port<i>`. It checks the guest's dmesg (`ttyS<n> at I/O ... is
 //! a 16550A` per port), both directions of text, that the card's INTx fired in the guest, and the
 //! guest's verdict; once with guest RAM in
-//! a shared memfd (QEMU passes fds with `DMA_MAP`) and once with plain RAM (no fds).
+//! a shared memfd (QEMU passes fds with `DMA_MAP`) and once with plain RAM (no fds), both with
+//! `umdevd` in its one-device mode (`--socket --type mtty-2 --console-dir`).
 //!
-//! Prerequisites, all needing root:
+//! A third run goes through the management side as an administrator would: `umdevd` in daemon
+//! mode (temporary root, its sysfs tree mounted over FUSE at `<root>/sys`, its sockets
+//! directory inside the chroot), `echo $UUID > .../mdev_supported_types/mtty-2/create`, the
+//! vfio-user socket from the device's `vfio_user_socket` and the ports' host sides from its
+//! `vendor/console`; after the guest run, `echo 1 > .../remove`, then SIGTERM must stop the
+//! daemon cleanly with its sockets gone and its tree unmounted.
+//!
+//! Prerequisites, all needing root (and `/dev/fuse` for the daemon-mode run):
 //! - `tests/guest/setup.sh` has built the cache (chroot with QEMU, kernel, initramfs) in
 //!   `${UMDEV_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/umdev-guest}`;
 //! - the daemon is built: `cargo build -p umdevd` (this crate does not depend on the binary
@@ -19,11 +27,14 @@
 //!
 //! Without them the tests print why and pass, unless `UMDEV_GUEST_REQUIRED=1` (CI), which turns
 //! a missing prerequisite into a failure. Logs of every run (console, QEMU's `vfio_user*` trace,
-//! the daemon's stderr) are kept in `$CARGO_TARGET_TMPDIR/guest-mtty-<mode>/`; a failure prints
+//! the daemon's stderr and configuration) are kept in `$CARGO_TARGET_TMPDIR/guest-mtty-<run>/`
+//! (`shared`, `plain`, `managed-shared`); a failure prints
 //! them. `UMDEV_GUEST_VERBOSE=1` echoes the guest console live to stderr.
 
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -46,6 +57,10 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 const GUEST_READ_TIMEOUT_S: u32 = 90;
 /// How much of a long log a failure report prints.
 const TAIL_LINES: usize = 150;
+/// The parent the daemon-mode run configures (a pool of exactly one `mtty-2`).
+const PARENT: &str = "mtty0";
+/// The longest UNIX socket path: `sun_path` is 108 bytes with its NUL.
+const SUN_PATH_MAX: usize = 107;
 
 /// TCG guests are CPU-heavy; run the two modes one after the other. The mutex covers
 /// `cargo test` (threads); a lock file in the cache covers nextest (a process per test).
@@ -80,32 +95,59 @@ impl Memory {
     }
 }
 
+/// How `umdevd` serves the card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serving {
+    /// One-device mode: `umdevd --socket PATH --type mtty-2 --console-dir DIR`.
+    Single,
+    /// Daemon mode: the card is created through the daemon's FUSE sysfs tree and removed
+    /// through it after the guest run.
+    Managed,
+}
+
 #[test]
 fn guest_drives_mtty_with_shared_memory() {
-    run_or_skip(Memory::Shared);
+    run_or_skip(Serving::Single, Memory::Shared);
 }
 
 #[test]
 fn guest_drives_mtty_with_plain_memory() {
-    run_or_skip(Memory::Plain);
+    run_or_skip(Serving::Single, Memory::Plain);
 }
 
-fn run_or_skip(memory: Memory) {
+#[test]
+fn guest_drives_mtty_created_through_the_daemons_sysfs() {
+    run_or_skip(Serving::Managed, Memory::Shared);
+}
+
+/// The run's name: its log directory is `guest-mtty-<name>`.
+fn run_name(serving: Serving, memory: Memory) -> String {
+    match serving {
+        Serving::Single => memory.name().to_owned(),
+        Serving::Managed => format!("managed-{}", memory.name()),
+    }
+}
+
+fn run_or_skip(serving: Serving, memory: Memory) {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    let env = match Prerequisites::find() {
+    let env = match Prerequisites::find(serving) {
         Ok(env) => env,
         Err(reason) => {
             if std::env::var_os("UMDEV_GUEST_REQUIRED").is_some_and(|v| v == "1") {
                 panic!("guest test prerequisites missing (UMDEV_GUEST_REQUIRED=1): {reason}");
             }
-            eprintln!("skipping the guest mtty test ({}): {reason}", memory.name());
+            eprintln!(
+                "skipping the guest mtty test ({}): {reason}",
+                run_name(serving, memory)
+            );
             return;
         }
     };
     let _lock = env
         .lock()
         .unwrap_or_else(|e| panic!("cannot lock the guest cache: {e}"));
-    let mut run = Run::new(&env, memory).unwrap_or_else(|e| panic!("cannot prepare the run: {e}"));
+    let mut run =
+        Run::new(&env, serving, memory).unwrap_or_else(|e| panic!("cannot prepare the run: {e}"));
     match run.execute() {
         Ok(summary) => println!("{summary}"),
         Err(reason) => panic!("{}", run.failure_report(&reason)),
@@ -124,9 +166,12 @@ struct Prerequisites {
 
 impl Prerequisites {
     /// Returns why the test cannot run if something is missing.
-    fn find() -> Result<Self, String> {
+    fn find(serving: Serving) -> Result<Self, String> {
         if !rustix::process::geteuid().is_root() {
             return Err("needs root (chroot)".into());
+        }
+        if serving == Serving::Managed && !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse is missing (the daemon mounts its sysfs tree over FUSE)".into());
         }
         let cache = cache_dir().ok_or("neither UMDEV_GUEST_CACHE, XDG_CACHE_HOME nor HOME set")?;
         if !cache.join("ready").is_file() {
@@ -287,15 +332,24 @@ fn drain_into(mut reader: impl Read + Send + 'static, sink: Sink, echo: bool) {
 
 /// One guest boot against one daemon.
 struct Run {
+    serving: Serving,
     memory: Memory,
     root: PathBuf,
     daemon_bin: PathBuf,
-    /// Holds the vfio-user socket, inside the chroot so QEMU can reach it.
-    socket_dir: tempfile::TempDir,
-    /// The daemon's host-side console sockets.
-    console_dir: tempfile::TempDir,
+    /// Inside the chroot so QEMU can reach it: holds the vfio-user socket (one-device mode) or
+    /// is the daemon's `sockets_dir` (daemon mode: the device's socket and its ports' sockets).
+    guest_dir: tempfile::TempDir,
+    /// Outside the chroot: the host-side console sockets (one-device mode) or the daemon's
+    /// configuration and root (daemon mode).
+    host_dir: tempfile::TempDir,
     /// Kept after the run for inspection.
     log_dir: PathBuf,
+    /// The device's UUID (daemon mode).
+    uuid: String,
+    /// The device's vfio-user socket, as the host sees it (inside `guest_dir`).
+    socket: PathBuf,
+    /// Each port's host side.
+    port_paths: Vec<PathBuf>,
     daemon: Option<Guarded>,
     qemu: Option<Guarded>,
     daemon_stdout: Vec<String>,
@@ -304,26 +358,34 @@ struct Run {
 }
 
 impl Run {
-    fn new(env: &Prerequisites, memory: Memory) -> Result<Self, String> {
-        let socket_dir = tempfile::Builder::new()
+    fn new(env: &Prerequisites, serving: Serving, memory: Memory) -> Result<Self, String> {
+        let guest_dir = tempfile::Builder::new()
             .prefix("umdev-")
             .tempdir_in(env.root.join("tmp"))
             .map_err(|e| format!("temp dir in the chroot: {e}"))?;
-        let console_dir = tempfile::Builder::new()
-            .prefix("umdev-console-")
+        let host_dir = tempfile::Builder::new()
+            .prefix("umdev-host-")
             .tempdir()
             .map_err(|e| format!("temp dir: {e}"))?;
-        let log_dir =
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guest-mtty-{}", memory.name()));
+        let log_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("guest-mtty-{}", run_name(serving, memory)));
         let _ = fs::remove_dir_all(&log_dir);
         fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+        let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .map_err(|e| format!("a new UUID: {e}"))?
+            .trim()
+            .to_owned();
         Ok(Self {
+            serving,
             memory,
             root: env.root.clone(),
             daemon_bin: env.daemon.clone(),
-            socket_dir,
-            console_dir,
+            guest_dir,
+            host_dir,
             log_dir,
+            uuid,
+            socket: PathBuf::new(),
+            port_paths: Vec::new(),
             daemon: None,
             qemu: None,
             daemon_stdout: Vec::new(),
@@ -332,15 +394,30 @@ impl Run {
         })
     }
 
+    /// What this run is, for its messages.
+    fn describe(&self) -> String {
+        match self.serving {
+            Serving::Single => format!("{} memory", self.memory.name()),
+            Serving::Managed => format!(
+                "daemon mode, mdev {} on {PARENT}, {} memory",
+                self.uuid,
+                self.memory.name()
+            ),
+        }
+    }
+
     /// Boots the guest and exchanges text; returns a summary or why the run failed.
     fn execute(&mut self) -> Result<String, String> {
         let t0 = Instant::now();
-        let port_paths = self.start_daemon()?;
+        self.port_paths = match self.serving {
+            Serving::Single => self.start_single()?,
+            Serving::Managed => self.start_managed()?,
+        };
         let t_daemon = t0.elapsed();
 
         // Connect before the guest boots so none of its output can be missed.
         let mut writers = Vec::new();
-        for (i, path) in port_paths.iter().enumerate() {
+        for (i, path) in self.port_paths.iter().enumerate() {
             let stream = UnixStream::connect(path)
                 .map_err(|e| format!("connect to port {i} at {}: {e}", path.display()))?;
             let reader = stream.try_clone().map_err(|e| format!("port {i}: {e}"))?;
@@ -385,28 +462,33 @@ impl Run {
         }
         let summary = self.check()?;
 
+        let mut teardown = String::new();
+        if self.serving == Serving::Managed {
+            drop(writers);
+            teardown = self.remove_device()?;
+        }
         let daemon_status = self.daemon.as_mut().and_then(Guarded::stop);
         if !daemon_status.is_some_and(|s| s.success()) {
             return Err(format!(
                 "the daemon did not exit cleanly on SIGTERM: {daemon_status:?}"
             ));
         }
+        if self.serving == Serving::Managed {
+            teardown += &self.check_daemon_cleaned_up()?;
+        }
         Ok(format!(
-            "guest mtty test ({} memory): daemon ready in {t_daemon:.2?}, guest run {t_guest:.2?}\n{summary}",
-            self.memory.name()
+            "guest mtty test ({}): device ready in {t_daemon:.2?}, guest run {t_guest:.2?}\n{summary}{teardown}",
+            self.describe()
         ))
     }
 
-    /// Starts umdevd; returns the host-side socket path of each port.
-    fn start_daemon(&mut self) -> Result<Vec<PathBuf>, String> {
-        let socket = self.socket_dir.path().join("mtty.sock");
+    /// Starts umdevd with `args` and waits for its `ready` line; its stdout lines up to
+    /// there are in `daemon_stdout`.
+    fn spawn_daemon(&mut self, args: &[OsString]) -> Result<(), String> {
         let stderr = File::create(self.log_dir.join("daemon.stderr"))
             .map_err(|e| format!("daemon log: {e}"))?;
         let mut child = Command::new(&self.daemon_bin)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--type", "mtty-2", "--console-dir"])
-            .arg(self.console_dir.path())
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -425,8 +507,6 @@ impl Run {
             }
         });
         let deadline = Instant::now() + DAEMON_READY_TIMEOUT;
-        let mut ports: Vec<Option<PathBuf>> = vec![None; PORTS];
-        let mut socket_seen = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -444,6 +524,30 @@ impl Run {
                 }
             };
             self.daemon_stdout.push(line.clone());
+            if line == "ready" {
+                break;
+            }
+        }
+        // Keep draining the daemon's stdout so it never blocks on a full pipe.
+        thread::spawn(move || while rx.recv().is_ok() {});
+        Ok(())
+    }
+
+    /// Starts umdevd in one-device mode; returns the host-side socket path of each port.
+    fn start_single(&mut self) -> Result<Vec<PathBuf>, String> {
+        let socket = self.guest_dir.path().join("mtty.sock");
+        let args: Vec<OsString> = vec![
+            "--socket".into(),
+            socket.clone().into(),
+            "--type".into(),
+            "mtty-2".into(),
+            "--console-dir".into(),
+            self.host_dir.path().into(),
+        ];
+        self.spawn_daemon(&args)?;
+        let mut ports: Vec<Option<PathBuf>> = vec![None; PORTS];
+        let mut socket_seen = None;
+        for line in &self.daemon_stdout {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
                 ["socket", path] => socket_seen = Some(PathBuf::from(path)),
@@ -454,18 +558,16 @@ impl Run {
                         .ok_or(format!("daemon announced port {n}; mtty-2 has {PORTS}"))?;
                     *slot = Some(PathBuf::from(path));
                 }
-                ["ready"] => break,
                 _ => {}
             }
         }
-        // Keep draining the daemon's stdout so it never blocks on a full pipe.
-        thread::spawn(move || while rx.recv().is_ok() {});
         if socket_seen.as_deref() != Some(socket.as_path()) {
             return Err(format!(
                 "the daemon announced socket {socket_seen:?}, expected {}",
                 socket.display()
             ));
         }
+        self.socket = socket;
         ports
             .into_iter()
             .enumerate()
@@ -473,13 +575,178 @@ impl Run {
             .collect()
     }
 
-    fn start_qemu(&mut self) -> Result<(), String> {
-        let name = self
-            .socket_dir
+    /// The daemon's root (daemon mode).
+    fn daemon_root(&self) -> PathBuf {
+        self.host_dir.path().join("root")
+    }
+
+    /// The daemon's sysfs tree, mounted over FUSE (daemon mode).
+    fn sys(&self) -> PathBuf {
+        self.daemon_root().join("sys")
+    }
+
+    fn type_dir(&self) -> PathBuf {
+        self.sys()
+            .join("class/mdev_bus")
+            .join(PARENT)
+            .join("mdev_supported_types/mtty-2")
+    }
+
+    fn mdev_dir(&self) -> PathBuf {
+        self.sys().join("bus/mdev/devices").join(&self.uuid)
+    }
+
+    /// `available_instances` of `mtty-2` on the parent.
+    fn available(&self) -> Result<String, String> {
+        read_trimmed(&self.type_dir().join("available_instances"))
+    }
+
+    /// Starts umdevd in daemon mode with its sockets inside the chroot, creates the card
+    /// through the sysfs tree, and returns the host-side socket path of each port (from the
+    /// device's `vendor/console`).
+    fn start_managed(&mut self) -> Result<Vec<PathBuf>, String> {
+        let longest = self
+            .guest_dir
             .path()
-            .file_name()
-            .ok_or("socket dir has no name")?;
-        let guest_socket = Path::new("/tmp").join(name).join("mtty.sock");
+            .join(format!("{}.port{}.sock", self.uuid, PORTS - 1));
+        if longest.as_os_str().len() > SUN_PATH_MAX {
+            return Err(format!(
+                "{} is longer than a UNIX socket path may be ({SUN_PATH_MAX} bytes); use a \
+                 shorter UMDEV_GUEST_CACHE",
+                longest.display()
+            ));
+        }
+        let config = self.host_dir.path().join("umdevd.toml");
+        let text = format!(
+            "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"{PARENT}\"\ndriver = \"mtty\"\nports = {PORTS}\nconsole = \"socket\"\n",
+            self.daemon_root().display().to_string(),
+            self.guest_dir.path().display().to_string(),
+        );
+        fs::write(&config, &text).map_err(|e| format!("{}: {e}", config.display()))?;
+        fs::write(self.log_dir.join("umdevd.toml"), &text)
+            .map_err(|e| format!("daemon config log: {e}"))?;
+        self.spawn_daemon(&["--config".into(), config.into()])?;
+        let root_line = format!("root {}", self.daemon_root().display());
+        if !self.daemon_stdout.contains(&root_line) {
+            return Err(format!("the daemon did not announce `{root_line}`"));
+        }
+        if !is_mounted(&self.sys())? {
+            return Err(format!(
+                "{} is not a mount point after `ready`",
+                self.sys().display()
+            ));
+        }
+
+        let available = self.available()?;
+        if available != "1" {
+            return Err(format!(
+                "available_instances of mtty-2 is {available:?} before the create, expected 1"
+            ));
+        }
+        // `echo $UUID > .../mdev_supported_types/mtty-2/create`
+        let create = self.type_dir().join("create");
+        fs::write(&create, format!("{}\n", self.uuid))
+            .map_err(|e| format!("write {} to {}: {e}", self.uuid, create.display()))?;
+        let dev = self.mdev_dir();
+        let socket = PathBuf::from(read_trimmed(&dev.join("vfio_user_socket"))?);
+        if socket.parent() != Some(self.guest_dir.path()) {
+            return Err(format!(
+                "vfio_user_socket is {}, expected it in the sockets_dir {}",
+                socket.display(),
+                self.guest_dir.path().display()
+            ));
+        }
+        if !is_socket(&socket) {
+            return Err(format!("{} is not a socket", socket.display()));
+        }
+        let console = dev.join("vendor/console");
+        let ports: Vec<PathBuf> = fs::read_to_string(&console)
+            .map_err(|e| format!("{}: {e}", console.display()))?
+            .lines()
+            .map(PathBuf::from)
+            .collect();
+        if ports.len() != PORTS {
+            return Err(format!(
+                "vendor/console lists {ports:?}, expected {PORTS} port sockets"
+            ));
+        }
+        let available = self.available()?;
+        if available != "0" {
+            return Err(format!(
+                "available_instances of mtty-2 is {available:?} after the create, expected 0"
+            ));
+        }
+        self.socket = socket;
+        Ok(ports)
+    }
+
+    /// `echo 1 > .../<uuid>/remove` after QEMU has gone: the device and its sockets go, the
+    /// parent's port pool is free again. Returns lines for the summary.
+    fn remove_device(&self) -> Result<String, String> {
+        let dev = self.mdev_dir();
+        fs::write(dev.join("remove"), "1\n")
+            .map_err(|e| format!("write 1 to {}/remove: {e}", dev.display()))?;
+        let mut problems = Vec::new();
+        if fs::symlink_metadata(&dev).is_ok() {
+            problems.push(format!("{} still exists after remove", dev.display()));
+        }
+        for path in std::iter::once(&self.socket).chain(&self.port_paths) {
+            if fs::symlink_metadata(path).is_ok() {
+                problems.push(format!("{} still exists after remove", path.display()));
+            }
+        }
+        let available = self.available()?;
+        if available != "1" {
+            problems.push(format!(
+                "available_instances of mtty-2 is {available:?} after the remove, expected 1"
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(format!(
+            "\nremoved {} through sysfs: device and its {} sockets gone, available_instances back to 1",
+            self.uuid,
+            1 + self.port_paths.len()
+        ))
+    }
+
+    /// After SIGTERM: the tree is unmounted and no socket is left.
+    fn check_daemon_cleaned_up(&self) -> Result<String, String> {
+        if is_mounted(&self.sys())? {
+            return Err(format!(
+                "{} is still mounted after the daemon exited",
+                self.sys().display()
+            ));
+        }
+        let left: Vec<PathBuf> = fs::read_dir(self.guest_dir.path())
+            .map_err(|e| format!("{}: {e}", self.guest_dir.path().display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_socket(p))
+            .collect();
+        if !left.is_empty() {
+            return Err(format!("sockets left after the daemon exited: {left:?}"));
+        }
+        Ok(format!(
+            "\ndaemon exited cleanly on SIGTERM, {} unmounted",
+            self.sys().display()
+        ))
+    }
+
+    /// The vfio-user socket's path as QEMU sees it inside the chroot.
+    fn guest_socket(&self) -> Result<PathBuf, String> {
+        let inside = self.socket.strip_prefix(&self.root).map_err(|_| {
+            format!(
+                "the vfio-user socket {} is not inside the chroot {}",
+                self.socket.display(),
+                self.root.display()
+            )
+        })?;
+        Ok(Path::new("/").join(inside))
+    }
+
+    fn start_qemu(&mut self) -> Result<(), String> {
+        let guest_socket = self.guest_socket()?;
         let device = format!(
             r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}},"bus":"pcie.0","addr":"{SLOT}"}}"#,
             guest_socket.display()
@@ -613,8 +880,8 @@ impl Run {
         thread::sleep(Duration::from_millis(100));
         self.save_logs();
         let mut report = format!(
-            "guest mtty test ({} memory) failed: {reason}\nlogs kept in {}\ndaemon exit: {daemon_status:?}\n",
-            self.memory.name(),
+            "guest mtty test ({}) failed: {reason}\nlogs kept in {}\ndaemon exit: {daemon_status:?}\n",
+            self.describe(),
             self.log_dir.display()
         );
         report += &format!("--- daemon stdout ---\n{}\n", self.daemon_stdout.join("\n"));
@@ -632,6 +899,44 @@ impl Run {
         );
         report
     }
+}
+
+impl Drop for Run {
+    /// Whatever happened, no VM or daemon outlives the run, and no stale FUSE mount is left
+    /// in the way of removing the temporary root.
+    fn drop(&mut self) {
+        if let Some(q) = self.qemu.as_mut() {
+            q.stop();
+        }
+        if let Some(d) = self.daemon.as_mut() {
+            d.stop();
+        }
+        if self.serving == Serving::Managed && is_mounted(&self.sys()).unwrap_or(false) {
+            let _ = Command::new("umount").arg("-l").arg(self.sys()).status();
+        }
+    }
+}
+
+/// A small file's text without surrounding whitespace.
+fn read_trimmed(path: &Path) -> Result<String, String> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn is_socket(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Whether `path` is a mount point in this mount namespace (`/proc/self/mounts`; the paths
+/// here have no characters that file escapes).
+fn is_mounted(path: &Path) -> Result<bool, String> {
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").map_err(|e| format!("/proc/self/mounts: {e}"))?;
+    let path = path.display().to_string();
+    Ok(mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(path.as_str())))
 }
 
 /// The last `TAIL_LINES` lines of a file.
