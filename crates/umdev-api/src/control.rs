@@ -53,28 +53,7 @@ pub enum Request {
         parent: Option<String>,
     },
     /// Edits a definition.
-    Modify {
-        /// The device.
-        uuid: String,
-        /// Its parent.
-        parent: Option<String>,
-        /// A new type.
-        mdev_type: Option<String>,
-        /// Adds this attribute (with `value`, at `index`).
-        addattr: Option<String>,
-        /// Deletes the attribute at `index` (else the last).
-        delattr: bool,
-        /// Attribute position.
-        index: Option<u32>,
-        /// Value of the added attribute.
-        value: Option<String>,
-        /// Start with the parent from now on.
-        auto: bool,
-        /// Start only on request from now on.
-        manual: bool,
-        /// A whole new definition.
-        json: Option<Value>,
-    },
+    Modify(ModifyRequest),
     /// Creates a device: a defined one, or a new one of parent and type.
     Start {
         /// The device (else a new UUID).
@@ -119,6 +98,31 @@ pub enum Request {
         /// Take held devices away from their clients.
         force: bool,
     },
+}
+
+/// What `Request::Modify` changes in a definition (mdevctl's `modify` options).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModifyRequest {
+    /// The device.
+    pub uuid: String,
+    /// Its parent.
+    pub parent: Option<String>,
+    /// A new type.
+    pub mdev_type: Option<String>,
+    /// Adds this attribute (with `value`, at `index`).
+    pub addattr: Option<String>,
+    /// Deletes the attribute at `index` (else the last).
+    pub delattr: bool,
+    /// Attribute position.
+    pub index: Option<u32>,
+    /// Value of the added attribute.
+    pub value: Option<String>,
+    /// Start with the parent from now on.
+    pub auto: bool,
+    /// Start only on request from now on.
+    pub manual: bool,
+    /// A whole new definition.
+    pub json: Option<Value>,
 }
 
 /// One type of one parent.

@@ -9,5 +9,5 @@
 pub mod control;
 pub mod definition;
 
-pub use control::{Client, ClientError, Request, Response};
+pub use control::{Client, ClientError, ModifyRequest, Request, Response};
 pub use definition::{Definition, DefinitionError, DefinitionStore, Start};

@@ -175,7 +175,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("'live' changes need mdevctl callouts, which umdev does not have");
             }
             let json = jsonfile.as_deref().map(read_json).transpose()?;
-            let req = Request::Modify {
+            let req = Request::Modify(umdev_api::ModifyRequest {
                 uuid,
                 parent,
                 mdev_type,
@@ -186,7 +186,7 @@ fn run(cli: Cli) -> Result<()> {
                 auto,
                 manual,
                 json,
-            };
+            });
             call(&client, &req)?;
         }
         Command::Start {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use umdev_api::control::{
     read_request, write_response, DeviceEntry, GroupEntry, Holder, TypeEntry,
 };
-use umdev_api::{Definition, DefinitionStore, Request, Response, Start};
+use umdev_api::{Definition, DefinitionStore, ModifyRequest, Request, Response, Start};
 use umdev_core::{Core, CoreError, MdevUuid};
 
 use crate::config::{Config, ConsoleConfig, ParentConfig};
@@ -123,29 +123,7 @@ impl Handler {
                 force: _,
             } => self.define(uuid.as_deref(), parent, mdev_type, auto, json),
             Request::Undefine { uuid, parent } => self.undefine(&uuid, parent.as_deref()),
-            Request::Modify {
-                uuid,
-                parent,
-                mdev_type,
-                addattr,
-                delattr,
-                index,
-                value,
-                auto,
-                manual,
-                json,
-            } => self.modify(Modify {
-                uuid,
-                parent,
-                mdev_type,
-                addattr,
-                delattr,
-                index,
-                value,
-                auto,
-                manual,
-                json,
-            }),
+            Request::Modify(m) => self.modify(m),
             Request::Start {
                 uuid,
                 parent,
@@ -364,7 +342,7 @@ impl Handler {
         }
     }
 
-    fn modify(&self, m: Modify) -> Result<Response, Failure> {
+    fn modify(&self, m: ModifyRequest) -> Result<Response, Failure> {
         let u = parse_uuid(&m.uuid)?.to_string();
         let (parent, mut def) = if let Some(json) = m.json {
             let parent = m
@@ -573,19 +551,6 @@ impl Handler {
             .collect();
         Response::Groups { groups }
     }
-}
-
-struct Modify {
-    uuid: String,
-    parent: Option<String>,
-    mdev_type: Option<String>,
-    addattr: Option<String>,
-    delattr: bool,
-    index: Option<u32>,
-    value: Option<String>,
-    auto: bool,
-    manual: bool,
-    json: Option<serde_json::Value>,
 }
 
 /// The control socket's accept loop, in a thread of its own.
