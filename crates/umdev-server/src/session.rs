@@ -211,14 +211,11 @@ impl<'a> Session<'a> {
         let Some(command) = header.known_command() else {
             return Err(ProtoError::UnknownCommand(header.command).into());
         };
-        if command == Command::Version {
-            return self.version(&body, &fds);
-        }
-        if self.negotiated.is_none() {
-            return Err(refuse(Errno::INVAL, "command before VERSION negotiation"));
-        }
         match command {
-            Command::Version => unreachable!("handled above"),
+            Command::Version => self.version(&body, &fds),
+            _ if self.negotiated.is_none() => {
+                Err(refuse(Errno::INVAL, "command before VERSION negotiation"))
+            }
             Command::DmaMap => self.dma_map(&body, fds),
             Command::DmaUnmap => self.dma_unmap(&body, &fds),
             Command::DeviceGetInfo => self.device_info(&body, &fds),
