@@ -1,21 +1,19 @@
-//! The control API server: one request per connection, answered from the core and the
-//! definition store with mdevctl's semantics (`define`, `start`, `list`, ...).
+//! The control API: one request per connection, answered from the core and the definition
+//! store with mdevctl's semantics (`define`, `start`, `list`, ...). Connections are served
+//! concurrently (`server`), so the handler is shared between threads.
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+mod server;
+
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Mutex, MutexGuard};
 
-use anyhow::{Context, Result};
-use umdev_api::control::{
-    read_request, write_response, DeviceEntry, GroupEntry, Holder, TypeEntry,
-};
+use umdev_api::control::{DeviceEntry, GroupEntry, Holder, TypeEntry};
 use umdev_api::{Definition, DefinitionStore, ModifyRequest, Request, Response, Start};
 use umdev_core::{Core, CoreError, MdevUuid};
 
-use crate::config::{Config, ConsoleConfig, ParentConfig};
+use crate::config::{ConsoleConfig, ParentConfig};
+
+pub use server::ControlServer;
 
 /// A failed request: an errno and a message (what mdevctl would print).
 #[derive(Debug)]
@@ -98,14 +96,44 @@ pub fn start_device(
     Ok(())
 }
 
+/// The definitions of `uuid`, under `parent` if given.
+fn defined(store: &DefinitionStore, uuid: &str, parent: Option<&str>) -> Vec<(String, Definition)> {
+    store
+        .list()
+        .into_iter()
+        .filter(|(p, u, _)| u == uuid && parent.is_none_or(|x| x == p))
+        .filter_map(|(p, _, d)| d.ok().map(|d| (p, d)))
+        .collect()
+}
+
+/// Answers requests; shared by the connection threads. The core takes its own lock (and
+/// releases it while `remove` waits for a client), so only the store needs one here.
 struct Handler {
     core: Core,
-    store: DefinitionStore,
+    /// Held across each read-check-write of the definitions (`define` must not overwrite,
+    /// `modify` must not lose a concurrent change) and across reads (a file being written
+    /// is not whole). Never held while the core waits for a client, so a `stop` waiting on
+    /// REQ blocks no other request; taken before the core's lock, never after.
+    store: Mutex<DefinitionStore>,
     /// Where new parents' console sockets go.
     sockets_dir: PathBuf,
 }
 
 impl Handler {
+    fn new(core: Core, store: DefinitionStore, sockets_dir: PathBuf) -> Handler {
+        Handler {
+            core,
+            store: Mutex::new(store),
+            sockets_dir,
+        }
+    }
+
+    /// The definition store, locked. A panic in another request leaves the files as they
+    /// were on disk, so a poisoned lock is taken anyway.
+    fn store(&self) -> MutexGuard<'_, DefinitionStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn handle(&self, req: Request) -> Response {
         let r = match req {
             Request::Types { parent } => Ok(self.types(parent.as_deref())),
@@ -174,10 +202,6 @@ impl Handler {
         Response::Types { types }
     }
 
-    fn definition(&self, parent: &str, uuid: &str) -> Option<Definition> {
-        self.store.load(parent, uuid).ok()
-    }
-
     fn list(
         &self,
         defined: bool,
@@ -186,8 +210,9 @@ impl Handler {
     ) -> Result<Response, Failure> {
         let uuid = uuid.map(parse_uuid).transpose()?.map(|u| u.to_string());
         let mut devices = Vec::new();
+        let store = self.store();
         if defined {
-            for (p, u, d) in self.store.list() {
+            for (p, u, d) in store.list() {
                 let Ok(d) = d else { continue };
                 if parent.is_some_and(|x| x != p) || uuid.as_ref().is_some_and(|x| *x != u) {
                     continue;
@@ -216,7 +241,7 @@ impl Handler {
                 if parent.is_some_and(|x| x != m.parent) || uuid.as_ref().is_some_and(|x| *x != u) {
                     continue;
                 }
-                let d = self.definition(&m.parent, &u);
+                let d = store.load(&m.parent, &u).ok();
                 devices.push(DeviceEntry {
                     auto: d.as_ref().is_some_and(|d| d.start == Start::Auto),
                     defined: d.is_some(),
@@ -245,6 +270,7 @@ impl Handler {
     ) -> Result<Response, Failure> {
         let given = uuid.map(parse_uuid).transpose()?;
         let u = given.unwrap_or_else(MdevUuid::random);
+        let store = self.store();
         let (parent, def) = if let Some(json) = json {
             if mdev_type.is_some() {
                 return Err(invalid(
@@ -253,7 +279,7 @@ impl Handler {
             }
             let parent = parent
                 .ok_or_else(|| invalid("Parent device required to define device via json"))?;
-            if self.definition(&parent, &u.to_string()).is_some() {
+            if store.load(&parent, &u.to_string()).is_ok() {
                 return Err(fail(
                     rustix::io::Errno::EXIST,
                     format!("Cowardly refusing to overwrite existing config for {parent}/{u}"),
@@ -272,7 +298,7 @@ impl Handler {
             let mdev_type = mdev_type
                 .or_else(|| active.as_ref().map(|m| m.type_id.clone()))
                 .ok_or_else(|| invalid("No type specified"))?;
-            if self.definition(&parent, &u.to_string()).is_some() {
+            if store.load(&parent, &u.to_string()).is_ok() {
                 return Err(fail(
                     rustix::io::Errno::EXIST,
                     format!("Device {u} on {parent} already defined"),
@@ -286,7 +312,7 @@ impl Handler {
             };
             (parent, def)
         };
-        self.store
+        store
             .save(&parent, &u.to_string(), &def)
             .map_err(|e| fail(rustix::io::Errno::IO, e.to_string()))?;
         Ok(match given {
@@ -297,19 +323,10 @@ impl Handler {
         })
     }
 
-    /// The definitions of `uuid`, under `parent` if given.
-    fn defined(&self, uuid: &str, parent: Option<&str>) -> Vec<(String, Definition)> {
-        self.store
-            .list()
-            .into_iter()
-            .filter(|(p, u, _)| u == uuid && parent.is_none_or(|x| x == p))
-            .filter_map(|(p, _, d)| d.ok().map(|d| (p, d)))
-            .collect()
-    }
-
     fn undefine(&self, uuid: &str, parent: Option<&str>) -> Result<Response, Failure> {
         let u = parse_uuid(uuid)?.to_string();
-        let defs = self.defined(&u, parent);
+        let store = self.store();
+        let defs = defined(&store, &u, parent);
         if defs.is_empty() {
             return Err(fail(
                 rustix::io::Errno::NOENT,
@@ -317,7 +334,7 @@ impl Handler {
             ));
         }
         for (p, _) in defs {
-            self.store
+            store
                 .remove(&p, &u)
                 .map_err(|e| fail(rustix::io::Errno::IO, e.to_string()))?;
         }
@@ -325,11 +342,11 @@ impl Handler {
     }
 
     fn one_definition(
-        &self,
+        store: &DefinitionStore,
         u: &str,
         parent: Option<&str>,
     ) -> Result<(String, Definition), Failure> {
-        let mut defs = self.defined(u, parent);
+        let mut defs = defined(store, u, parent);
         match defs.len() {
             0 => Err(fail(
                 rustix::io::Errno::NOENT,
@@ -344,6 +361,7 @@ impl Handler {
 
     fn modify(&self, m: ModifyRequest) -> Result<Response, Failure> {
         let u = parse_uuid(&m.uuid)?.to_string();
+        let store = self.store();
         let (parent, mut def) = if let Some(json) = m.json {
             let parent = m
                 .parent
@@ -351,7 +369,7 @@ impl Handler {
             let def = Definition::from_json(&json).map_err(|e| invalid(e.to_string()))?;
             (parent, def)
         } else {
-            let (parent, mut def) = self.one_definition(&u, m.parent.as_deref())?;
+            let (parent, mut def) = Handler::one_definition(&store, &u, m.parent.as_deref())?;
             if let Some(t) = m.mdev_type {
                 def.mdev_type = t;
             }
@@ -390,7 +408,7 @@ impl Handler {
                 }
             }
         }
-        self.store
+        store
             .save(&parent, &u, &def)
             .map_err(|e| fail(rustix::io::Errno::IO, e.to_string()))?;
         Ok(Response::Done)
@@ -420,7 +438,7 @@ impl Handler {
         } else {
             let mut found = None;
             if given.is_some() {
-                let defs = self.defined(&u.to_string(), parent.as_deref());
+                let defs = defined(&self.store(), &u.to_string(), parent.as_deref());
                 if defs.len() > 1 {
                     return Err(invalid(format!(
                         "Multiple definitions found for device {u}. Please specify a parent."
@@ -529,7 +547,7 @@ impl Handler {
             .map_err(|e| invalid(e.to_string()))?;
         self.core.register_parent(&name, parent)?;
         // What mdevctl's udev rule does when a parent appears.
-        crate::daemon::start_auto_definitions(&self.core, &self.store, &name);
+        crate::daemon::start_auto_definitions(&self.core, &self.store(), &name);
         Ok(Response::Done)
     }
 
@@ -550,81 +568,5 @@ impl Handler {
             })
             .collect();
         Response::Groups { groups }
-    }
-}
-
-/// The control socket's accept loop, in a thread of its own.
-pub struct ControlServer {
-    path: PathBuf,
-    stopped: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ControlServer {
-    /// Listens at the configured control socket (mode 0600: the API changes devices) and
-    /// serves until stopped.
-    pub fn start(core: Core, store: DefinitionStore, config: &Config) -> Result<ControlServer> {
-        let path = &config.control_socket();
-        let listener =
-            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
-        let stopped = Arc::new(AtomicBool::new(false));
-        let handler = Handler {
-            core,
-            store,
-            sockets_dir: config.sockets_dir(),
-        };
-        let stop = stopped.clone();
-        let thread = std::thread::Builder::new()
-            .name("umdev-control".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Acquire) {
-                        break;
-                    }
-                    match stream {
-                        Ok(s) => serve_one(&handler, &s),
-                        Err(e) => tracing::warn!(error = %e, "control socket accept"),
-                    }
-                }
-            })
-            .context("starting the control thread")?;
-        Ok(ControlServer {
-            path: path.to_owned(),
-            stopped,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops accepting, waits for the thread and removes the socket.
-    pub fn stop(mut self) {
-        self.stopped.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn serve_one(handler: &Handler, s: &UnixStream) {
-    let response = match read_request(s) {
-        Ok(Ok(req)) => {
-            tracing::debug!(?req, "control request");
-            handler.handle(req)
-        }
-        Ok(Err(e)) => Response::Error {
-            errno: rustix::io::Errno::INVAL.raw_os_error(),
-            message: format!("malformed request: {e}"),
-        },
-        Err(e) => {
-            tracing::debug!(error = %e, "control connection dropped");
-            return;
-        }
-    };
-    if let Err(e) = write_response(s, &response) {
-        tracing::debug!(error = %e, "control reply not delivered");
     }
 }
