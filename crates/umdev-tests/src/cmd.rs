@@ -62,8 +62,7 @@ pub fn unmap_mode(c: &mut Client, mode: u32) {
 
 /// A memfd of `size` bytes, mapped read-write (or read-only) at `iova`; returns the memfd.
 pub fn map_memfd(c: &mut Client, iova: u64, size: u64, writable: bool) -> OwnedFd {
-    let mem = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&mem, size).unwrap();
+    let mem = crate::guest_memfd(size);
     let mut flags = wire::DMA_MAP_FLAG_READ;
     if writable {
         flags |= wire::DMA_MAP_FLAG_WRITE;

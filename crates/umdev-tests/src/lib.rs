@@ -98,6 +98,20 @@ impl Drop for TestServer {
     }
 }
 
+/// A server for a fresh [`TestDevice`] and a raw connection that negotiated 0.0 with it.
+pub fn negotiated_test_device() -> (TestServer, wire::Raw) {
+    let s = TestServer::test_device();
+    let r = wire::Raw::negotiated(&s.path);
+    (s, r)
+}
+
+/// A memfd of `size` bytes, as a VMM's shared guest RAM.
+pub fn guest_memfd(size: u64) -> std::os::fd::OwnedFd {
+    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    fd
+}
+
 /// Logs to the test output when `UMDEV_LOG` is set.
 pub fn init_logging() {
     if let Ok(filter) = std::env::var("UMDEV_LOG") {

@@ -8,11 +8,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 const GET_INFO: u16 = Command::DeviceGetInfo as u16;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn req(argsz: u32) -> wire::DeviceInfo {
     wire::DeviceInfo {

@@ -1,9 +1,8 @@
 //! Conformance: VFIO_USER_DMA_MAP, over raw wire.
 #![allow(clippy::unwrap_used)]
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
-use rustix::fs::{memfd_create, MemfdFlags};
 use rustix::io::Errno;
 use umdev_proto::{wire, Command};
 use umdev_tests::device::reg;
@@ -14,17 +13,9 @@ use zerocopy::IntoBytes;
 const MAP: u16 = Command::DmaMap as u16;
 const RW: u32 = wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
-fn memfd(size: u64) -> OwnedFd {
-    let fd = memfd_create("guest", MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, size).unwrap();
-    fd
-}
+use umdev_tests::guest_memfd as memfd;
 
 fn req(flags: u32, offset: u64, address: u64, size: u64) -> wire::DmaMap {
     wire::DmaMap {

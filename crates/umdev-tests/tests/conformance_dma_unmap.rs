@@ -1,29 +1,20 @@
 //! Conformance: VFIO_USER_DMA_UNMAP, over raw wire.
 #![allow(clippy::unwrap_used)]
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
-use rustix::fs::{memfd_create, MemfdFlags};
 use umdev_proto::{wire, Command};
 use umdev_tests::device::reg;
 use umdev_tests::wire::{errno, Raw, RawReply};
-use umdev_tests::{Efd, TestServer};
+use umdev_tests::Efd;
 use zerocopy::{FromBytes, IntoBytes};
 
 const UNMAP: u16 = Command::DmaUnmap as u16;
 const RW: u32 = wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
-fn memfd(size: u64) -> OwnedFd {
-    let fd = memfd_create("guest", MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, size).unwrap();
-    fd
-}
+use umdev_tests::guest_memfd as memfd;
 
 /// Maps `[address, address + size)` backed by a fresh memfd (kept by the server).
 fn map(r: &mut Raw, address: u64, size: u64) {

@@ -7,7 +7,7 @@
 
 use umdev_proto::{wire, Command};
 use umdev_tests::wire::{errno, Raw, RawReply};
-use umdev_tests::{Efd, TestServer};
+use umdev_tests::Efd;
 use zerocopy::IntoBytes;
 
 const FEATURE: u16 = Command::DeviceFeature as u16;
@@ -17,11 +17,7 @@ const MIGRATION: u32 = 1;
 const MIG_DEVICE_STATE: u32 = 2;
 const DMA_LOGGING_START: u32 = 6;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn feature(r: &mut Raw, flags: u32, data: &[u8]) -> RawReply {
     let f = wire::DeviceFeature {

@@ -24,11 +24,7 @@ fn info() -> Vec<u8> {
     .to_vec()
 }
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn assert_closed(r: &mut Raw) {
     match r.try_recv() {

@@ -4,7 +4,7 @@
 use umdev_proto::{wire, Command};
 use umdev_tests::device::{BAR2_AREAS, BAR2_SIZE};
 use umdev_tests::wire::{errno, Raw, RawReply};
-use umdev_tests::{Efd, TestServer};
+use umdev_tests::Efd;
 use zerocopy::{FromBytes, IntoBytes};
 
 const REGION_INFO: u16 = Command::DeviceGetRegionInfo as u16;
@@ -12,11 +12,7 @@ const RW: u32 = wire::REGION_INFO_FLAG_READ | wire::REGION_INFO_FLAG_WRITE;
 /// Region info, the sparse mmap header and BAR2's two areas.
 const BAR2_NEEDED: u32 = 32 + 16 + 2 * 16;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn req(index: u32, argsz: u32) -> wire::RegionInfo {
     wire::RegionInfo {

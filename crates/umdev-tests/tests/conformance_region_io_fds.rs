@@ -3,16 +3,12 @@
 
 use umdev_proto::{wire, Command};
 use umdev_tests::wire::{errno, Raw, RawReply};
-use umdev_tests::{Efd, TestServer};
+use umdev_tests::Efd;
 use zerocopy::{FromBytes, IntoBytes};
 
 const IO_FDS: u16 = Command::DeviceGetRegionIoFds as u16;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn req(index: u32) -> wire::RegionIoFds {
     wire::RegionIoFds {

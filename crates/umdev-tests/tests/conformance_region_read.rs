@@ -4,17 +4,13 @@
 use umdev_proto::{wire, Command};
 use umdev_tests::device::{TEST_DEVICE, TEST_VENDOR};
 use umdev_tests::wire::{errno, Raw, RawReply};
-use umdev_tests::{Efd, TestServer};
+use umdev_tests::Efd;
 use zerocopy::{FromBytes, IntoBytes};
 
 const READ: u16 = Command::RegionRead as u16;
 const MAX_XFER: u32 = 1 << 20;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn access(region: u32, offset: u64, count: u32) -> wire::RegionAccess {
     wire::RegionAccess {

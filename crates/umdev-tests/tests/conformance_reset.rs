@@ -4,7 +4,6 @@
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
-use rustix::fs::{memfd_create, MemfdFlags};
 use umdev_proto::{wire, Command, FLAG_NO_REPLY};
 use umdev_tests::device::reg;
 use umdev_tests::wire::{errno, Raw};
@@ -13,11 +12,7 @@ use zerocopy::IntoBytes;
 
 const RESET: u16 = Command::DeviceReset as u16;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn write(r: &mut Raw, region: u32, offset: u64, data: &[u8]) {
     let a = wire::RegionAccess {
@@ -95,8 +90,7 @@ fn eventfds_stay_armed_across_reset() {
 #[test]
 fn dma_mappings_survive_reset() {
     let (_s, mut r) = setup();
-    let mem = memfd_create("guest", MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&mem, 4096).unwrap();
+    let mem = umdev_tests::guest_memfd(4096);
     let m = wire::DmaMap {
         argsz: 32,
         flags: wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE,

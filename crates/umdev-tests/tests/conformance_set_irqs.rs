@@ -7,7 +7,7 @@ use umdev_pci::IrqMode;
 use umdev_proto::{wire, Command};
 use umdev_tests::device::reg;
 use umdev_tests::wire::{errno, Raw, RawReply};
-use umdev_tests::{Efd, TestServer};
+use umdev_tests::Efd;
 use zerocopy::IntoBytes;
 
 const SET_IRQS: u16 = Command::DeviceSetIrqs as u16;
@@ -23,11 +23,7 @@ const MSIX: u32 = 2;
 const ERR: u32 = 3;
 const REQ: u32 = 4;
 
-fn setup() -> (TestServer, Raw) {
-    let s = TestServer::test_device();
-    let r = Raw::negotiated(&s.path);
-    (s, r)
-}
+use umdev_tests::negotiated_test_device as setup;
 
 fn set(
     r: &mut Raw,

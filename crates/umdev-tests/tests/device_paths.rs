@@ -57,8 +57,7 @@ fn a_140_byte_access_reaches_the_device_in_one_piece() {
 fn fd_backed_dma_writes_into_the_clients_memory() {
     let s = TestServer::test_device();
     let mut c = s.client();
-    let mem = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&mem, 1 << 20).unwrap();
+    let mem = umdev_tests::guest_memfd(1 << 20);
     c.dma_map(
         0x10_0000,
         1 << 20,
@@ -112,8 +111,7 @@ fn dma_outside_any_mapping_faults_and_after_unmap_too() {
     let s = TestServer::test_device();
     let mut c = s.client();
     assert_eq!(start_dma(&mut c, 0x5000, 8, 0, 1), 14);
-    let mem = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&mem, 4096).unwrap();
+    let mem = umdev_tests::guest_memfd(4096);
     c.dma_map(
         0x5000,
         4096,

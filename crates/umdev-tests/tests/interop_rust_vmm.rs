@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rustix::fs::{memfd_create, MemfdFlags};
 use umdev_proto::wire;
 use umdev_tests::device::{reg, BAR2_AREAS, BAR2_SIZE, TEST_DEVICE, TEST_VENDOR};
 use umdev_tests::{Efd, TestServer};
@@ -63,9 +62,7 @@ fn device_dma(c: &mut Client, iova: u64, len: u32, seed: u8, cmd: u32) -> u32 {
 }
 
 fn memfd(size: u64) -> std::fs::File {
-    let fd = memfd_create("guest", MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&fd, size).unwrap();
-    std::fs::File::from(fd)
+    std::fs::File::from(umdev_tests::guest_memfd(size))
 }
 
 /// Our own client, attaching once the rust-vmm one is gone.
