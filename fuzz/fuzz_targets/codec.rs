@@ -2,11 +2,13 @@
 //!
 //! Nothing here may panic on any input; the checks below are the codec's own promises:
 //! a parsed header keeps its fields, every wire struct splits off exactly its size and
-//! reads back as the same bytes, and capabilities that parse survive `to_wire` unchanged.
+//! reads back as the same bytes, capabilities that parse survive `to_wire` unchanged, and
+//! the server's per-message checks (`umdev_proto::request`) hold what they accept to the
+//! rules they state.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use umdev_proto::{wire, Capabilities, Command, Header, HEADER_SIZE};
+use umdev_proto::{request, wire, Capabilities, Command, Header, HEADER_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 fuzz_target!(|data: &[u8]| {
@@ -14,6 +16,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     header(head);
+    // The header's fd-count byte stands in for the fds that came with the message.
+    requests(body, usize::from(head[4] % 4));
     // Every wire struct the codec defines. A struct added to `wire` belongs here too.
     split::<wire::Version>(body);
     split::<wire::DmaMap>(body);
@@ -63,6 +67,48 @@ fn header(bytes: &[u8; HEADER_SIZE]) {
             (h.msg_id, h.msg_size, None)
         );
         assert!(Header::parse(&to_array(r.as_bytes())).is_ok());
+    }
+}
+
+/// Every request check on `body`; what a check accepts must obey the rule it enforces.
+fn requests(body: &[u8], fds: usize) {
+    const MAX_XFER: u32 = 4096;
+    if let Ok(m) = request::dma_map(body, fds) {
+        assert!(fds <= 1 && m.map.argsz >= 32 && m.map.flags & !3 == 0);
+        assert_eq!(m.has_fd, fds == 1);
+    }
+    if let Ok(u) = request::dma_unmap(body, fds) {
+        assert_eq!(fds, 0);
+        assert!(!u.all || (u.unmap.address == 0 && u.unmap.size == 0 && u.bitmap.is_none()));
+        let dirty = u.unmap.flags & wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0;
+        assert_eq!(u.bitmap.is_some(), dirty);
+    }
+    if let Ok(a) = request::region_read(body, fds, MAX_XFER) {
+        assert!(fds == 0 && a.count <= MAX_XFER);
+    }
+    if let Ok((a, data)) = request::region_write(body, fds, MAX_XFER) {
+        assert!(fds == 0 && a.count <= MAX_XFER && data.len() == a.count as usize);
+    }
+    if let Ok((m, writes)) = request::write_multi(body, fds) {
+        assert_eq!(writes.len() as u64, m.wr_cnt);
+        assert!(writes.len() <= wire::WRITE_MULTI_MAX);
+        assert!(writes.iter().all(|w| w.count as usize <= wire::WRITE_MULTI_DATA));
+    }
+    if let Ok(f) = request::device_feature(body, fds) {
+        let both = wire::DEVICE_FEATURE_GET | wire::DEVICE_FEATURE_SET;
+        assert!(f.probe || f.ops != both);
+        assert_eq!(f.feature, f.request.flags & wire::DEVICE_FEATURE_MASK);
+        if let Ok((ctl, ranges)) = request::dma_logging_start(f.data) {
+            assert!(ctl.page_size.is_power_of_two());
+            assert_eq!(ranges.len(), ctl.num_ranges as usize);
+            assert!(ctl.num_ranges <= request::MAX_LOGGING_RANGES);
+        }
+    }
+    if let Ok(m) = request::mig_data_read(body, fds, MAX_XFER) {
+        assert!(m.size <= MAX_XFER && m.argsz as usize >= 8 + m.size as usize);
+    }
+    if let Ok((m, data)) = request::mig_data_write(body, fds, MAX_XFER) {
+        assert!(m.size <= MAX_XFER && data.len() == m.size as usize);
     }
 }
 

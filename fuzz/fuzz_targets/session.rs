@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use umdev_pci::{
-    BarIndex, BarKind, DeviceContext, DeviceError, PciDevice, PciDeviceSpec, PciFunction,
+    BarIndex, BarKind, DeviceContext, Errno, PciDevice, PciDeviceSpec, PciFunction,
 };
 use umdev_proto::{wire, Capabilities, Command, Header, HEADER_SIZE};
 use umdev_server::{Server, ServerConfig};
@@ -139,20 +139,20 @@ impl Toy {
             .unwrap_or_else(|| panic!("access {offset:#x}+{len:#x} past a {size:#x}-byte BAR"))
     }
 
-    fn doorbell(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn doorbell(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let Some(ctx) = self.ctx.clone() else {
             return Ok(());
         };
         match (offset, data.len()) {
             (REG_DMA_READ, 8) => {
-                let iova = u64::from_le_bytes(data.try_into().map_err(|_| DeviceError::Io(22))?);
+                let iova = u64::from_le_bytes(data.try_into().map_err(|_| Errno::INVAL)?);
                 let buf = &mut self.bars[0][DMA_BUF..DMA_BUF + DMA_LEN];
-                ctx.dma.read(iova, buf).map_err(|_| DeviceError::Io(5))
+                ctx.dma.read(iova, buf).map_err(|_| Errno::IO)
             }
             (REG_DMA_WRITE, 8) => {
-                let iova = u64::from_le_bytes(data.try_into().map_err(|_| DeviceError::Io(22))?);
+                let iova = u64::from_le_bytes(data.try_into().map_err(|_| Errno::INVAL)?);
                 let buf = &self.bars[0][DMA_BUF..DMA_BUF + DMA_LEN];
-                ctx.dma.write(iova, buf).map_err(|_| DeviceError::Io(5))
+                ctx.dma.write(iova, buf).map_err(|_| Errno::IO)
             }
             (REG_IRQ, 1) => {
                 Self::interrupt(&ctx, data[0]);
@@ -176,12 +176,12 @@ impl Toy {
 }
 
 impl PciDevice for Toy {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         data.copy_from_slice(self.span(bar, offset, data.len()));
         Ok(())
     }
 
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
         self.span(bar, offset, data.len()).copy_from_slice(data);
         if bar.get() == 0 {
             self.doorbell(offset, data)?;
@@ -189,14 +189,14 @@ impl PciDevice for Toy {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Errno> {
         let ctx = self.ctx.take();
         *self = Toy::default();
         self.ctx = ctx;
         Ok(())
     }
 
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
         self.ctx = Some(ctx);
         Ok(())
     }
@@ -311,6 +311,10 @@ impl Transport for Checked {
 
     fn send_raw(&self, _bytes: &[u8], _fds: &[BorrowedFd<'_>]) -> Result<(), TransportError> {
         panic!("the server sent raw bytes");
+    }
+
+    fn wait_readable(&self, timeout: std::time::Duration) -> Result<bool, TransportError> {
+        self.inner.wait_readable(timeout)
     }
 
     fn shutdown(&self) {

@@ -2,12 +2,13 @@
 //! and one response from the daemon. Errors carry an errno and a message.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Where `umdevd` listens by default (its state directory's `control.sock`).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/umdev/state/control.sock";
@@ -83,12 +84,25 @@ pub enum Request {
         name: String,
         /// Its driver (`mtty`).
         driver: String,
-        /// Its pool size (mtty: ports, default 24).
-        ports: Option<u32>,
-        /// Where mtty ports' host sides go: `socket` (default), `pty` or `none`.
-        console: Option<String>,
-        /// Whether its types share peer-to-peer resources.
-        peer_to_peer: bool,
+        /// The driver's options, which the driver checks (values may be text).
+        #[serde(default)]
+        options: Map<String, Value>,
+    },
+    /// The parent drivers the daemon knows, with their options.
+    Drivers,
+    /// Changes the owner and mode of an active device's directory and sockets.
+    Access {
+        /// The device.
+        uuid: String,
+        /// `user[:group]`, names or numbers.
+        owner: Option<String>,
+        /// Octal mode of the sockets (the directory gets search permission to match).
+        mode: Option<String>,
+    },
+    /// A display device's current scan-out; the reply carries the memory's fd.
+    DisplayPlane {
+        /// The device.
+        uuid: String,
     },
     /// Unregisters a parent and removes its devices (EBUSY while one is held, unless
     /// `force`).
@@ -176,6 +190,45 @@ pub struct Holder {
     pub connection: u64,
 }
 
+/// One option of a parent driver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverOption {
+    /// Its key.
+    pub name: String,
+    /// What it takes (`integer 1..=4096`, `bool`, `one of socket|pty|none`, ...).
+    pub kind: String,
+    /// Its default, if it has one.
+    pub default: Option<String>,
+    /// What it does.
+    pub help: String,
+}
+
+/// A parent driver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverEntry {
+    /// Its name, the prefix of its type ids.
+    pub name: String,
+    /// What its devices are.
+    pub description: String,
+    /// Its options.
+    pub options: Vec<DriverOption>,
+}
+
+/// A display's scan-out (the memory's fd travels with the reply).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaneInfo {
+    /// DRM fourcc of the pixel format.
+    pub fourcc: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Bytes per line.
+    pub stride: u32,
+    /// Offset of the first pixel in the memory.
+    pub offset: u64,
+}
+
 /// One IOMMU group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupEntry {
@@ -221,6 +274,16 @@ pub enum Response {
     Groups {
         /// By number.
         groups: Vec<GroupEntry>,
+    },
+    /// The drivers, in registration order.
+    Drivers {
+        /// The drivers.
+        drivers: Vec<DriverEntry>,
+    },
+    /// A display plane; its memory's fd is attached to the reply.
+    Plane {
+        /// Where the pixels are.
+        plane: PlaneInfo,
     },
     /// The request failed.
     Error {
@@ -269,6 +332,12 @@ impl Client {
 
     /// Sends `req` on a new connection and reads the response.
     pub fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        self.call_with_fds(req).map(|(r, _)| r)
+    }
+
+    /// Sends `req` and reads the response with the fds that came with it (a display
+    /// plane's memory).
+    pub fn call_with_fds(&self, req: &Request) -> Result<(Response, Vec<OwnedFd>), ClientError> {
         let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
             path: self.path.clone(),
             source,
@@ -281,12 +350,70 @@ impl Client {
         (&stream)
             .write_all(line.as_bytes())
             .map_err(ClientError::Io)?;
-        let mut answer = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut answer)
-            .map_err(ClientError::Io)?;
-        serde_json::from_str(&answer).map_err(ClientError::Decode)
+        let (answer, fds) = read_line_with_fds(&stream).map_err(ClientError::Io)?;
+        let r = serde_json::from_slice(&answer).map_err(ClientError::Decode)?;
+        Ok((r, fds))
     }
+}
+
+/// Most bytes a response line may take (a listing of thousands of devices fits).
+const MAX_LINE: usize = 64 << 20;
+
+/// Reads one line (up to and without its newline) and any fds sent with it.
+fn read_line_with_fds(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        // Peek-free: the daemon writes exactly one line and closes, so nothing follows it.
+        let r = match recvmsg(stream, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC) {
+            Ok(r) => r,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for m in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = m {
+                fds.extend(rights);
+            }
+        }
+        if r.bytes == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "umdevd closed the connection before answering",
+            ));
+        }
+        line.extend_from_slice(&buf[..r.bytes]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(end);
+            return Ok((line, fds));
+        }
+        if line.len() > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "response line too long",
+            ));
+        }
+    }
+}
+
+/// `KEY=VALUE` pairs (a command line's `--opt`s) as a driver's options table; values stay
+/// text, which the driver parses into the kinds it declares.
+pub fn options_from_pairs(pairs: &[String]) -> Result<Map<String, Value>, String> {
+    let mut m = Map::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| format!("option {p:?} is not KEY=VALUE"))?;
+        if k.is_empty() {
+            return Err(format!("option {p:?} has no key"));
+        }
+        m.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    Ok(m)
 }
 
 /// Reads one request line from `stream` (at most 1 MiB).
@@ -297,10 +424,38 @@ pub fn read_request(stream: &UnixStream) -> std::io::Result<Result<Request, serd
 }
 
 /// Writes one response line to `stream`.
-pub fn write_response(mut stream: &UnixStream, r: &Response) -> std::io::Result<()> {
+pub fn write_response(stream: &UnixStream, r: &Response) -> std::io::Result<()> {
+    write_response_with_fds(stream, r, &[])
+}
+
+/// Writes one response line to `stream` with `fds` attached to its first bytes.
+pub fn write_response_with_fds(
+    mut stream: &UnixStream,
+    r: &Response,
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let mut line = serde_json::to_string(r).map_err(std::io::Error::other)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())
+    let bytes = line.as_bytes();
+    let mut sent = 0;
+    if !fds.is_empty() {
+        let mut space =
+            vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        if !cmsg.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(std::io::Error::other("too many fds for one message"));
+        }
+        let iov = [std::io::IoSlice::new(bytes)];
+        sent = loop {
+            match sendmsg(stream, &iov, &mut cmsg, SendFlags::NOSIGNAL) {
+                Ok(n) => break n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+    }
+    stream.write_all(&bytes[sent..])
 }
 
 #[cfg(test)]

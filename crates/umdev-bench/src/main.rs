@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use umdev_client::{Client, ClientOptions};
 use umdev_dma::{AddressSpace, Backing, Dma, DmaLimits, IovaRange, Prot};
-use umdev_pci::{BarIndex, BarKind, DeviceError, PciDevice, PciDeviceSpec, PciFunction};
+use umdev_pci::{BarIndex, BarKind, Errno, PciDevice, PciDeviceSpec, PciFunction};
 use umdev_server::{Server, ServerConfig};
 use umdev_transport::{Transport, UnixTransport};
 
@@ -46,13 +46,13 @@ struct Args {
 struct Ram(Vec<u8>);
 
 impl PciDevice for Ram {
-    fn bar_read(&mut self, _: BarIndex, off: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        let o = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+    fn bar_read(&mut self, _: BarIndex, off: u64, data: &mut [u8]) -> Result<(), Errno> {
+        let o = usize::try_from(off).map_err(|_| Errno::INVAL)?;
         data.copy_from_slice(&self.0[o..o + data.len()]);
         Ok(())
     }
-    fn bar_write(&mut self, _: BarIndex, off: u64, data: &[u8]) -> Result<(), DeviceError> {
-        let o = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+    fn bar_write(&mut self, _: BarIndex, off: u64, data: &[u8]) -> Result<(), Errno> {
+        let o = usize::try_from(off).map_err(|_| Errno::INVAL)?;
         self.0[o..o + data.len()].copy_from_slice(data);
         Ok(())
     }

@@ -1,29 +1,37 @@
 //! The registry: parents, their devices, IOMMU groups and who holds them, behind one lock.
 //!
 //! Lock order: the registry lock is never held while calling into a served device's
-//! function (whose session thread takes the function lock, then calls `open`/`close`,
-//! which take the registry lock). Stopping a served device joins its session thread, so it
-//! is done with the registry lock released.
+//! function (whose session thread takes the function lock, then runs the open guard, which
+//! takes the registry lock). Stopping a served device joins its session thread, so it is
+//! done with the registry lock released. The parent's `create`, `build` and `remove` and
+//! the [`Serve`]'s `env`, `start` and `release` run with the registry lock held.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use umdev_pci::{
-    BarIndex, ClientId, DeviceContext, DeviceError, Interrupts, IrqMode, PciDevice, PciFunction,
-};
+use rustix::io::Errno;
+use umdev_pci::{ClientId, DisplayPlane, Interrupts, OpenGuard, PciFunction};
 
-use crate::parent::{AttrSpec, Parent, TypeSpec, VendorAttrs};
-use crate::{CoreError, MdevUuid};
+use crate::parent::{AttrSpec, DeviceDescription, Parent, TypeSpec, VendorAttrs};
+use crate::{CoreError, DeviceEnv, MdevUuid};
 
 /// The attribute of peer-to-peer types that names a device's group of peers (seed 000).
 pub const P2P_ATTR: &str = "peer_to_peer_resource_uuid";
 
-/// Where served devices go: the daemon puts each on a vfio-user socket; tests keep them.
+/// Where served devices go: the daemon puts each on a vfio-user socket in a directory of
+/// its own; tests keep them in-process.
 pub trait Serve: Send + Sync {
-    /// Starts serving `function`, the new device `uuid`.
-    fn start(&self, uuid: &MdevUuid, function: PciFunction) -> std::io::Result<Box<dyn Served>>;
+    /// The environment of new device `uuid` of parent `parent` (its directory, created
+    /// here, if the front-end gives devices one). The default has none.
+    fn env(&self, _parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
+        Ok(DeviceEnv::detached(*uuid))
+    }
+    /// Starts serving `function`, the new device of `env`.
+    fn start(&self, env: &DeviceEnv, function: PciFunction) -> std::io::Result<Box<dyn Served>>;
+    /// Removes what `env` made, once the device is stopped (or was never served).
+    fn release(&self, _env: &DeviceEnv) {}
 }
 
 /// A device being served.
@@ -35,6 +43,10 @@ pub trait Served: Send {
     /// Stops serving: disconnects any client (its session ends with the usual cleanup, so
     /// the device's `close` runs) and removes the socket. Returns once that is done.
     fn stop(self: Box<Self>);
+    /// The device's current display plane ([`umdev_pci::PciDevice::display_plane`]).
+    fn display_plane(&self) -> Result<DisplayPlane, Errno> {
+        Err(Errno::NOTSUP)
+    }
 }
 
 /// Tunables of the core.
@@ -104,6 +116,8 @@ pub struct GroupInfo {
 struct ParentEntry {
     driver: Arc<dyn Parent>,
     types: Vec<TypeSpec>,
+    /// The parent's own attributes.
+    attrs: Vec<AttrSpec>,
     unregistering: bool,
     devices: BTreeSet<MdevUuid>,
 }
@@ -135,6 +149,8 @@ struct MdevEntry {
     socket: Option<PathBuf>,
     attr_specs: Vec<AttrSpec>,
     attrs: Option<Arc<dyn VendorAttrs>>,
+    description: DeviceDescription,
+    env: DeviceEnv,
 }
 
 #[derive(Default)]
@@ -222,23 +238,23 @@ impl Inner {
 
     /// A client opens `uuid`: refused while the device goes away, or while another client
     /// holds any device of its group.
-    fn acquire(&self, uuid: &MdevUuid, client: ClientId) -> Result<(), i32> {
+    fn acquire(&self, uuid: &MdevUuid, client: ClientId) -> Result<(), Errno> {
         let mut st = self.lock();
         let st = &mut *st;
-        let m = st.mdevs.get_mut(uuid).ok_or(libc_errno::NODEV)?;
+        let m = st.mdevs.get_mut(uuid).ok_or(Errno::NODEV)?;
         let unregistering = st.parents.get(&m.parent).is_none_or(|p| p.unregistering);
         if m.removing || unregistering {
-            return Err(libc_errno::NODEV);
+            return Err(Errno::NODEV);
         }
         if m.held_by.is_some() {
-            return Err(libc_errno::BUSY);
+            return Err(Errno::BUSY);
         }
-        let g = st.groups.get_mut(&m.group).ok_or(libc_errno::NODEV)?;
+        let g = st.groups.get_mut(&m.group).ok_or(Errno::NODEV)?;
         if let Some(owner) = &g.owner {
             if !owner.same_client(&client) {
                 tracing::warn!(%uuid, group = m.group, %client, %owner,
                     "refusing a client: another client holds the IOMMU group");
-                return Err(libc_errno::BUSY);
+                return Err(Errno::BUSY);
             }
         } else {
             g.owner = Some(client);
@@ -267,56 +283,24 @@ impl Inner {
     }
 }
 
-/// Errno values for device refusals (`DeviceError::Refused` carries a raw errno).
-mod libc_errno {
-    pub(super) const NODEV: i32 = 19;
-    pub(super) const BUSY: i32 = 16;
-}
-
-/// Wraps a parent's device: `open` and `close` go through the core first, which keeps
-/// track of who holds what and enforces one client per IOMMU group.
-struct Guarded {
-    inner: Box<dyn PciDevice>,
+/// The core's part in every `open` and `close` of a device it created: one client per
+/// IOMMU group, no open while the device goes away. The framework calls it around the
+/// device's own hooks ([`OpenGuard`]), so no hook of the device passes through the core.
+struct GroupGuard {
     core: Weak<Inner>,
     uuid: MdevUuid,
 }
 
-impl PciDevice for Guarded {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        self.inner.bar_read(bar, offset, data)
+impl OpenGuard for GroupGuard {
+    fn acquire(&self, client: &ClientId) -> Result<(), Errno> {
+        let core = self.core.upgrade().ok_or(Errno::NODEV)?;
+        core.acquire(&self.uuid, *client)
     }
 
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.inner.bar_write(bar, offset, data)
-    }
-
-    fn reset(&mut self) -> Result<(), DeviceError> {
-        self.inner.reset()
-    }
-
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
-        let core = self
-            .core
-            .upgrade()
-            .ok_or(DeviceError::Refused(libc_errno::NODEV))?;
-        core.acquire(&self.uuid, ctx.client)
-            .map_err(DeviceError::Refused)?;
-        if let Err(e) = self.inner.open(ctx) {
-            core.release(&self.uuid);
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    fn close(&mut self) {
-        self.inner.close();
+    fn release(&self) {
         if let Some(core) = self.core.upgrade() {
             core.release(&self.uuid);
         }
-    }
-
-    fn irq_mode_changed(&mut self, mode: IrqMode) {
-        self.inner.irq_mode_changed(mode);
     }
 }
 
@@ -371,6 +355,14 @@ impl Core {
                 parent.driver()
             )));
         }
+        let attrs = parent.attrs();
+        for a in &attrs {
+            let top = a.name.split('/').next().unwrap_or_default();
+            let parts_ok = a.name.split('/').count() <= 2 && a.name.split('/').all(valid_name);
+            if !parts_ok || top == "mdev_supported_types" || MdevUuid::parse(top).is_ok() {
+                return Err(CoreError::Invalid(format!("parent attribute {:?}", a.name)));
+            }
+        }
         let mut st = self.inner.lock();
         if st.parents.contains_key(name) {
             return Err(CoreError::ParentExists(name.to_owned()));
@@ -380,6 +372,7 @@ impl Core {
             ParentEntry {
                 driver: parent,
                 types,
+                attrs,
                 unregistering: false,
                 devices: BTreeSet::new(),
             },
@@ -513,11 +506,15 @@ impl Core {
         Ok(type_info(&st, p, t, &in_use))
     }
 
-    /// Creates device `uuid` of `type_id` under `parent` and starts serving it.
+    /// Creates device `uuid` of `type_id` under `parent` and starts serving it: the
+    /// parent's `create` (a description), the front-end's environment for it, the parent's
+    /// `build`, then the server. A failure at any step undoes the steps before it (the
+    /// parent's `remove`, the environment's release), so nothing remains: no device, no
+    /// group, no tree entry, no socket.
     ///
     /// EEXIST if the UUID exists under any parent, ENODEV if the parent is unknown or
     /// unregistering, ENOENT for an unknown type, ENOSPC when none is available, else the
-    /// driver's or the server's error (and then nothing remains).
+    /// driver's or the server's error.
     pub fn create(&self, parent: &str, type_id: &str, uuid: MdevUuid) -> Result<(), CoreError> {
         let mut st = self.inner.lock();
         let st = &mut *st;
@@ -539,36 +536,53 @@ impl Core {
                 type_id: type_id.to_owned(),
             });
         }
-        let parts = p
-            .driver
+        let driver = p.driver.clone();
+        let driver_error = |errno, what: &str| CoreError::Driver {
+            errno,
+            message: format!("{what} {type_id} {uuid} on {parent}"),
+        };
+        let description = driver
             .create(&uuid, &t.name)
-            .map_err(|errno| CoreError::Driver {
-                errno,
-                message: format!("creating {type_id} {uuid} on {parent}"),
-            })?;
+            .map_err(|e| driver_error(e, "creating"))?;
+        let undo_create = |why: &dyn std::fmt::Display| {
+            tracing::warn!(%uuid, parent, type_id, error = %why, "creating an mdev failed; undone");
+            driver.remove(&uuid, &description);
+        };
+        let env = match self.inner.serve.env(parent, &uuid) {
+            Ok(env) => env,
+            Err(source) => {
+                undo_create(&source);
+                return Err(CoreError::Serve { uuid, source });
+            }
+        };
+        let parts = match driver.build(&uuid, &description, &env) {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.inner.serve.release(&env);
+                undo_create(&e);
+                return Err(driver_error(e, "building"));
+            }
+        };
         let type_name = t.name.clone();
         let peer_to_peer = t.peer_to_peer;
         let mut attr_specs = t.attrs.clone();
         if peer_to_peer {
-            attr_specs.push(AttrSpec {
-                name: P2P_ATTR.to_owned(),
-                writable: true,
-            });
+            attr_specs.push(AttrSpec::writable(P2P_ATTR));
         }
-        let function = PciFunction::new(
-            parts.spec,
-            Box::new(Guarded {
-                inner: parts.device,
-                core: Arc::downgrade(&self.inner),
-                uuid,
-            }),
-        );
+        let guard = GroupGuard {
+            core: Arc::downgrade(&self.inner),
+            uuid,
+        };
+        let function = PciFunction::new(parts.spec, parts.device).with_guard(Arc::new(guard));
         let irqs = function.interrupts();
-        let served = self
-            .inner
-            .serve
-            .start(&uuid, function)
-            .map_err(|source| CoreError::Serve { uuid, source })?;
+        let served = match self.inner.serve.start(&env, function) {
+            Ok(s) => s,
+            Err(source) => {
+                self.inner.serve.release(&env);
+                undo_create(&source);
+                return Err(CoreError::Serve { uuid, source });
+            }
+        };
         // Peer-to-peer devices start with a fresh resource UUID: alone, until moved.
         let p2p = peer_to_peer.then(MdevUuid::random);
         let group = st.new_group(p2p);
@@ -593,6 +607,8 @@ impl Core {
                 served: Some(served),
                 attr_specs,
                 attrs: parts.attrs.map(Arc::from),
+                description,
+                env,
             },
         );
         tracing::info!(%uuid, parent, type_id, group, "mdev created");
@@ -650,15 +666,20 @@ impl Core {
         }
         let served = st.mdevs.get_mut(uuid).and_then(|m| m.served.take());
         drop(st);
-        // With the lock released: stopping joins the session, whose close needs the lock.
+        // With the lock released: stopping joins the session, whose close (the device's
+        // teardown, then the open guard's release) needs the lock. So the device has closed
+        // before it leaves its group below.
         if let Some(s) = served {
             s.stop();
         }
         let mut st = self.inner.lock();
         if let Some(m) = st.mdevs.remove(uuid) {
             st.leave_group(uuid, m.group);
+            self.inner.serve.release(&m.env);
             if let Some(p) = st.parents.get_mut(&m.parent) {
                 p.devices.remove(uuid);
+                // Under the lock: a new device of the same UUID cannot meet what is left.
+                p.driver.remove(uuid, &m.description);
             }
         }
         drop(st);
@@ -752,6 +773,86 @@ impl Core {
         attrs.store(name, value).map_err(|errno| CoreError::Driver {
             errno,
             message: format!("writing {name} of {uuid}"),
+        })
+    }
+
+    /// The attributes of parent `parent` (files in its directory).
+    pub fn parent_attrs(&self, parent: &str) -> Vec<AttrSpec> {
+        let st = self.inner.lock();
+        st.parents
+            .get(parent)
+            .map(|p| p.attrs.clone())
+            .unwrap_or_default()
+    }
+
+    fn parent_attr(
+        &self,
+        parent: &str,
+        name: &str,
+        write: bool,
+    ) -> Result<Arc<dyn Parent>, CoreError> {
+        let st = self.inner.lock();
+        let p = st
+            .parents
+            .get(parent)
+            .filter(|p| !p.unregistering)
+            .ok_or_else(|| CoreError::NoParent(parent.to_owned()))?;
+        let a = p
+            .attrs
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| CoreError::NoAttribute(name.to_owned()))?;
+        if write && !a.writable {
+            return Err(CoreError::ReadOnly(name.to_owned()));
+        }
+        Ok(p.driver.clone())
+    }
+
+    /// Reads attribute `name` of parent `parent`.
+    pub fn read_parent_attr(&self, parent: &str, name: &str) -> Result<String, CoreError> {
+        let driver = self.parent_attr(parent, name, false)?;
+        // The driver's attribute code runs without the registry lock.
+        let mut s = driver.show_attr(name).map_err(|errno| CoreError::Driver {
+            errno,
+            message: format!("reading {name} of {parent}"),
+        })?;
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        Ok(s)
+    }
+
+    /// Writes `value` to attribute `name` of parent `parent` (EACCES if read-only).
+    pub fn write_parent_attr(
+        &self,
+        parent: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<(), CoreError> {
+        let driver = self.parent_attr(parent, name, true)?;
+        driver
+            .store_attr(name, value)
+            .map_err(|errno| CoreError::Driver {
+                errno,
+                message: format!("writing {name} of {parent}"),
+            })
+    }
+
+    /// The description device `uuid` was created from.
+    pub fn description(&self, uuid: &MdevUuid) -> Option<DeviceDescription> {
+        let st = self.inner.lock();
+        st.mdevs.get(uuid).map(|m| m.description.clone())
+    }
+
+    /// Device `uuid`'s current display plane: ENOTSUP for a device that is not a display,
+    /// ENODATA while its display is off.
+    pub fn display_plane(&self, uuid: &MdevUuid) -> Result<DisplayPlane, CoreError> {
+        let st = self.inner.lock();
+        let m = st.mdevs.get(uuid).ok_or(CoreError::NoDevice(*uuid))?;
+        let served = m.served.as_ref().ok_or(CoreError::Removing(*uuid))?;
+        served.display_plane().map_err(|errno| CoreError::Driver {
+            errno,
+            message: format!("querying the display plane of {uuid}"),
         })
     }
 

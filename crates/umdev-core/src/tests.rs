@@ -6,18 +6,16 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 use umdev_dma::{AddressSpace, DmaLimits};
-use umdev_pci::{
-    BarIndex, BarKind, ClientId, DeviceError, PciDevice, PciDeviceSpec, PciFunction, PeerCred,
-};
+use umdev_pci::{BarIndex, BarKind, ClientId, PciDevice, PciDeviceSpec, PciFunction, PeerCred};
 
 use crate::*;
 
 struct Nothing;
 impl PciDevice for Nothing {
-    fn bar_read(&mut self, _: BarIndex, _: u64, _: &mut [u8]) -> Result<(), DeviceError> {
+    fn bar_read(&mut self, _: BarIndex, _: u64, _: &mut [u8]) -> Result<(), Errno> {
         Ok(())
     }
-    fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+    fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), Errno> {
         Ok(())
     }
 }
@@ -93,7 +91,15 @@ impl Parent for Vram {
         let used: u32 = in_use.iter().map(|t| Vram::size(t)).sum();
         (1024 - used) / Vram::size(name)
     }
-    fn create(&self, _: &MdevUuid, _: &str) -> Result<MdevParts, Errno> {
+    fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
+        Ok(DeviceDescription::new(type_name))
+    }
+    fn build(
+        &self,
+        _: &MdevUuid,
+        _: &DeviceDescription,
+        _: &DeviceEnv,
+    ) -> Result<MdevParts, Errno> {
         Ok(MdevParts {
             spec: spec(),
             device: Box::new(Nothing),
@@ -130,13 +136,14 @@ impl Served for Kept {
 }
 
 impl Serve for Keep {
-    fn start(&self, uuid: &MdevUuid, f: PciFunction) -> std::io::Result<Box<dyn Served>> {
+    fn start(&self, env: &DeviceEnv, f: PciFunction) -> std::io::Result<Box<dyn Served>> {
+        let uuid = *env.uuid();
         self.functions
             .lock()
             .unwrap()
-            .insert(*uuid, Arc::new(Mutex::new(f)));
+            .insert(uuid, Arc::new(Mutex::new(f)));
         Ok(Box::new(Kept {
-            uuid: *uuid,
+            uuid,
             functions: self.functions.clone(),
         }))
     }
@@ -178,9 +185,12 @@ impl Fixture {
     }
 
     fn open(&self, uuid: &MdevUuid, client: ClientId) -> Result<(), i32> {
+        self.open_function(&self.function(uuid), client)
+    }
+
+    fn open_function(&self, f: &Mutex<PciFunction>, client: ClientId) -> Result<(), i32> {
         let dma = Arc::new(AddressSpace::new(DmaLimits::default()));
-        self.function(uuid)
-            .lock()
+        f.lock()
             .unwrap()
             .open_as(dma, client)
             .map_err(|e| e.errno())
@@ -553,14 +563,14 @@ fn unregistering_an_idle_parent_removes_its_devices() {
 fn a_refusing_driver_open_leaves_the_group_free() {
     struct Refuses;
     impl PciDevice for Refuses {
-        fn bar_read(&mut self, _: BarIndex, _: u64, _: &mut [u8]) -> Result<(), DeviceError> {
+        fn bar_read(&mut self, _: BarIndex, _: u64, _: &mut [u8]) -> Result<(), Errno> {
             Ok(())
         }
-        fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+        fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), Errno> {
             Ok(())
         }
-        fn open(&mut self, _: umdev_pci::DeviceContext) -> Result<(), DeviceError> {
-            Err(DeviceError::Refused(12))
+        fn open(&mut self, _: umdev_pci::DeviceContext) -> Result<(), Errno> {
+            Err(Errno::NOMEM)
         }
     }
     struct P;
@@ -574,7 +584,15 @@ fn a_refusing_driver_open_leaves_the_group_free() {
         fn available(&self, _: &str, _: &[&str]) -> u32 {
             1
         }
-        fn create(&self, _: &MdevUuid, _: &str) -> Result<MdevParts, Errno> {
+        fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
+            Ok(DeviceDescription::new(type_name))
+        }
+        fn build(
+            &self,
+            _: &MdevUuid,
+            _: &DeviceDescription,
+            _: &DeviceEnv,
+        ) -> Result<MdevParts, Errno> {
             Ok(MdevParts {
                 spec: spec(),
                 device: Box::new(Refuses),
@@ -631,4 +649,245 @@ fn concurrent_creates_and_removes_never_over_commit() {
     assert!(total > 0);
     assert_eq!(f.available("gpu0"), vec![8, 4, 2]);
     assert!(f.core.mdevs().is_empty() && f.core.groups().is_empty());
+}
+
+/// A parent whose steps can be made to fail, and which records what it was asked.
+#[derive(Default)]
+struct Steps {
+    fail_create: bool,
+    fail_build: bool,
+    removed: Mutex<Vec<MdevUuid>>,
+    /// Per device: whether its group still held it when the device's `close` ran.
+    core: std::sync::OnceLock<Core>,
+    closed_in_group: Arc<Mutex<Vec<bool>>>,
+}
+
+struct Watches {
+    uuid: MdevUuid,
+    core: Option<Core>,
+    closed_in_group: Arc<Mutex<Vec<bool>>>,
+}
+
+impl PciDevice for Watches {
+    fn bar_read(&mut self, _: BarIndex, _: u64, _: &mut [u8]) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn close(&mut self) {
+        let in_group = self.core.as_ref().is_some_and(|c| {
+            c.mdev(&self.uuid)
+                .and_then(|m| c.group(m.iommu_group))
+                .is_some_and(|g| g.devices.contains(&self.uuid))
+        });
+        self.closed_in_group.lock().unwrap().push(in_group);
+    }
+}
+
+impl Parent for Steps {
+    fn driver(&self) -> &str {
+        "steps"
+    }
+    fn types(&self) -> Vec<TypeSpec> {
+        vec![TypeSpec::new("x")]
+    }
+    fn available(&self, _: &str, in_use: &[&str]) -> u32 {
+        4 - u32::try_from(in_use.len()).unwrap()
+    }
+    fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
+        if self.fail_create {
+            return Err(Errno::NOMEM);
+        }
+        DeviceDescription::with(type_name, &serde_json::json!({"size": 1}))
+    }
+    fn build(
+        &self,
+        uuid: &MdevUuid,
+        d: &DeviceDescription,
+        _: &DeviceEnv,
+    ) -> Result<MdevParts, Errno> {
+        assert_eq!(d.data::<serde_json::Value>().unwrap()["size"], 1);
+        if self.fail_build {
+            return Err(Errno::IO);
+        }
+        Ok(MdevParts {
+            spec: spec(),
+            device: Box::new(Watches {
+                uuid: *uuid,
+                core: self.core.get().cloned(),
+                closed_in_group: self.closed_in_group.clone(),
+            }),
+            attrs: None,
+        })
+    }
+    fn remove(&self, uuid: &MdevUuid, _: &DeviceDescription) {
+        self.removed.lock().unwrap().push(*uuid);
+    }
+    fn attrs(&self) -> Vec<AttrSpec> {
+        vec![
+            AttrSpec::read_only("pool_free"),
+            AttrSpec::writable("vendor/mode"),
+        ]
+    }
+    fn show_attr(&self, name: &str) -> Result<String, Errno> {
+        match name {
+            "pool_free" => Ok("4".into()),
+            "vendor/mode" => Ok("fast\n".into()),
+            _ => Err(Errno::NOENT),
+        }
+    }
+    fn store_attr(&self, name: &str, value: &str) -> Result<(), Errno> {
+        match (name, value.trim()) {
+            ("vendor/mode", "fast" | "slow") => Ok(()),
+            _ => Err(Errno::INVAL),
+        }
+    }
+}
+
+/// Refuses to serve anything.
+struct Unservable;
+impl Serve for Unservable {
+    fn start(&self, _: &DeviceEnv, _: PciFunction) -> std::io::Result<Box<dyn Served>> {
+        Err(std::io::Error::from_raw_os_error(
+            Errno::ADDRINUSE.raw_os_error(),
+        ))
+    }
+}
+
+fn nothing_left(core: &Core) {
+    assert!(core.mdevs().is_empty(), "no device");
+    assert!(core.groups().is_empty(), "no group");
+    assert!(core.parent_devices("s0").is_empty(), "no tree entry");
+    assert_eq!(
+        core.type_info("s0", "steps-x").unwrap().available_instances,
+        4
+    );
+}
+
+/// Seeds digest behaviours 9 and 14: a parent's create failing leaves nothing.
+#[test]
+fn a_failed_create_leaves_no_device_no_group() {
+    let f = Fixture::new(10);
+    let p = Arc::new(Steps {
+        fail_create: true,
+        ..Steps::default()
+    });
+    f.core.register_parent("s0", p.clone()).unwrap();
+    let e = f.core.create("s0", "steps-x", uuid(1)).unwrap_err();
+    assert_eq!(e.errno(), Errno::NOMEM);
+    nothing_left(&f.core);
+    assert!(p.removed.lock().unwrap().is_empty(), "nothing to give back");
+}
+
+/// A failed build gives back what create took.
+#[test]
+fn a_failed_build_gives_back_what_create_took() {
+    let f = Fixture::new(10);
+    let p = Arc::new(Steps {
+        fail_build: true,
+        ..Steps::default()
+    });
+    f.core.register_parent("s0", p.clone()).unwrap();
+    assert_eq!(
+        f.core.create("s0", "steps-x", uuid(1)).unwrap_err().errno(),
+        Errno::IO
+    );
+    nothing_left(&f.core);
+    assert_eq!(*p.removed.lock().unwrap(), vec![uuid(1)]);
+}
+
+/// Seeds digest behaviour 15: the server failing to start leaves nothing either.
+#[test]
+fn a_server_that_cannot_start_leaves_nothing() {
+    let core = Core::new(CoreConfig::default(), Arc::new(Unservable));
+    let p = Arc::new(Steps::default());
+    core.register_parent("s0", p.clone()).unwrap();
+    let e = core.create("s0", "steps-x", uuid(1)).unwrap_err();
+    assert_eq!(e.errno(), Errno::ADDRINUSE);
+    nothing_left(&core);
+    assert_eq!(*p.removed.lock().unwrap(), vec![uuid(1)]);
+}
+
+/// Seeds digest behaviour 10: removal runs the device's teardown before it leaves its group.
+#[test]
+fn removal_closes_the_device_before_it_leaves_its_group() {
+    let f = Fixture::new(10);
+    let p = Arc::new(Steps::default());
+    p.core.set(f.core.clone()).ok();
+    f.core.register_parent("s0", p.clone()).unwrap();
+    f.core.create("s0", "steps-x", uuid(1)).unwrap();
+    f.open(&uuid(1), client(5, 1)).unwrap();
+    // Surprise removal is refused without hot-unplug; unregistering forces it.
+    f.core.unregister_parent("s0", true).unwrap();
+    assert_eq!(*p.closed_in_group.lock().unwrap(), vec![true]);
+    assert_eq!(*p.removed.lock().unwrap(), vec![uuid(1)]);
+}
+
+/// Seeds digest behaviour 18: creating and removing next to an open sibling of the same
+/// parent leaves the sibling open and its group held.
+#[test]
+fn create_and_remove_beside_an_open_sibling() {
+    let f = Fixture::new(10);
+    f.core
+        .register_parent("s0", Arc::new(Steps::default()))
+        .unwrap();
+    f.core.create("s0", "steps-x", uuid(1)).unwrap();
+    let a = f.function(&uuid(1));
+    f.open_function(&a, client(5, 1)).unwrap();
+    for round in 0..3u8 {
+        let b = uuid(10 + round);
+        f.core.create("s0", "steps-x", b).unwrap();
+        assert_eq!(
+            f.core
+                .type_info("s0", "steps-x")
+                .unwrap()
+                .available_instances,
+            2
+        );
+        f.core.remove(&b).unwrap();
+    }
+    let m = f.core.mdev(&uuid(1)).unwrap();
+    assert_eq!(m.held_by.map(|c| c.connection), Some(1));
+    assert!(f.core.group(m.iommu_group).unwrap().owner.is_some());
+    f.close(&uuid(1));
+    f.core.remove(&uuid(1)).unwrap();
+}
+
+/// Seeds digest behaviour 3: parent-level vendor attributes.
+#[test]
+fn parent_attributes_are_read_and_written() {
+    let f = Fixture::new(10);
+    f.core
+        .register_parent("s0", Arc::new(Steps::default()))
+        .unwrap();
+    let names: Vec<String> = f
+        .core
+        .parent_attrs("s0")
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["pool_free", "vendor/mode"]);
+    assert_eq!(f.core.read_parent_attr("s0", "pool_free").unwrap(), "4\n");
+    f.core
+        .write_parent_attr("s0", "vendor/mode", "slow\n")
+        .unwrap();
+    assert_eq!(
+        f.core
+            .write_parent_attr("s0", "vendor/mode", "warp")
+            .unwrap_err()
+            .errno(),
+        Errno::INVAL
+    );
+    assert_eq!(
+        f.core
+            .write_parent_attr("s0", "pool_free", "1")
+            .unwrap_err()
+            .errno(),
+        Errno::ACCESS
+    );
+    assert_eq!(
+        f.core.read_parent_attr("s0", "nope").unwrap_err().errno(),
+        Errno::NOENT
+    );
 }

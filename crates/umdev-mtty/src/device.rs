@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
-use umdev_pci::{BarIndex, DeviceContext, DeviceError, Interrupts, IrqMode, PciDevice};
+use umdev_pci::{BarIndex, DeviceContext, Errno, Interrupts, IrqMode, PciDevice};
 
 use crate::regs::Uart;
 use crate::Mtty;
@@ -86,14 +86,12 @@ impl Card {
         }
     }
 
-    fn port(&mut self, port: usize) -> Result<&mut Port, DeviceError> {
-        self.ports
-            .get_mut(port)
-            .ok_or(DeviceError::Io(rustix::io::Errno::INVAL.raw_os_error()))
+    fn port(&mut self, port: usize) -> Result<&mut Port, Errno> {
+        self.ports.get_mut(port).ok_or(Errno::INVAL)
     }
 
     /// A guest register read; returns the value and whether the host thread must wake.
-    pub(crate) fn guest_read(&mut self, port: usize, reg: u64) -> Result<(u8, bool), DeviceError> {
+    pub(crate) fn guest_read(&mut self, port: usize, reg: u64) -> Result<(u8, bool), Errno> {
         let p = self.port(port)?;
         let before = p.host_rx_room();
         let value = p.uart.read(reg);
@@ -103,12 +101,7 @@ impl Card {
     }
 
     /// A guest register write; returns whether the host thread must wake.
-    pub(crate) fn guest_write(
-        &mut self,
-        port: usize,
-        reg: u64,
-        val: u8,
-    ) -> Result<bool, DeviceError> {
+    pub(crate) fn guest_write(&mut self, port: usize, reg: u64, val: u8) -> Result<bool, Errno> {
         let p = self.port(port)?;
         let before = p.host_rx_room();
         let mut wake = false;
@@ -304,7 +297,7 @@ impl Port {
 }
 
 impl PciDevice for Mtty {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         let port = usize::from(bar.get());
         let mut wake = false;
         {
@@ -321,7 +314,7 @@ impl PciDevice for Mtty {
         Ok(())
     }
 
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let port = usize::from(bar.get());
         let mut wake = false;
         {
@@ -336,7 +329,7 @@ impl PciDevice for Mtty {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Errno> {
         lock(&self.card).reset();
         for port in 0..usize::from(self.ports) {
             self.wake(port);
@@ -344,7 +337,7 @@ impl PciDevice for Mtty {
         Ok(())
     }
 
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
         lock(&self.card).attach(ctx.irqs);
         Ok(())
     }
@@ -361,20 +354,16 @@ impl PciDevice for Mtty {
         Some(self.migration_spec())
     }
 
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+    fn set_running(&mut self, running: bool) -> Result<(), Errno> {
         self.set_running_state(running);
         Ok(())
     }
 
-    fn save(&mut self, state: &mut umdev_pci::StateWriter) -> Result<(), DeviceError> {
+    fn save(&mut self, state: &mut umdev_pci::StateWriter) -> Result<(), Errno> {
         self.save_state(state)
     }
 
-    fn load(
-        &mut self,
-        _version: u32,
-        state: &umdev_pci::StateReader<'_>,
-    ) -> Result<(), DeviceError> {
+    fn load(&mut self, _version: u32, state: &umdev_pci::StateReader<'_>) -> Result<(), Errno> {
         self.load_state(state)
     }
 }
@@ -487,11 +476,7 @@ mod tests {
     }
 
     fn served() -> PciFunction {
-        let m = Mtty::new(crate::MttyConfig {
-            ports: 2,
-            host: vec![],
-        })
-        .unwrap();
+        let m = Mtty::new(crate::MttyConfig::new(2, vec![])).unwrap();
         let mut f = PciFunction::new(m.spec(), Box::new(m));
         f.open(std::sync::Arc::new(NoDma)).unwrap();
         f

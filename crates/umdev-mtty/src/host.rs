@@ -336,10 +336,10 @@ mod tests {
 
     fn socket_card(dir: &tempfile::TempDir) -> (Mtty, std::path::PathBuf) {
         let path = dir.path().join("ttyS");
-        let m = Mtty::new(MttyConfig {
-            ports: 1,
-            host: vec![HostEndpoint::UnixSocket(path.clone())],
-        })
+        let m = Mtty::new(MttyConfig::new(
+            1,
+            vec![HostEndpoint::UnixSocket(path.clone())],
+        ))
         .unwrap();
         (m, path)
     }
@@ -415,11 +415,7 @@ mod tests {
 
     #[test]
     fn pty_round_trip() {
-        let mut m = Mtty::new(MttyConfig {
-            ports: 1,
-            host: vec![HostEndpoint::Pty],
-        })
-        .unwrap();
+        let mut m = Mtty::new(MttyConfig::new(1, vec![HostEndpoint::Pty])).unwrap();
         let path = m.host_paths()[0].clone();
         let mut tty = std::fs::OpenOptions::new()
             .read(true)

@@ -12,7 +12,7 @@
 //! ```
 //! use umdev_mtty::{HostEndpoint, Mtty, MttyConfig};
 //!
-//! let mtty = Mtty::new(MttyConfig { ports: 2, host: vec![HostEndpoint::Pty, HostEndpoint::None] })?;
+//! let mtty = Mtty::new(MttyConfig::new(2, vec![HostEndpoint::Pty, HostEndpoint::None]))?;
 //! assert!(mtty.host_paths()[0].starts_with("/dev/pts/"));
 //! let spec = mtty.spec();
 //! assert_eq!((spec.vendor_id(), spec.device_id()), (0x4348, 0x3253));
@@ -29,15 +29,16 @@ pub mod regs;
 mod state;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use umdev_pci::{BarKind, PciDeviceSpec, SpecError};
+use umdev_transport::SocketPolicy;
 
 pub use device::TX_LIMIT;
+pub use parent::MttyDriver;
 
 use device::{Card, HostKind};
 
@@ -55,8 +56,8 @@ pub const PORT_BAR_SIZE: u64 = 8;
 /// What a port is connected to on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostEndpoint {
-    /// A UNIX stream socket listening at this path (created by [`Mtty::new`], removed on drop;
-    /// the path must not exist yet).
+    /// A UNIX stream socket listening at this path (bound by [`Mtty::new`] with the config's
+    /// [`SocketPolicy`], removed on drop).
     UnixSocket(PathBuf),
     /// A new PTY; its `/dev/pts/N` appears in [`Mtty::host_paths`].
     Pty,
@@ -71,6 +72,19 @@ pub struct MttyConfig {
     pub ports: u8,
     /// One endpoint per port; an empty list means no host side for any port.
     pub host: Vec<HostEndpoint>,
+    /// How port sockets are bound (mode, owner, what to do with a stale path).
+    pub sockets: SocketPolicy,
+}
+
+impl MttyConfig {
+    /// A card of `ports` ports with these host endpoints and default socket modes (0600).
+    pub fn new(ports: u8, host: Vec<HostEndpoint>) -> MttyConfig {
+        MttyConfig {
+            ports,
+            host,
+            sockets: SocketPolicy::default(),
+        }
+    }
 }
 
 /// Why a card could not be built.
@@ -174,7 +188,7 @@ impl Mtty {
         for ep in host {
             match ep {
                 HostEndpoint::UnixSocket(path) => {
-                    let listener = UnixListener::bind(&path)
+                    let listener = umdev_transport::listen::bind(&path, &cfg.sockets)
                         .and_then(|l| l.set_nonblocking(true).map(|()| l))
                         .map_err(|source| {
                             cleanup(&sockets);
@@ -284,22 +298,14 @@ mod tests {
     #[test]
     fn port_count_must_be_1_or_2() {
         for ports in [0, 3] {
-            let e = Mtty::new(MttyConfig {
-                ports,
-                host: vec![],
-            })
-            .unwrap_err();
+            let e = Mtty::new(MttyConfig::new(ports, vec![])).unwrap_err();
             assert!(matches!(e, MttyError::Ports(p) if p == ports));
         }
     }
 
     #[test]
     fn endpoint_count_must_match() {
-        let e = Mtty::new(MttyConfig {
-            ports: 2,
-            host: vec![HostEndpoint::None],
-        })
-        .unwrap_err();
+        let e = Mtty::new(MttyConfig::new(2, vec![HostEndpoint::None])).unwrap_err();
         assert!(matches!(
             e,
             MttyError::Endpoints {
@@ -311,11 +317,7 @@ mod tests {
 
     #[test]
     fn spec_matches_the_kernel_sample() {
-        let m = Mtty::new(MttyConfig {
-            ports: 2,
-            host: vec![],
-        })
-        .unwrap();
+        let m = Mtty::new(MttyConfig::new(2, vec![])).unwrap();
         let s = m.spec();
         assert_eq!(s.class(), (0x07, 0x00, 0x02));
         assert_eq!(s.revision(), 0x10);
@@ -331,11 +333,7 @@ mod tests {
 
     #[test]
     fn one_port_card_has_one_bar() {
-        let m = Mtty::new(MttyConfig {
-            ports: 1,
-            host: vec![HostEndpoint::None],
-        })
-        .unwrap();
+        let m = Mtty::new(MttyConfig::new(1, vec![HostEndpoint::None])).unwrap();
         assert!(m.spec().bar(0).is_some());
         assert!(m.spec().bar(1).is_none());
     }
@@ -345,11 +343,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taken");
         std::fs::write(&path, b"").unwrap();
-        let e = Mtty::new(MttyConfig {
-            ports: 1,
-            host: vec![HostEndpoint::UnixSocket(path)],
-        })
-        .unwrap_err();
+        let e = Mtty::new(MttyConfig::new(1, vec![HostEndpoint::UnixSocket(path)])).unwrap_err();
         assert!(matches!(e, MttyError::Listen { .. }));
     }
 
@@ -357,10 +351,10 @@ mod tests {
     fn drop_removes_created_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("port0");
-        let m = Mtty::new(MttyConfig {
-            ports: 1,
-            host: vec![HostEndpoint::UnixSocket(path.clone())],
-        })
+        let m = Mtty::new(MttyConfig::new(
+            1,
+            vec![HostEndpoint::UnixSocket(path.clone())],
+        ))
         .unwrap();
         assert!(path.exists());
         assert_eq!(m.host_paths(), vec![path.display().to_string()]);

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use umdev_pci::{DeviceError, IrqMode, MigrationSpec, StateReader, StateWriter, StreamError};
+use umdev_pci::{Errno, IrqMode, MigrationSpec, StateReader, StateWriter, StreamError};
 
 use crate::device::{lock, HostKind, TX_LIMIT};
 use crate::Mtty;
@@ -52,7 +52,7 @@ impl Mtty {
     }
 
     /// Has every socket port's thread let go of its connection (see the module docs).
-    fn detach_hosts(&self) -> Result<(), DeviceError> {
+    fn detach_hosts(&self) -> Result<(), Errno> {
         let mut waiting = Vec::new();
         {
             let mut card = lock(&self.card);
@@ -70,14 +70,14 @@ impl Mtty {
         while waiting.iter().any(|&i| lock(&self.card).ports[i].detach) {
             if Instant::now() > deadline {
                 tracing::warn!("mtty: host threads did not hand their connections over");
-                return Err(DeviceError::Io(rustix::io::Errno::TIMEDOUT.raw_os_error()));
+                return Err(Errno::TIMEDOUT);
             }
             std::thread::yield_now();
         }
         Ok(())
     }
 
-    pub(crate) fn save_state(&mut self, w: &mut StateWriter) -> Result<(), DeviceError> {
+    pub(crate) fn save_state(&mut self, w: &mut StateWriter) -> Result<(), Errno> {
         if !lock(&self.card).running {
             self.detach_hosts()?;
         }
@@ -94,7 +94,7 @@ impl Mtty {
         Ok(())
     }
 
-    pub(crate) fn load_state(&mut self, r: &StateReader<'_>) -> Result<(), DeviceError> {
+    pub(crate) fn load_state(&mut self, r: &StateReader<'_>) -> Result<(), Errno> {
         if r.u8(TAG_PORTS)? != self.ports {
             return Err(StreamError::BadField {
                 tag: TAG_PORTS,

@@ -156,15 +156,10 @@ pub enum DeviceError {
     /// A SET_IRQS request the kernel's vfio-pci would refuse with EINVAL.
     #[error("invalid SET_IRQS request: {0}")]
     InvalidSetIrqs(&'static str),
-    /// The device refused to be opened, with this errno.
-    #[error("the device refused the request (errno {0})")]
-    Refused(i32),
-    /// The device failed an access, with this errno.
-    #[error("device I/O failed (errno {0})")]
-    Io(i32),
-    /// The device does not implement this operation.
-    #[error("operation not supported by the device")]
-    Unsupported,
+    /// A hook of the device (or of the framework around it, such as the IOMMU group's
+    /// owner check at open) failed with this errno.
+    #[error("the device failed the request: {}", std::io::Error::from(*.0))]
+    Device(Errno),
     /// A migration request failed (its own errno: EINVAL, EBUSY, ENOTSUP, ...).
     #[error("migration request failed")]
     Migration(#[source] crate::migration::MigrationError),
@@ -173,6 +168,21 @@ pub enum DeviceError {
 impl From<crate::migration::MigrationError> for DeviceError {
     fn from(e: crate::migration::MigrationError) -> Self {
         Self::Migration(e)
+    }
+}
+
+impl From<Errno> for DeviceError {
+    fn from(e: Errno) -> Self {
+        Self::Device(e)
+    }
+}
+
+/// A device's `load` reads its fields with `?`: a field that is missing or malformed is
+/// logged with its reason and refuses the whole state with EINVAL.
+impl From<crate::state_format::StreamError> for Errno {
+    fn from(e: crate::state_format::StreamError) -> Self {
+        tracing::warn!(error = %e, "incoming device state refused by the device");
+        Errno::INVAL
     }
 }
 
@@ -191,8 +201,7 @@ impl DeviceError {
             | Self::StraddlesMsix { .. }
             | Self::InvalidIrqIndex(_)
             | Self::InvalidSetIrqs(_) => Errno::INVAL.raw_os_error(),
-            Self::Refused(e) | Self::Io(e) => *e,
-            Self::Unsupported => Errno::NOTSUP.raw_os_error(),
+            Self::Device(e) => e.raw_os_error(),
             Self::Migration(e) => e.errno(),
         }
     }
@@ -210,15 +219,7 @@ mod tests {
 
     #[test]
     fn device_errors_keep_their_errno() {
-        assert_eq!(DeviceError::Refused(16).errno(), 16);
-        assert_eq!(DeviceError::Io(5).errno(), 5);
-    }
-
-    #[test]
-    fn unsupported_maps_to_enotsup() {
-        assert_eq!(
-            DeviceError::Unsupported.errno(),
-            Errno::NOTSUP.raw_os_error()
-        );
+        assert_eq!(DeviceError::Device(Errno::BUSY).errno(), 16);
+        assert_eq!(DeviceError::from(Errno::IO).errno(), 5);
     }
 }

@@ -4,6 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use rustix::io::Errno;
 use umdev_dma::{Dma, Pinner};
 
 use crate::client::ClientId;
@@ -13,6 +14,7 @@ use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState};
 use crate::migration::{GatedDma, Migration, MigrationSpec};
 use crate::spec::{ranges_overlap, PciDeviceSpec};
 use crate::state_format::{StateReader, StateWriter};
+use crate::work::{Pump, Work};
 use crate::{BarIndex, IrqIndex, CONFIG_REGION, NUM_IRQS, NUM_REGIONS, ROM_REGION, VGA_REGION};
 
 pub use umdev_proto::wire::{
@@ -20,32 +22,50 @@ pub use umdev_proto::wire::{
     IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
-/// What a device implements: its BARs, and optional lifecycle hooks.
+/// What a device implements: its BARs, and optional hooks with defaults.
+///
+/// # Threads and locks
+///
+/// Every hook runs on the session thread of the device's server, one request at a time:
+/// the server holds the function's lock (its `Mutex<PciFunction>`) across each client
+/// request, so no two hooks of one device ever run at once and none needs a lock of its own
+/// against another hook. No lock of the mdev core is held while a hook runs. The client is
+/// waiting for the reply meanwhile, so a hook should be quick; anything slow, and all DMA
+/// that may go through messages, belongs on the device's work context
+/// ([`DeviceContext::work`]): message-based DMA requested on the session thread is refused
+/// with EDEADLK, because the client (QEMU) serves DMA messages from the very loop that is
+/// waiting for this request's reply.
 ///
 /// Accesses reach the device with the client's offset and size unchanged, already
 /// bounds-checked against the BAR; accesses to an emulated MSI-X table or PBA never do.
+/// Every error is an [`Errno`], which the client receives in the error reply.
 pub trait PciDevice: Send {
     /// Reads `data.len()` bytes at `offset` of BAR `bar`.
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno>;
     /// Writes `data` at `offset` of BAR `bar`.
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
-    /// Device reset (after the framework has reset config space and interrupts).
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno>;
+    /// Device reset (after the framework has reset config space and interrupts). Only
+    /// called when the spec declares reset support; otherwise DEVICE_RESET is refused with
+    /// EINVAL, as GET_INFO does not offer it.
+    fn reset(&mut self) -> Result<(), Errno> {
         Ok(())
     }
-    /// A client attaches; a device may refuse with `Err(DeviceError::Refused(errno))`.
-    fn open(&mut self, _ctx: DeviceContext) -> Result<(), DeviceError> {
+    /// A client attaches (after the framework's checks, such as the IOMMU group's owner);
+    /// the device may refuse with an errno, which fails the client's VERSION.
+    fn open(&mut self, _ctx: DeviceContext) -> Result<(), Errno> {
         Ok(())
     }
-    /// The client has gone; its eventfds are already dropped.
+    /// The client has gone: its eventfds are dropped and the work context drained (no job
+    /// runs any more); its DMA mappings are removed right after. The device keeps its
+    /// state for the next client.
     fn close(&mut self) {}
     /// The client switched the interrupt mode through SET_IRQS.
     fn irq_mode_changed(&mut self, _mode: IrqMode) {}
     /// The client is unmapping `[iova, iova + len)`, which this device has pinned pages of:
     /// unpin them ([`DeviceContext::pins`]), now or from another thread soon after. The
-    /// unmap's reply waits for that, up to the server's `unpin_timeout`; a device that keeps
-    /// its pins past it is revoked (see `umdev_dma::Unmapping`). Devices that never pin need
-    /// not implement it.
+    /// unmap's reply waits for that, up to the server's `unpin_timeout`, and for the work
+    /// context to drain; a device that keeps its pins past the timeout is revoked (see
+    /// `umdev_dma::Unmapping`). Devices that never pin need not implement it.
     fn dma_unmap(&mut self, _iova: u64, _len: u64) {}
     /// Whether and how the device migrates; `None` (the default) means not migratable, and
     /// the migration features answer ENOTSUP. Asked once, when the function is built.
@@ -53,24 +73,64 @@ pub trait PciDevice: Send {
         None
     }
     /// The device stops (`false`: entering STOP, STOP_COPY, RESUMING) or runs again (`true`).
-    /// A stopped device changes no state of its own and takes no host input; the framework
-    /// already refuses its BAR accesses, holds its interrupts and refuses its DMA writes
-    /// (pinned pages excepted: the device must not write through them). An error puts the
-    /// function in ERROR.
-    fn set_running(&mut self, _running: bool) -> Result<(), DeviceError> {
+    /// Before a stop the work context is drained and then held (work submitted while
+    /// stopped runs after the device runs again). A stopped device changes no state of its
+    /// own and takes no host input; the framework already refuses its BAR accesses, holds
+    /// its interrupts and refuses its DMA writes (pinned pages excepted: the device must not
+    /// write through them). An error puts the function in ERROR.
+    fn set_running(&mut self, _running: bool) -> Result<(), Errno> {
         Ok(())
     }
     /// Writes the device's state: when PRE_COPY begins (still running: a snapshot) and at
     /// STOP_COPY (stopped: the state that is loaded). An error puts the function in ERROR.
-    fn save(&mut self, _state: &mut StateWriter) -> Result<(), DeviceError> {
-        Err(DeviceError::Unsupported)
+    fn save(&mut self, _state: &mut StateWriter) -> Result<(), Errno> {
+        Err(Errno::NOTSUP)
     }
     /// Replaces the device's state by one `save` wrote with state `version` (between the
     /// spec's `min_version` and `version`; the stream is already checked). All or nothing:
     /// validate every field first; on error the device must be as it was.
-    fn load(&mut self, _version: u32, _state: &StateReader<'_>) -> Result<(), DeviceError> {
-        Err(DeviceError::Unsupported)
+    fn load(&mut self, _version: u32, _state: &StateReader<'_>) -> Result<(), Errno> {
+        Err(Errno::NOTSUP)
     }
+    /// A display device's current scan-out (modelled on VFIO's
+    /// `VFIO_DEVICE_QUERY_GFX_PLANE`), for screenshots and remote displays. ENOTSUP (the
+    /// default) for a device that is not a display; ENODATA while the display is disabled.
+    fn display_plane(&mut self) -> Result<DisplayPlane, Errno> {
+        Err(Errno::NOTSUP)
+    }
+}
+
+/// A display's current scan-out: where its pixels are and how to read them.
+#[derive(Clone, Debug)]
+pub struct DisplayPlane {
+    /// Pixel format as a DRM fourcc code (`XR24` is `DRM_FORMAT_XRGB8888`).
+    pub fourcc: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Bytes from one line to the next.
+    pub stride: u32,
+    /// Offset of the first visible pixel in `memory`.
+    pub offset: u64,
+    /// The memory holding the pixels (a memfd the device owns; read it, never write).
+    pub memory: Arc<OwnedFd>,
+}
+
+/// The DRM fourcc code of a format name (`fourcc(*b"XR24")`).
+pub const fn fourcc(code: [u8; 4]) -> u32 {
+    u32::from_le_bytes(code)
+}
+
+/// Cross-cutting checks the framework makes around a device's `open` and `close`, outside
+/// the device: the mdev core uses it to enforce one client per IOMMU group. `acquire` runs
+/// before the device's `open` (an error refuses the client and the device is never told);
+/// `release` runs after the device's `close`, or after a refused `open`.
+pub trait OpenGuard: Send + Sync {
+    /// Client `client` wants to open the device.
+    fn acquire(&self, client: &ClientId) -> Result<(), Errno>;
+    /// The client that was admitted has gone.
+    fn release(&self);
 }
 
 /// What a device gets when a client attaches.
@@ -78,13 +138,17 @@ pub trait PciDevice: Send {
 pub struct DeviceContext {
     /// The function's interrupts; keep the handle to raise interrupts later.
     pub irqs: Interrupts,
-    /// Copies to and from the client's memory.
+    /// Copies to and from the client's memory. From the session thread (inside a hook),
+    /// only fd-backed memory can be reached; use [`work`](Self::work) for the rest.
     pub dma: Arc<dyn Dma>,
     /// Who the client is (filled by the server from the socket peer).
     pub client: ClientId,
     /// Pinning of the client's pages for this device (`None` when the front-end offers no
     /// pinning). Dropping the last handle releases the device's pins.
     pub pins: Option<Arc<Pinner>>,
+    /// The device's work context: a thread of its own for DMA and slow work, kept in step
+    /// with the client by the framework (see [`Work`]).
+    pub work: Work,
 }
 
 impl std::fmt::Debug for DeviceContext {
@@ -92,6 +156,7 @@ impl std::fmt::Debug for DeviceContext {
         f.debug_struct("DeviceContext")
             .field("irqs", &self.irqs)
             .field("client", &self.client)
+            .field("work", &self.work)
             .finish_non_exhaustive()
     }
 }
@@ -152,6 +217,12 @@ pub struct PciFunction {
     pub(crate) irqs: Interrupts,
     pub(crate) device: Box<dyn PciDevice>,
     pub(crate) mig: Migration,
+    pub(crate) work: Work,
+    /// What the session thread does while it waits for the work context.
+    pub(crate) pump: Option<Pump>,
+    guard: Option<Arc<dyn OpenGuard>>,
+    /// A client is admitted (the guard acquired, the device opened).
+    open: bool,
 }
 
 impl std::fmt::Debug for PciFunction {
@@ -175,7 +246,29 @@ impl PciFunction {
             spec,
             mig: Migration::new(device.migration()),
             device,
+            work: Work::new("umdev-work"),
+            pump: None,
+            guard: None,
+            open: false,
         }
+    }
+
+    /// Runs `guard`'s checks around every `open` and `close` of the device.
+    pub fn with_guard(mut self, guard: Arc<dyn OpenGuard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Sets what the session thread does while it waits for the device's work context
+    /// (the server pumps the client's replies to the device's DMA requests); `None` waits
+    /// without pumping.
+    pub fn set_pump(&mut self, pump: Option<Pump>) {
+        self.pump = pump;
+    }
+
+    /// The device's work context.
+    pub fn work(&self) -> &Work {
+        &self.work
     }
 
     /// The spec the function was built from.
@@ -326,7 +419,7 @@ impl PciFunction {
         match self.route(index, offset, data.len())? {
             Target::Device(bar) => {
                 self.mig.check_access()?;
-                self.device.bar_read(bar, offset, data)
+                Ok(self.device.bar_read(bar, offset, data)?)
             }
             Target::MsixTable(rel) => {
                 self.irqs.lock().msix.read_table(rel, data);
@@ -358,7 +451,7 @@ impl PciFunction {
         match self.route(index, offset, data.len())? {
             Target::Device(bar) => {
                 self.mig.check_access()?;
-                self.device.bar_write(bar, offset, data)
+                Ok(self.device.bar_write(bar, offset, data)?)
             }
             Target::MsixTable(rel) => {
                 let mut s = self.irqs.lock();
@@ -390,8 +483,12 @@ impl PciFunction {
 
     /// DEVICE_RESET: config space and emulated interrupt state to power-on values (the
     /// client's eventfds and the interrupt mode stay), then the device's own reset; a
-    /// migratable function returns to RUNNING from any state, ERROR included.
+    /// migratable function returns to RUNNING from any state, ERROR included. EINVAL for a
+    /// device whose spec declares no reset (GET_INFO does not offer it).
     pub fn reset(&mut self) -> Result<(), DeviceError> {
+        if !self.spec.reset_supported() {
+            return Err(DeviceError::Device(Errno::INVAL));
+        }
         self.config.reset();
         self.irqs.lock().reset();
         self.device.reset()?;
@@ -409,25 +506,43 @@ impl PciFunction {
         self.open_with_pins(dma, client, None)
     }
 
-    /// Client `client` attaches, and the device may pin its pages through `pins`.
+    /// Client `client` attaches, and the device may pin its pages through `pins`. The
+    /// guard's `acquire` comes first; if it or the device refuses, nothing stays open.
     pub fn open_with_pins(
         &mut self,
         dma: Arc<dyn Dma>,
         client: ClientId,
         pins: Option<Arc<Pinner>>,
     ) -> Result<(), DeviceError> {
+        if self.open {
+            return Err(DeviceError::Device(Errno::BUSY));
+        }
+        if let Some(g) = &self.guard {
+            g.acquire(&client)?;
+        }
         // A migratable device's DMA writes are refused while it is stopped.
         let dma: Arc<dyn Dma> = if self.mig.spec().is_some() {
             Arc::new(GatedDma::new(dma, self.mig.stopped_flag()))
         } else {
             dma
         };
-        self.device.open(DeviceContext {
+        self.work.open();
+        let ctx = DeviceContext {
             irqs: self.irqs.clone(),
             dma,
             client,
             pins,
-        })
+            work: self.work.clone(),
+        };
+        if let Err(e) = self.device.open(ctx) {
+            self.work.close(self.pump.as_ref());
+            if let Some(g) = &self.guard {
+                g.release();
+            }
+            return Err(e.into());
+        }
+        self.open = true;
+        Ok(())
     }
 
     /// The client is unmapping `[iova, iova + len)` that the device has pins in: tells the
@@ -436,15 +551,34 @@ impl PciFunction {
         self.device.dma_unmap(iova, len);
     }
 
-    /// The client has gone: its eventfds are dropped, the mode returns to INTx, the device
-    /// is told.
+    /// Waits until the device's work context has nothing running or queued (held work of
+    /// a stopped device excepted): the server calls it before answering a DMA_UNMAP.
+    pub fn drain_work(&self) {
+        self.work.drain(self.pump.as_ref());
+    }
+
+    /// A display device's current scan-out ([`PciDevice::display_plane`]).
+    pub fn display_plane(&mut self) -> Result<DisplayPlane, DeviceError> {
+        Ok(self.device.display_plane()?)
+    }
+
+    /// The client has gone: the work context is drained and closed, the client's eventfds
+    /// are dropped, the mode returns to INTx, the device is told, and last the guard.
     pub fn close(&mut self) {
+        if !self.open {
+            return;
+        }
+        self.open = false;
+        self.work.close(self.pump.as_ref());
         let old = self.irqs.lock().close();
         if old != IrqMode::Intx {
             self.device.irq_mode_changed(IrqMode::Intx);
         }
         self.migration_client_gone();
         self.device.close();
+        if let Some(g) = &self.guard {
+            g.release();
+        }
     }
 }
 
@@ -469,7 +603,7 @@ mod tests {
     #[derive(Clone, Default)]
     struct Recorder {
         calls: Arc<Mutex<Vec<Call>>>,
-        refuse_open: Option<i32>,
+        refuse_open: Option<Errno>,
     }
 
     impl Recorder {
@@ -482,28 +616,22 @@ mod tests {
     }
 
     impl PciDevice for Recorder {
-        fn bar_read(
-            &mut self,
-            bar: BarIndex,
-            off: u64,
-            data: &mut [u8],
-        ) -> Result<(), DeviceError> {
+        fn bar_read(&mut self, bar: BarIndex, off: u64, data: &mut [u8]) -> Result<(), Errno> {
             data.fill(0xa5);
             self.push(Call::Read(bar.get(), off, data.len()));
             Ok(())
         }
-        fn bar_write(&mut self, bar: BarIndex, off: u64, data: &[u8]) -> Result<(), DeviceError> {
+        fn bar_write(&mut self, bar: BarIndex, off: u64, data: &[u8]) -> Result<(), Errno> {
             self.push(Call::Write(bar.get(), off, data.to_vec()));
             Ok(())
         }
-        fn reset(&mut self) -> Result<(), DeviceError> {
+        fn reset(&mut self) -> Result<(), Errno> {
             self.push(Call::Reset);
             Ok(())
         }
-        fn open(&mut self, _ctx: DeviceContext) -> Result<(), DeviceError> {
+        fn open(&mut self, _ctx: DeviceContext) -> Result<(), Errno> {
             self.push(Call::Open);
-            self.refuse_open
-                .map_or(Ok(()), |e| Err(DeviceError::Refused(e)))
+            self.refuse_open.map_or(Ok(()), Err)
         }
         fn close(&mut self) {
             self.push(Call::Close);
@@ -773,7 +901,7 @@ mod tests {
     #[test]
     fn open_refusal_carries_the_errno() {
         let rec = Recorder {
-            refuse_open: Some(16),
+            refuse_open: Some(Errno::BUSY),
             ..Recorder::default()
         };
         let mut f = PciFunction::new(spec(), Box::new(rec));

@@ -13,17 +13,17 @@
 //! Region and IRQ indexes are numbered like the kernel's `VFIO_PCI_*_INDEX`.
 //!
 //! ```
-//! use umdev_pci::{BarIndex, BarKind, DeviceError, PciDevice, PciDeviceSpec, PciFunction};
+//! use umdev_pci::{BarIndex, BarKind, Errno, PciDevice, PciDeviceSpec, PciFunction};
 //!
 //! struct Scratch([u8; 16]);
 //! impl PciDevice for Scratch {
-//!     fn bar_read(&mut self, _: BarIndex, off: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-//!         let off = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+//!     fn bar_read(&mut self, _: BarIndex, off: u64, data: &mut [u8]) -> Result<(), Errno> {
+//!         let off = usize::try_from(off).map_err(|_| Errno::INVAL)?;
 //!         data.copy_from_slice(&self.0[off..off + data.len()]);
 //!         Ok(())
 //!     }
-//!     fn bar_write(&mut self, _: BarIndex, off: u64, data: &[u8]) -> Result<(), DeviceError> {
-//!         let off = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+//!     fn bar_write(&mut self, _: BarIndex, off: u64, data: &[u8]) -> Result<(), Errno> {
+//!         let off = usize::try_from(off).map_err(|_| Errno::INVAL)?;
 //!         self.0[off..off + data.len()].copy_from_slice(data);
 //!         Ok(())
 //!     }
@@ -58,13 +58,15 @@ pub mod migration;
 mod msix;
 mod spec;
 pub mod state_format;
+mod work;
 
 pub use client::{ClientId, PeerCred};
 pub use error::{DeviceError, MsixStructure, SpecError};
 pub use function::{
-    DeviceContext, DeviceInfo, IrqInfo, PciDevice, PciFunction, RegionInfo, RegionMmap,
-    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE,
-    IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    fourcc, DeviceContext, DeviceInfo, DisplayPlane, IrqInfo, OpenGuard, PciDevice, PciFunction,
+    RegionInfo, RegionMmap, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
+    IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP,
+    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 pub use interrupts::{
     Interrupts, IrqData, IrqMode, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER,
@@ -76,6 +78,11 @@ pub use spec::{
     BarKind, BarMmap, BarSpec, MsiSpec, MsixSpec, PciDeviceSpec, PciDeviceSpecBuilder, NUM_BARS,
 };
 pub use state_format::{StateReader, StateWriter, StreamError};
+pub use work::{Pump, Work};
+
+/// The one error type of every hook a device author writes: a positive errno, which the
+/// client gets in its error reply (`Errno::INVAL`, `Errno::BUSY`, ...).
+pub use rustix::io::Errno;
 
 /// Region index of BAR 0.
 pub const BAR0_REGION: u32 = 0;

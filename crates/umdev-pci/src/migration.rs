@@ -413,11 +413,14 @@ impl PciFunction {
             })
         };
         if from.is_running() && !to.is_running() {
-            // Close the gates first: nothing the device does from here reaches the client.
+            // The device's work finishes first, with the gates open, so work in flight
+            // completes as it would have; later work waits until the device runs again.
+            self.work.hold(self.pump.as_ref());
+            // Close the gates: nothing the device does from here reaches the client.
             self.mig.stopped.store(true, Ordering::Release);
             self.irqs.set_gated(true);
             if let Err(e) = self.device.set_running(false) {
-                return Err(fail(self, e));
+                return Err(fail(self, e.into()));
             }
         }
         match (from, to) {
@@ -446,10 +449,11 @@ impl PciFunction {
         }
         if !from.is_running() && to.is_running() {
             if let Err(e) = self.device.set_running(true) {
-                return Err(fail(self, e));
+                return Err(fail(self, e.into()));
             }
             self.mig.stopped.store(false, Ordering::Release);
             self.irqs.set_gated(false);
+            self.work.release();
         }
         tracing::debug!(?from, ?to, "migration arc");
         self.mig.state = to;
@@ -481,7 +485,7 @@ impl PciFunction {
         let result = decode_stream(&input, &spec)
             .and_then(|(version, payload)| Ok((version, StateReader::parse(payload)?)))
             .map_err(DeviceError::from)
-            .and_then(|(version, reader)| self.device.load(version, &reader));
+            .and_then(|(version, reader)| Ok(self.device.load(version, &reader)?));
         if let Err(e) = &result {
             tracing::warn!(
                 device_type = spec.device_type,
@@ -565,6 +569,7 @@ impl PciFunction {
             self.device.set_running(true)?;
             self.mig.stopped.store(false, Ordering::Release);
             self.irqs.set_gated(false);
+            self.work.release();
         }
         Ok(())
     }

@@ -66,6 +66,14 @@ pub enum ProtoError {
     /// A field with a value the command does not allow.
     #[error("invalid {0}")]
     Invalid(&'static str),
+    /// More items than a message may carry (logging ranges, sparse areas).
+    #[error("too many {what}: at most {max}")]
+    TooMany {
+        /// What there are too many of.
+        what: &'static str,
+        /// The most allowed.
+        max: usize,
+    },
     /// A data transfer larger than the negotiated `max_data_xfer_size`.
     #[error("transfer of {count} bytes exceeds max_data_xfer_size {max}")]
     TransferTooLarge {
@@ -88,7 +96,9 @@ impl ProtoError {
             | ProtoError::BadVersionData(_)
             | ProtoError::BadCapability { .. }
             | ProtoError::Invalid(_) => Errno::INVAL,
-            ProtoError::TooLarge { .. } | ProtoError::TransferTooLarge { .. } => Errno::TOOBIG,
+            ProtoError::TooLarge { .. }
+            | ProtoError::TransferTooLarge { .. }
+            | ProtoError::TooMany { .. } => Errno::TOOBIG,
             ProtoError::UnknownCommand(_) => Errno::NOSYS,
             ProtoError::UnsupportedVersion { .. } => Errno::NOTSUP,
         };

@@ -26,6 +26,7 @@
 
 mod error;
 mod header;
+pub mod request;
 mod version;
 pub mod wire;
 

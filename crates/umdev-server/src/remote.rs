@@ -1,13 +1,18 @@
 //! Server-to-client requests: DMA_READ and DMA_WRITE for mappings that came without an fd.
 //!
-//! One thread reads the socket: the session thread. A device may ask for message-based DMA
-//! from that thread (inside a request handler) or from a thread of its own:
+//! One thread reads the socket: the session thread. A device asks for message-based DMA
+//! from a thread of its own (its work context): the request is sent and the thread waits
+//! (with a deadline) for the session thread to hand it the reply.
 //!
-//! - on the session thread, the request is sent and the thread itself reads until the
-//!   matching reply arrives; client commands read meanwhile are queued and handled after the
-//!   current one, in order (the spec lets unrelated messages interleave);
-//! - on any other thread, the request is sent and the thread waits (with a deadline) for the
-//!   session thread to hand it the reply.
+//! Asked from the session thread itself (inside a device hook, in the middle of a client
+//! request), it is refused with EDEADLK: QEMU serves DMA messages from the loop that is
+//! waiting for the reply to that request, so the two would wait for each other until
+//! QEMU's timeout drops the connection. The device must use its work context instead.
+//!
+//! While the session thread waits for the device's work (before an unmap reply, a
+//! migration stop, a close), it pumps: it reads what the client sends, hands replies to the
+//! waiting threads and keeps commands for after the current one, in order (the spec lets
+//! unrelated messages interleave).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
@@ -27,8 +32,9 @@ pub(crate) struct RemoteChannel {
     transport: Arc<dyn Transport>,
     session_thread: ThreadId,
     pending: Mutex<HashMap<u16, mpsc::Sender<Message>>>,
-    /// Client commands read by the session thread while it waited for a reply.
-    deferred: Mutex<VecDeque<Incoming>>,
+    /// What the session thread read while it waited for device work: commands to handle
+    /// next, or the end of the connection.
+    deferred: Mutex<VecDeque<Result<Incoming, TransportError>>>,
     next_id: AtomicU16,
     client_max_xfer: AtomicU32,
     limits: RecvLimits,
@@ -60,8 +66,8 @@ impl RemoteChannel {
         self.client_max_xfer.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// A command read while waiting, to be handled next.
-    pub(crate) fn take_deferred(&self) -> Option<Incoming> {
+    /// A command (or the connection's end) read while waiting, to be handled next.
+    pub(crate) fn take_deferred(&self) -> Option<Result<Incoming, TransportError>> {
         self.deferred
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -107,20 +113,25 @@ impl RemoteChannel {
         if self.closed.load(Ordering::Acquire) {
             return Err(fail(Errno::NOTCONN));
         }
+        if std::thread::current().id() == self.session_thread {
+            tracing::error!(
+                ?command,
+                iova,
+                len,
+                "refused message-based DMA from a device hook on the session thread: \
+                 the client would wait for this thread while it waits for the client; \
+                 do DMA on the device's work context (DeviceContext::work)"
+            );
+            return Err(fail(Errno::DEADLK));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body: usize = parts.iter().map(|p| p.len()).sum();
         let header = Header::command(id, command, body).map_err(|_| fail(Errno::TOOBIG))?;
-        let on_session_thread = std::thread::current().id() == self.session_thread;
-        let rx = if on_session_thread {
-            None
-        } else {
-            let (tx, rx) = mpsc::channel();
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, tx);
-            Some(rx)
-        };
+        let (tx, rx) = mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
         if let Err(e) = self.transport.send(&header, parts, &[]) {
             tracing::warn!(error = %e, "sending {command:?} to the client failed");
             self.pending
@@ -129,19 +140,16 @@ impl RemoteChannel {
                 .remove(&id);
             return Err(fail(Errno::NOTCONN));
         }
-        let reply = match rx {
-            Some(rx) => rx.recv_timeout(self.timeout).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => {
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                    fail(Errno::TIMEDOUT)
-                }
-                mpsc::RecvTimeoutError::Disconnected => fail(Errno::NOTCONN),
-            })?,
-            None => self.pump_until(id).map_err(|_| fail(Errno::NOTCONN))?,
-        };
+        let reply = rx.recv_timeout(self.timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                fail(Errno::TIMEDOUT)
+            }
+            mpsc::RecvTimeoutError::Disconnected => fail(Errno::NOTCONN),
+        })?;
         if let Some(errno) = reply.header.error() {
             // The spec lets an error reply carry errno 0; it is still a failure. Values
             // outside the errno range are a peer's nonsense: they fail as EIO too.
@@ -158,21 +166,36 @@ impl RemoteChannel {
         Ok(reply)
     }
 
-    /// Reads on the session thread until the reply `id` arrives, queueing commands.
-    fn pump_until(&self, id: u16) -> Result<Message, TransportError> {
-        loop {
-            match self.transport.recv(self.limits)? {
-                Incoming::Message(m) if m.header.is_reply() => {
-                    if m.header.msg_id == id {
-                        return Ok(m);
-                    }
-                    self.dispatch_reply(m);
+    /// On the session thread, while it waits for the device's work: reads for at most
+    /// `timeout`, hands replies to the threads waiting for them and keeps commands for
+    /// later. A connection that fails here is left for the session loop to notice (it reads
+    /// the same end of stream next).
+    pub(crate) fn pump(&self, timeout: Duration) {
+        if std::thread::current().id() != self.session_thread || self.closed.load(Ordering::Acquire)
+        {
+            std::thread::sleep(timeout);
+            return;
+        }
+        match self.transport.wait_readable(timeout) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                std::thread::sleep(timeout);
+                return;
+            }
+        }
+        match self.transport.recv(self.limits) {
+            Ok(Incoming::Message(m)) if m.header.is_reply() => self.dispatch_reply(m),
+            other => {
+                if let Err(e) = &other {
+                    // Waiters fail now; the session loop ends when it takes this.
+                    tracing::debug!(error = %e, "client connection ended while waiting for device work");
+                    self.close();
                 }
-                other => self
-                    .deferred
+                self.deferred
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push_back(other),
+                    .push_back(other);
             }
         }
     }

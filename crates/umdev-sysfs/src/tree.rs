@@ -46,6 +46,12 @@ pub(crate) enum File {
         name: String,
         writable: bool,
     },
+    /// An attribute of the parent itself.
+    ParentAttr {
+        parent: String,
+        name: String,
+        writable: bool,
+    },
 }
 
 impl File {
@@ -53,7 +59,7 @@ impl File {
     pub(crate) fn mode(&self) -> u16 {
         match self {
             File::Create { .. } | File::Remove(_) => 0o200,
-            File::Attr { writable: true, .. } => 0o644,
+            File::Attr { writable: true, .. } | File::ParentAttr { writable: true, .. } => 0o644,
             _ => 0o444,
         }
     }
@@ -139,11 +145,16 @@ pub(crate) fn resolve(core: &Core, path: &[&str]) -> Option<Entry> {
             })
         }
         ["devices", "umdev", p, u] => {
-            mdev_in(core, p, u)?;
-            Dir
+            if mdev_in(core, p, u).is_some() {
+                Dir
+            } else {
+                return parent_attr(core, p, u);
+            }
         }
         ["devices", "umdev", p, u, f] => {
-            let m = mdev_in(core, p, u)?;
+            let Some(m) = mdev_in(core, p, u) else {
+                return parent_attr(core, p, &format!("{u}/{f}"));
+            };
             match *f {
                 "remove" => Entry::File(File::Remove(m.uuid)),
                 "vfio_user_socket" => Entry::File(File::Socket(m.uuid)),
@@ -194,6 +205,24 @@ pub(crate) fn resolve(core: &Core, path: &[&str]) -> Option<Entry> {
     })
 }
 
+/// Parent `p`'s attribute `name`, or the directory of its attribute group `name`.
+fn parent_attr(core: &Core, p: &str, name: &str) -> Option<Entry> {
+    core.has_parent(p).then_some(())?;
+    let attrs = core.parent_attrs(p);
+    if let Some(a) = attrs.iter().find(|a| a.name == name) {
+        return Some(Entry::File(File::ParentAttr {
+            parent: p.to_owned(),
+            name: name.to_owned(),
+            writable: a.writable,
+        }));
+    }
+    let group = format!("{name}/");
+    attrs
+        .iter()
+        .any(|a| !name.contains('/') && a.name.starts_with(&group))
+        .then_some(Entry::Dir)
+}
+
 /// Group directory names are plain decimal numbers.
 fn group_number(n: &str) -> Option<u32> {
     if n.is_empty() || (n.len() > 1 && n.starts_with('0')) {
@@ -228,6 +257,12 @@ pub(crate) fn children(core: &Core, path: &[&str]) -> Option<Vec<String>> {
         ["devices", "umdev", p] => {
             core.has_parent(p).then_some(())?;
             let mut v = names(&[TYPES]);
+            for a in core.parent_attrs(p) {
+                let top = a.name.split('/').next().unwrap_or(&a.name).to_owned();
+                if !v.contains(&top) {
+                    v.push(top);
+                }
+            }
             v.extend(core.parent_devices(p).iter().map(ToString::to_string));
             v
         }
@@ -250,7 +285,7 @@ pub(crate) fn children(core: &Core, path: &[&str]) -> Option<Vec<String>> {
             .iter()
             .map(ToString::to_string)
             .collect(),
-        ["devices", "umdev", p, u] => {
+        ["devices", "umdev", p, u] if mdev_in(core, p, u).is_some() => {
             let m = mdev_in(core, p, u)?;
             let mut v = names(&["iommu_group", "mdev_type", "remove", "vfio_user_socket"]);
             for a in &m.attrs {
@@ -258,6 +293,20 @@ pub(crate) fn children(core: &Core, path: &[&str]) -> Option<Vec<String>> {
                 if !v.contains(&top) {
                     v.push(top);
                 }
+            }
+            v
+        }
+        ["devices", "umdev", p, u] => {
+            // A parent attribute group.
+            core.has_parent(p).then_some(())?;
+            let prefix = format!("{u}/");
+            let v: Vec<String> = core
+                .parent_attrs(p)
+                .iter()
+                .filter_map(|a| a.name.strip_prefix(&prefix).map(str::to_owned))
+                .collect();
+            if v.is_empty() {
+                return None;
             }
             v
         }
@@ -306,6 +355,9 @@ pub(crate) fn read(core: &Core, f: &File) -> Result<String, Errno> {
             )
         }
         File::Attr { uuid, name, .. } => core.read_attr(uuid, name).map_err(|e| errno_of(&e))?,
+        File::ParentAttr { parent, name, .. } => core
+            .read_parent_attr(parent, name)
+            .map_err(|e| errno_of(&e))?,
         File::Create { .. } | File::Remove(_) => return Err(Errno::ACCESS),
     })
 }
@@ -347,6 +399,11 @@ pub(crate) fn write(core: &Core, f: &File, data: &[u8]) -> Result<(), Errno> {
         File::Attr { uuid, name, .. } => {
             let v = std::str::from_utf8(data).map_err(|_| Errno::INVAL)?;
             core.write_attr(uuid, name, v).map_err(|e| errno_of(&e))
+        }
+        File::ParentAttr { parent, name, .. } => {
+            let v = std::str::from_utf8(data).map_err(|_| Errno::INVAL)?;
+            core.write_parent_attr(parent, name, v)
+                .map_err(|e| errno_of(&e))
         }
         _ => Err(Errno::ACCESS),
     }

@@ -1,5 +1,6 @@
 //! Driving the test device's DMA engine from a client, as a guest driver would: each call
-//! writes the registers and the command, and returns the DMA status (0 or an errno).
+//! writes the registers and the command, polls the status until the command is done, and
+//! returns it (0 or an errno).
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -16,9 +17,11 @@ fn write32(c: &mut Client, off: u64, v: u32) {
 }
 
 fn status(c: &mut Client) -> u32 {
-    let mut b = [0u8; 4];
-    c.region_read(0, reg::DMA_STATUS, &mut b).unwrap();
-    u32::from_le_bytes(b)
+    crate::poll_dma_status(|| {
+        let mut b = [0u8; 4];
+        c.region_read(0, reg::DMA_STATUS, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    })
 }
 
 fn command(c: &mut Client, iova: u64, cmd: u32) -> u32 {

@@ -9,27 +9,33 @@
 //! | 0x100 | 8 | DMA address (IOVA) |
 //! | 0x108 | 4 | DMA length (at most 2 KiB) |
 //! | 0x10c | 1 | DMA pattern seed |
-//! | 0x110 | 4 | DMA command: 1 = write `seed+i` bytes to guest memory, 2 = read guest memory into the buffer at 0x800, 3 = pin `PIN_PAGES` pages at the DMA address with `PIN_PROT`, 4 = write `seed+i` bytes at the DMA address through a pin the device holds, 5 = unpin `PIN_PAGES` pages at the DMA address |
-//! | 0x114 | 4 | DMA status: 0 after success, the errno otherwise (read-only) |
+//! | 0x110 | 4 | DMA command: 1 = write `seed+i` bytes to guest memory, 2 = read guest memory into the buffer at 0x800 (both on the device's work context), 3 = pin `PIN_PAGES` pages at the DMA address with `PIN_PROT`, 4 = write `seed+i` bytes at the DMA address through a pin the device holds, 5 = unpin `PIN_PAGES` pages at the DMA address, 6 = command 1 done inline, on the session thread (message-based DMA is refused there: EDEADLK) |
+//! | 0x114 | 4 | DMA status: [`DMA_BUSY`] while a command runs, then 0 after success or the errno (read-only) |
 //! | 0x120 | 4 | IRQ command: 0 = lower INTx, 1 = raise INTx, 2 = MSI vector at 0x124, 3 = MSI-X vector at 0x124, 4 = ERR, 5 = REQ |
 //! | 0x124 | 4 | IRQ vector |
 //! | 0x128 | 4 | pages to pin or unpin (command 3, 5) |
 //! | 0x12c | 4 | pin access: 1 = read, 2 = write, 3 = both |
 //! | 0x130 | 4 | unmap hook mode: 0 = unpin at once, 1 = forget (keep the pins: the device gets revoked), 2 = unpin from another thread 200 ms later |
 //! | 0x134 | 4 | migration failure (a migratable device only): 1 = stopping fails, 2 = saving fails |
+//! | 0x138 | 4 | display: 1 = BAR2's first sparse area is a 64x32 XRGB8888 scan-out ([`PciDevice::display_plane`]), 0 = off |
 //! | 0x800..0x1000 | any | DMA buffer |
+//!
+//! Copies (commands 1 and 2) run on the device's work context, as every DMA a device may
+//! do through messages must: a guest (or test) starts the command and polls the status until
+//! it is no longer [`DMA_BUSY`]. The registers live behind a lock the hooks and the work
+//! share.
 //!
 //! [`TestDevice::migratable_function`] serves a device that migrates (STOP_COPY, P2P,
 //! PRE_COPY): its state is its BARs and the pins it holds, which it pins again on load.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use umdev_dma::{AddressSpace, PinnedPages, Pinner, Prot, PAGE_SIZE};
+use umdev_dma::{AddressSpace, Dma, DmaError, PinnedPages, Pinner, Prot, PAGE_SIZE};
 use umdev_pci::{
-    BarIndex, BarKind, BarMmap, DeviceContext, DeviceError, IrqMode, PciDevice, PciDeviceSpec,
-    PciFunction,
+    fourcc, BarIndex, BarKind, BarMmap, DeviceContext, DisplayPlane, Errno, IrqMode, PciDevice,
+    PciDeviceSpec, PciFunction,
 };
 
 /// Vendor id of the test device (not assigned to anyone we know of; tests only).
@@ -42,6 +48,14 @@ pub const BAR0_SIZE: u64 = 4096;
 pub const BAR2_SIZE: u64 = 64 * 1024;
 /// Sparse mmap areas of BAR2.
 pub const BAR2_AREAS: [(u64, u64); 2] = [(0x1000, 0x3000), (0x8000, 0x8000)];
+/// The DMA status while a command is still running.
+pub const DMA_BUSY: u32 = u32::MAX;
+/// The display's size and format (XRGB8888), at [`DISPLAY_OFFSET`] of BAR2.
+pub const DISPLAY_WIDTH: u32 = 64;
+/// Height of the display.
+pub const DISPLAY_HEIGHT: u32 = 32;
+/// Where the display's pixels start in BAR2 (its first sparse area).
+pub const DISPLAY_OFFSET: u64 = 0x1000;
 /// Register offsets in BAR0.
 pub mod reg {
     /// DMA address.
@@ -66,6 +80,8 @@ pub mod reg {
     pub const UNMAP_MODE: u64 = 0x130;
     /// Migration failure injection.
     pub const MIG_FAIL: u64 = 0x134;
+    /// Display on (1) or off (0).
+    pub const DISPLAY: u64 = 0x138;
     /// DMA buffer.
     pub const DMA_BUF: u64 = 0x800;
 }
@@ -93,14 +109,41 @@ pub struct Observed {
     pub pinner: Mutex<Weak<Pinner>>,
 }
 
-/// The test device.
-pub struct TestDevice {
+/// The registers and pins, shared by the hooks (session thread) and the work (the device's
+/// work context).
+struct Regs {
     bar0: Vec<u8>,
     bar1: Vec<u8>,
-    bar2: Arc<OwnedFd>,
-    ctx: Option<DeviceContext>,
     /// Handles of the pins the device holds.
     pins: Vec<PinnedPages>,
+}
+
+impl Regs {
+    fn reg32(&self, off: u64) -> u32 {
+        let o = off as usize;
+        u32::from_le_bytes(self.bar0[o..o + 4].try_into().unwrap_or([0; 4]))
+    }
+
+    fn set32(&mut self, off: u64, v: u32) {
+        let o = off as usize;
+        self.bar0[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn dma_addr(&self) -> u64 {
+        let o = reg::DMA_ADDR as usize;
+        u64::from_le_bytes(self.bar0[o..o + 8].try_into().unwrap_or([0; 8]))
+    }
+}
+
+fn status_of(r: Result<(), DmaError>) -> u32 {
+    r.map_or_else(|e| e.errno() as u32, |()| 0)
+}
+
+/// The test device.
+pub struct TestDevice {
+    regs: Arc<Mutex<Regs>>,
+    bar2: Arc<OwnedFd>,
+    ctx: Option<DeviceContext>,
     observed: Arc<Observed>,
     /// Declares migration support.
     migratable: bool,
@@ -123,6 +166,13 @@ impl TestDevice {
     }
 
     fn function_with(migratable: bool) -> (PciFunction, Arc<Observed>) {
+        let (spec, dev) = Self::new(migratable);
+        let observed = dev.observed.clone();
+        (PciFunction::new(spec, Box::new(dev)), observed)
+    }
+
+    /// The device's PCI layout and the device, for a parent's `build`.
+    pub fn new(migratable: bool) -> (PciDeviceSpec, TestDevice) {
         let fd = rustix::fs::memfd_create("umdev-test-bar2", rustix::fs::MemfdFlags::CLOEXEC)
             .expect("memfd_create");
         rustix::fs::ftruncate(&fd, BAR2_SIZE).expect("ftruncate");
@@ -163,66 +213,99 @@ impl TestDevice {
             .reset(true)
             .build()
             .expect("test device spec is valid");
-        let observed = Arc::new(Observed::default());
         let dev = TestDevice {
-            bar0: vec![0; BAR0_SIZE as usize],
-            bar1: vec![0; 16],
+            regs: Arc::new(Mutex::new(Regs {
+                bar0: vec![0; BAR0_SIZE as usize],
+                bar1: vec![0; 16],
+                pins: Vec::new(),
+            })),
             bar2: fd,
             ctx: None,
-            pins: Vec::new(),
-            observed: observed.clone(),
+            observed: Arc::new(Observed::default()),
             migratable,
         };
-        (PciFunction::new(spec, Box::new(dev)), observed)
+        (spec, dev)
     }
 
-    fn reg32(&self, off: u64) -> u32 {
-        let o = off as usize;
-        u32::from_le_bytes(self.bar0[o..o + 4].try_into().unwrap_or([0; 4]))
+    /// What tests can observe of this device.
+    pub fn observed(&self) -> Arc<Observed> {
+        self.observed.clone()
     }
 
-    fn run_dma(&mut self, cmd: u32) {
-        let o = reg::DMA_ADDR as usize;
-        let addr = u64::from_le_bytes(self.bar0[o..o + 8].try_into().unwrap_or([0; 8]));
-        let len = (self.reg32(reg::DMA_LEN) as usize).min(2048);
-        let seed = self.bar0[reg::DMA_SEED as usize];
-        let status = match &self.ctx {
-            None => 19, // ENODEV: no client
-            Some(ctx) => {
-                let r = match cmd {
-                    1 => {
-                        let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
-                        ctx.dma.write(addr, &data)
-                    }
-                    2 => {
-                        let b = reg::DMA_BUF as usize;
-                        ctx.dma.read(addr, &mut self.bar0[b..b + len])
-                    }
-                    3..=5 => {
-                        let pages = self.reg32(reg::PIN_PAGES) as usize;
-                        let prot =
-                            Prot::from_bits(self.reg32(reg::PIN_PROT) as u8).unwrap_or(Prot::NONE);
-                        match &ctx.pins {
-                            None => Ok(()),
-                            Some(p) => Self::pin_command(
-                                &mut self.pins,
-                                p,
-                                cmd,
-                                addr,
-                                pages,
-                                prot,
-                                len,
-                                seed,
-                            ),
-                        }
-                    }
-                    _ => Ok(()),
-                };
-                r.map_or_else(|e| e.errno() as u32, |()| 0)
-            }
+    /// The memory behind BAR2 (its mmap-able areas).
+    pub fn bar2(&self) -> Arc<OwnedFd> {
+        self.bar2.clone()
+    }
+
+    fn regs(&self) -> MutexGuard<'_, Regs> {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy between the DMA buffer and guest memory (command 1 or 2), on `dma`.
+    fn copy(regs: &Mutex<Regs>, dma: &dyn Dma, cmd: u32) -> u32 {
+        let (addr, len, seed) = {
+            let r = regs.lock().unwrap_or_else(|e| e.into_inner());
+            let len = (r.reg32(reg::DMA_LEN) as usize).min(2048);
+            (r.dma_addr(), len, r.bar0[reg::DMA_SEED as usize])
         };
-        let s = reg::DMA_STATUS as usize;
-        self.bar0[s..s + 4].copy_from_slice(&status.to_le_bytes());
+        if cmd == 2 {
+            let mut buf = vec![0u8; len];
+            let r = dma.read(addr, &mut buf);
+            if r.is_ok() {
+                let b = reg::DMA_BUF as usize;
+                regs.lock().unwrap_or_else(|e| e.into_inner()).bar0[b..b + len]
+                    .copy_from_slice(&buf);
+            }
+            status_of(r)
+        } else {
+            let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+            status_of(dma.write(addr, &data))
+        }
+    }
+
+    /// Starts DMA command `cmd`; copies finish on the work context, the rest at once.
+    fn run_dma(&mut self, cmd: u32) {
+        let Some(ctx) = self.ctx.clone() else {
+            self.regs()
+                .set32(reg::DMA_STATUS, Errno::NODEV.raw_os_error() as u32);
+            return;
+        };
+        match cmd {
+            1 | 2 => {
+                self.regs().set32(reg::DMA_STATUS, DMA_BUSY);
+                let regs = self.regs.clone();
+                let dma = ctx.dma.clone();
+                let job = move || {
+                    let status = Self::copy(&regs, &*dma, cmd);
+                    regs.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .set32(reg::DMA_STATUS, status);
+                };
+                if let Err(e) = ctx.work.submit(job) {
+                    self.regs().set32(reg::DMA_STATUS, e.raw_os_error() as u32);
+                }
+            }
+            6 => {
+                let status = Self::copy(&self.regs, &*ctx.dma, 1);
+                self.regs().set32(reg::DMA_STATUS, status);
+            }
+            3..=5 => {
+                let mut regs = self.regs();
+                let pages = regs.reg32(reg::PIN_PAGES) as usize;
+                let prot = Prot::from_bits(regs.reg32(reg::PIN_PROT) as u8).unwrap_or(Prot::NONE);
+                let len = (regs.reg32(reg::DMA_LEN) as usize).min(2048);
+                let seed = regs.bar0[reg::DMA_SEED as usize];
+                let addr = regs.dma_addr();
+                let r = match &ctx.pins {
+                    None => Ok(()),
+                    Some(p) => {
+                        Self::pin_command(&mut regs.pins, p, cmd, addr, pages, prot, len, seed)
+                    }
+                };
+                regs.set32(reg::DMA_STATUS, status_of(r));
+            }
+            _ => self.regs().set32(reg::DMA_STATUS, 0),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -268,7 +351,7 @@ impl TestDevice {
     }
 
     fn run_irq(&mut self, cmd: u32) {
-        let vector = self.reg32(reg::IRQ_VECTOR);
+        let vector = self.regs().reg32(reg::IRQ_VECTOR);
         if let Some(ctx) = &self.ctx {
             match cmd {
                 0 => ctx.irqs.set_intx(false),
@@ -283,35 +366,40 @@ impl TestDevice {
     }
 }
 
-fn range(len: usize, off: u64, n: usize) -> Result<std::ops::Range<usize>, DeviceError> {
-    let start = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+fn range(len: usize, off: u64, n: usize) -> Result<std::ops::Range<usize>, Errno> {
+    let start = usize::try_from(off).map_err(|_| Errno::INVAL)?;
     let end = start
         .checked_add(n)
         .filter(|e| *e <= len)
-        .ok_or(DeviceError::Io(22))?;
+        .ok_or(Errno::INVAL)?;
     Ok(start..end)
 }
 
 impl PciDevice for TestDevice {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         self.observed
             .accesses
             .lock()
             .unwrap()
             .push((bar.get(), offset, data.len(), false));
         match bar.get() {
-            0 => data.copy_from_slice(&self.bar0[range(self.bar0.len(), offset, data.len())?]),
-            1 => data.copy_from_slice(&self.bar1[range(self.bar1.len(), offset, data.len())?]),
+            0 => {
+                let r = self.regs();
+                data.copy_from_slice(&r.bar0[range(r.bar0.len(), offset, data.len())?]);
+            }
+            1 => {
+                let r = self.regs();
+                data.copy_from_slice(&r.bar1[range(r.bar1.len(), offset, data.len())?]);
+            }
             2 => {
-                rustix::io::pread(&*self.bar2, data, offset)
-                    .map_err(|e| DeviceError::Io(e.raw_os_error()))?;
+                rustix::io::pread(&*self.bar2, data, offset)?;
             }
             _ => data.fill(0),
         }
         Ok(())
     }
 
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
         self.observed
             .accesses
             .lock()
@@ -322,43 +410,48 @@ impl PciDevice for TestDevice {
                 if offset == reg::DMA_STATUS {
                     return Ok(()); // read-only
                 }
-                let r = range(self.bar0.len(), offset, data.len())?;
-                self.bar0[r].copy_from_slice(data);
+                {
+                    let mut r = self.regs();
+                    let rg = range(r.bar0.len(), offset, data.len())?;
+                    r.bar0[rg].copy_from_slice(data);
+                }
                 if offset == reg::DMA_CMD && data.len() == 4 {
-                    self.run_dma(self.reg32(reg::DMA_CMD));
+                    let cmd = self.regs().reg32(reg::DMA_CMD);
+                    self.run_dma(cmd);
                 } else if offset == reg::IRQ_CMD && data.len() == 4 {
-                    self.run_irq(self.reg32(reg::IRQ_CMD));
+                    let cmd = self.regs().reg32(reg::IRQ_CMD);
+                    self.run_irq(cmd);
                 }
             }
             1 => {
-                let r = range(self.bar1.len(), offset, data.len())?;
-                self.bar1[r].copy_from_slice(data);
+                let mut r = self.regs();
+                let rg = range(r.bar1.len(), offset, data.len())?;
+                r.bar1[rg].copy_from_slice(data);
             }
             2 => {
-                rustix::io::pwrite(&*self.bar2, data, offset)
-                    .map_err(|e| DeviceError::Io(e.raw_os_error()))?;
+                rustix::io::pwrite(&*self.bar2, data, offset)?;
             }
             _ => {}
         }
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Errno> {
         self.observed.resets.fetch_add(1, Ordering::SeqCst);
-        self.bar0.fill(0);
+        self.regs().bar0.fill(0);
         Ok(())
     }
 
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
         if self.observed.refuse_open.load(Ordering::SeqCst) {
-            return Err(DeviceError::Refused(16)); // EBUSY
+            return Err(Errno::BUSY);
         }
         self.observed.opens.fetch_add(1, Ordering::SeqCst);
         if let Some(p) = &ctx.pins {
             *self.observed.space.lock().unwrap() = Some(p.space().clone());
             *self.observed.pinner.lock().unwrap() = Arc::downgrade(p);
         }
-        self.pins.clear();
+        self.regs().pins.clear();
         self.ctx = Some(ctx);
         Ok(())
     }
@@ -366,7 +459,7 @@ impl PciDevice for TestDevice {
     fn close(&mut self) {
         self.observed.closes.fetch_add(1, Ordering::SeqCst);
         // Dropping the context drops the pinner, which releases what the device still pins.
-        self.pins.clear();
+        self.regs().pins.clear();
         self.ctx = None;
     }
 
@@ -383,22 +476,22 @@ impl PciDevice for TestDevice {
         })
     }
 
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
-        if !running && self.reg32(reg::MIG_FAIL) == 1 {
-            return Err(DeviceError::Io(5));
+    fn set_running(&mut self, running: bool) -> Result<(), Errno> {
+        if !running && self.regs().reg32(reg::MIG_FAIL) == 1 {
+            return Err(Errno::IO);
         }
         Ok(())
     }
 
-    fn save(&mut self, w: &mut umdev_pci::StateWriter) -> Result<(), DeviceError> {
-        if self.reg32(reg::MIG_FAIL) == 2 {
-            return Err(DeviceError::Io(5));
+    fn save(&mut self, w: &mut umdev_pci::StateWriter) -> Result<(), Errno> {
+        let r = self.regs();
+        if r.reg32(reg::MIG_FAIL) == 2 {
+            return Err(Errno::IO);
         }
         let mut bar2 = vec![0u8; BAR2_SIZE as usize];
-        rustix::io::pread(&*self.bar2, &mut bar2, 0)
-            .map_err(|e| DeviceError::Io(e.raw_os_error()))?;
-        w.bytes(1, &self.bar0).bytes(2, &self.bar1).bytes(3, &bar2);
-        for p in &self.pins {
+        rustix::io::pread(&*self.bar2, &mut bar2, 0)?;
+        w.bytes(1, &r.bar0).bytes(2, &r.bar1).bytes(3, &bar2);
+        for p in &r.pins {
             let mut pin = p.iova().to_le_bytes().to_vec();
             pin.extend_from_slice(&(p.page_count() as u64).to_le_bytes());
             pin.push(p.prot().bits());
@@ -407,9 +500,9 @@ impl PciDevice for TestDevice {
         Ok(())
     }
 
-    fn load(&mut self, version: u32, r: &umdev_pci::StateReader<'_>) -> Result<(), DeviceError> {
+    fn load(&mut self, version: u32, r: &umdev_pci::StateReader<'_>) -> Result<(), Errno> {
         use umdev_pci::StreamError;
-        let sized = |tag: u16, len: u64| -> Result<Vec<u8>, DeviceError> {
+        let sized = |tag: u16, len: u64| -> Result<Vec<u8>, Errno> {
             let b = r.bytes(tag)?;
             if b.len() as u64 != len {
                 return Err(StreamError::BadField {
@@ -442,10 +535,10 @@ impl PciDevice for TestDevice {
                     .ctx
                     .as_ref()
                     .and_then(|c| c.pins.clone())
-                    .ok_or(DeviceError::Io(19))?;
+                    .ok_or(Errno::NODEV)?;
                 let pinned = pinner
                     .pin(iova, usize::try_from(pages).map_err(|_| bad())?, prot)
-                    .map_err(|e| DeviceError::Io(e.errno()));
+                    .map_err(|e| Errno::from_raw_os_error(e.errno()));
                 match pinned {
                     Ok(p) => pins.push(p),
                     Err(e) => {
@@ -457,21 +550,23 @@ impl PciDevice for TestDevice {
                 }
             }
         }
-        rustix::io::pwrite(&*self.bar2, &bar2, 0).map_err(|e| DeviceError::Io(e.raw_os_error()))?;
-        if let Some(pinner) = self.ctx.as_ref().and_then(|c| c.pins.clone()) {
-            for p in std::mem::take(&mut self.pins) {
+        rustix::io::pwrite(&*self.bar2, &bar2, 0)?;
+        let pinner = self.ctx.as_ref().and_then(|c| c.pins.clone());
+        let mut regs = self.regs();
+        if let Some(pinner) = pinner {
+            for p in std::mem::take(&mut regs.pins) {
                 let _ = pinner.unpin(p.iova(), p.page_count());
             }
         }
-        self.bar0 = bar0;
-        self.bar1 = bar1;
-        self.pins = pins;
+        regs.bar0 = bar0;
+        regs.bar1 = bar1;
+        regs.pins = pins;
         Ok(())
     }
 
     fn dma_unmap(&mut self, iova: u64, len: u64) {
         self.observed.unmap_hooks.lock().unwrap().push((iova, len));
-        let mode = self.reg32(reg::UNMAP_MODE);
+        let mode = self.regs().reg32(reg::UNMAP_MODE);
         if mode == 1 {
             return; // "forgets": keeps its pins and handles
         }
@@ -479,10 +574,13 @@ impl PciDevice for TestDevice {
             return;
         };
         let end = iova.saturating_add(len);
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pins)
-            .into_iter()
-            .partition(|p| p.iova() < end && iova < p.iova() + p.len_bytes());
-        self.pins = kept;
+        let (gone, kept): (Vec<_>, Vec<_>) = {
+            let mut regs = self.regs();
+            std::mem::take(&mut regs.pins)
+                .into_iter()
+                .partition(|p| p.iova() < end && iova < p.iova() + p.len_bytes())
+        };
+        self.regs().pins = kept;
         let release = move || {
             for p in &gone {
                 let _ = pinner.unpin(p.iova(), p.page_count());
@@ -496,5 +594,19 @@ impl PciDevice for TestDevice {
         } else {
             release();
         }
+    }
+
+    fn display_plane(&mut self) -> Result<DisplayPlane, Errno> {
+        if self.regs().reg32(reg::DISPLAY) != 1 {
+            return Err(Errno::NODATA);
+        }
+        Ok(DisplayPlane {
+            fourcc: fourcc(*b"XR24"),
+            width: DISPLAY_WIDTH,
+            height: DISPLAY_HEIGHT,
+            stride: DISPLAY_WIDTH * 4,
+            offset: DISPLAY_OFFSET,
+            memory: self.bar2.clone(),
+        })
     }
 }

@@ -9,6 +9,8 @@
 
 pub mod cmd;
 pub mod device;
+pub mod drivers;
+pub mod prereq;
 pub mod wire;
 
 use std::os::unix::net::UnixListener;
@@ -103,6 +105,23 @@ pub fn negotiated_test_device() -> (TestServer, wire::Raw) {
     let s = TestServer::test_device();
     let r = wire::Raw::negotiated(&s.path);
     (s, r)
+}
+
+/// Polls the test device's DMA status with `read` until its command is done (the status is
+/// no longer [`device::DMA_BUSY`]), as a guest driver would; at most 10 s.
+pub fn poll_dma_status(mut read: impl FnMut() -> u32) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = read();
+        if s != device::DMA_BUSY {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the test device's DMA command did not finish in 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
 }
 
 /// A memfd of `size` bytes, as a VMM's shared guest RAM.

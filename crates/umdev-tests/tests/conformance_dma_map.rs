@@ -57,8 +57,10 @@ fn device_dma_write(r: &mut Raw, iova: u64, len: u32, seed: u8) -> u32 {
         region: 0,
         count: 4,
     };
-    let reply = r.call(Command::RegionRead as u16, &[a.as_bytes()], &[]);
-    u32::from_le_bytes(reply.body[16..20].try_into().unwrap())
+    umdev_tests::poll_dma_status(|| {
+        let reply = r.call(Command::RegionRead as u16, &[a.as_bytes()], &[]);
+        u32::from_le_bytes(reply.body[16..20].try_into().unwrap())
+    })
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {

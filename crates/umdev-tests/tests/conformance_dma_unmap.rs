@@ -68,8 +68,10 @@ fn device_dma_write(r: &mut Raw, iova: u64) -> u32 {
         region: 0,
         count: 4,
     };
-    let reply = r.call(Command::RegionRead as u16, &[a.as_bytes()], &[]);
-    u32::from_le_bytes(reply.body[16..20].try_into().unwrap())
+    umdev_tests::poll_dma_status(|| {
+        let reply = r.call(Command::RegionRead as u16, &[a.as_bytes()], &[]);
+        u32::from_le_bytes(reply.body[16..20].try_into().unwrap())
+    })
 }
 
 #[test]

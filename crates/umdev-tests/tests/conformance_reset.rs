@@ -104,7 +104,10 @@ fn dma_mappings_survive_reset() {
     write(&mut r, 0, reg::DMA_ADDR, &0x1000u64.to_le_bytes());
     write(&mut r, 0, reg::DMA_LEN, &4u32.to_le_bytes());
     write(&mut r, 0, reg::DMA_CMD, &1u32.to_le_bytes());
-    assert_eq!(read(&mut r, 0, reg::DMA_STATUS, 4), vec![0; 4]);
+    let status = umdev_tests::poll_dma_status(|| {
+        u32::from_le_bytes(read(&mut r, 0, reg::DMA_STATUS, 4).try_into().unwrap())
+    });
+    assert_eq!(status, 0);
 }
 
 #[test]

@@ -26,7 +26,7 @@ fn start_dma(c: &mut umdev_client::Client, iova: u64, len: u32, seed: u8, cmd: u
     write32(c, reg::DMA_LEN, len);
     c.region_write(0, reg::DMA_SEED, &[seed]).unwrap();
     write32(c, reg::DMA_CMD, cmd);
-    read32(c, reg::DMA_STATUS)
+    umdev_tests::poll_dma_status(|| read32(c, reg::DMA_STATUS))
 }
 
 #[test]

@@ -58,7 +58,7 @@ fn device_dma(c: &mut Client, iova: u64, len: u32, seed: u8, cmd: u32) -> u32 {
     write32(c, reg::DMA_LEN, len);
     c.region_write(0, reg::DMA_SEED, &[seed]).unwrap();
     write32(c, reg::DMA_CMD, cmd);
-    read32(c, reg::DMA_STATUS)
+    umdev_tests::poll_dma_status(|| read32(c, reg::DMA_STATUS))
 }
 
 fn memfd(size: u64) -> std::fs::File {

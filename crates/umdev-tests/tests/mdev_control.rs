@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mdev::{binary, new_uuid, unavailable, Daemon, CONFIG};
+use mdev::{binary, new_uuid, require, Daemon, CONFIG};
 use umdev_proto::wire;
 use umdev_tests::Efd;
 
@@ -26,9 +26,7 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(4);
 const PROMPT: Duration = Duration::from_secs(1);
 
 fn daemon() -> Option<Daemon> {
-    if unavailable().is_some() {
-        return None;
-    }
+    require();
     assert!(binary("umdevctl").exists(), "umdevctl is not built");
     let config = CONFIG.replace(
         "release_timeout_ms = 300",
@@ -179,7 +177,7 @@ fn sigterm_with_a_stop_waiting_and_an_idle_connection_exits_cleanly() {
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(BufReader::new(&idle).read_line(&mut line).unwrap(), 0);
     assert!(!d.control().exists());
-    let sock = d.root().join("sockets").join(format!("{}.sock", held.uuid));
+    let sock = d.socket(&held.uuid.to_string());
     assert!(!sock.exists());
     drop(held);
 }

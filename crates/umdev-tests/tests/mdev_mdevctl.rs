@@ -3,31 +3,20 @@
 //! umdevctl against the control API: every command works and the two print the same.
 //!
 //! mdevctl is found as `$MDEVCTL`, on `PATH`, or in `~/.cargo/bin`; CI installs it
-//! (`cargo install mdevctl --version 1.4.0`). Without it these tests skip, except under
-//! `UMDEV_MDEV_REQUIRED=1`.
+//! (`cargo install mdevctl --version 1.4.0`). Without it these tests fail, naming it.
 
 mod mdev;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use mdev::{binary, new_uuid, unavailable, Daemon, CONFIG};
+use mdev::{binary, new_uuid, require, Daemon, CONFIG};
 
-fn mdevctl_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MDEVCTL") {
-        return Some(p.into());
+fn mdevctl_path() -> PathBuf {
+    match std::env::var_os("MDEVCTL") {
+        Some(p) => p.into(),
+        None => umdev_tests::prereq::mdevctl(),
     }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("mdevctl"))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/mdevctl"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
 }
 
 struct Tools {
@@ -37,18 +26,8 @@ struct Tools {
 
 impl Tools {
     fn start() -> Option<Tools> {
-        if unavailable().is_some() {
-            return None;
-        }
-        let Some(mdevctl) = mdevctl_path() else {
-            assert!(
-                std::env::var_os("UMDEV_MDEV_REQUIRED").is_none(),
-                "mdevctl 1.4.0 is not installed"
-            );
-            eprintln!("skipping: mdevctl is not installed");
-            return None;
-        };
-        assert!(binary("umdevctl").exists(), "umdevctl is not built");
+        require();
+        let mdevctl = mdevctl_path();
         Some(Tools {
             d: Daemon::start(CONFIG),
             mdevctl,
@@ -259,7 +238,7 @@ fn umdevctl_prints_the_socket_and_a_qemu_argument() {
     let u = t.uok(&["start", "-p", "mtty0", "-t", "mtty-2"]);
     let u = u.trim();
     let out = t.uok(&["socket", u]);
-    let sock = t.d.root().join(format!("sockets/{u}.sock"));
+    let sock = t.d.socket(u);
     assert_eq!(
         out,
         format!(
@@ -281,13 +260,7 @@ fn umdevctl_prints_the_socket_and_a_qemu_argument() {
 
 #[test]
 fn umdevctl_generates_completions_and_a_man_page() {
-    if !binary("umdevctl").exists() {
-        assert!(
-            std::env::var_os("UMDEV_MDEV_REQUIRED").is_none(),
-            "umdevctl is not built"
-        );
-        return;
-    }
+    require();
     let run = |args: &[&str]| {
         let o = Command::new(binary("umdevctl"))
             .args(args)
@@ -310,16 +283,27 @@ fn a_parent_added_at_run_time_starts_its_auto_definitions_and_goes_with_its_devi
     t.ok(&["define", "--auto", "-u", &a, "-p", "mtty9", "-t", "mtty-1"]);
     t.ok(&["define", "-u", &m, "-p", "mtty9", "-t", "mtty-1"]);
     assert!(!t.d.sys().join("class/mdev_bus/mtty9").exists());
-    t.uok(&["add-parent", "mtty9", "--console", "none", "--ports", "4"]);
+    t.uok(&[
+        "add-parent",
+        "mtty9",
+        "mtty",
+        "--opt",
+        "console=none",
+        "--opt",
+        "ports=4",
+    ]);
     // What mdevctl's udev rule would do: the auto definition is started, the manual one not.
     assert_eq!(
         t.same(&["list"]),
         format!("{a} mtty9 mtty-1 auto (defined)\n")
     );
     assert_eq!(t.d.available("mtty9", "mtty-1"), 3);
-    assert!(!t.umdevctl(&["add-parent", "mtty9"]).status.success());
+    assert!(!t
+        .umdevctl(&["add-parent", "mtty9", "mtty"])
+        .status
+        .success());
     // Refused while a client holds one of its devices, unless forced.
-    let sock = t.d.root().join(format!("sockets/{a}.sock"));
+    let sock = t.d.socket(&a);
     let _client = umdev_client::Client::connect(&sock).unwrap();
     let e = t.umdevctl(&["remove-parent", "mtty9"]);
     assert!(!e.status.success());

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use mdev::{errno, new_uuid, unavailable, Daemon, CONFIG};
+use mdev::{errno, new_uuid, require, Daemon, CONFIG};
 
 const EINVAL: i32 = 22;
 const EEXIST: i32 = 17;
@@ -23,9 +23,7 @@ fn link(p: &Path) -> String {
 
 #[test]
 fn echo_uuid_to_create_and_1_to_remove_through_a_shell() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     let types = d
@@ -44,7 +42,7 @@ fn echo_uuid_to_create_and_1_to_remove_through_a_shell() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    let sock = d.root().join(format!("sockets/{u}.sock"));
+    let sock = d.socket(&u);
     assert_eq!(
         text,
         format!("12\n11\n{u}\n{}\n12\n", sock.display()),
@@ -55,9 +53,7 @@ fn echo_uuid_to_create_and_1_to_remove_through_a_shell() {
 
 #[test]
 fn the_tree_has_the_kernels_paths_and_links() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let sys = d.sys();
     assert_eq!(
@@ -108,9 +104,7 @@ fn the_tree_has_the_kernels_paths_and_links() {
 
 #[test]
 fn malformed_uuids_are_einval_and_nothing_is_created() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     for bad in [
@@ -130,9 +124,7 @@ fn malformed_uuids_are_einval_and_nothing_is_created() {
 
 #[test]
 fn a_uuid_in_use_under_another_parent_is_eexist() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     d.create("mtty0", "mtty-1", &u).unwrap();
@@ -145,9 +137,7 @@ fn a_uuid_in_use_under_another_parent_is_eexist() {
 
 #[test]
 fn create_with_no_available_instances_is_enospc() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     // mtty1 has a pool of two ports.
     d.create("mtty1", "mtty-1", &new_uuid()).unwrap();
@@ -163,9 +153,7 @@ fn create_with_no_available_instances_is_enospc() {
 
 #[test]
 fn read_only_and_write_only_files_refuse_the_other_direction() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     d.create("mtty0", "mtty-1", &u).unwrap();
@@ -193,9 +181,7 @@ fn read_only_and_write_only_files_refuse_the_other_direction() {
 
 #[test]
 fn unknown_attributes_are_enoent_and_cannot_be_created() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     d.create("mtty0", "mtty-1", &u).unwrap();
@@ -223,9 +209,7 @@ fn t_create_of_missing_type(d: &Daemon) -> std::path::PathBuf {
 
 #[test]
 fn remove_writes_follow_kstrtoul() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     d.create("mtty0", "mtty-1", &u).unwrap();
@@ -247,9 +231,7 @@ fn remove_writes_follow_kstrtoul() {
 
 #[test]
 fn removing_a_device_a_client_holds_is_ebusy() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = Daemon::start(CONFIG);
     let u = new_uuid();
     d.create("mtty0", "mtty-2", &u).unwrap();
@@ -273,9 +255,7 @@ fn removing_a_device_a_client_holds_is_ebusy() {
 
 #[test]
 fn available_instances_stay_consistent_under_concurrent_creates_and_removes() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     let d = std::sync::Arc::new(Daemon::start(CONFIG));
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -332,9 +312,7 @@ fn hold_helper() {
 
 #[test]
 fn a_second_client_is_refused_on_every_device_of_a_held_group() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     use std::io::BufRead;
     let d = Daemon::start(CONFIG);
     let (a, b) = (new_uuid(), new_uuid());
@@ -393,21 +371,28 @@ fn a_second_client_is_refused_on_every_device_of_a_held_group() {
 
 #[test]
 fn sockets_have_the_configured_mode_and_owner() {
-    if unavailable().is_some() {
-        return;
-    }
+    require();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let u = new_uuid();
     let d = Daemon::start(CONFIG);
     d.create("mtty0", "mtty-1", &u).unwrap();
-    let m = std::fs::metadata(d.root().join(format!("sockets/{u}.sock"))).unwrap();
+    let m = std::fs::metadata(d.socket(&u)).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o600, "default mode");
+    let dir = std::fs::metadata(d.device_dir(&u)).unwrap();
+    assert_eq!(
+        dir.permissions().mode() & 0o7777,
+        0o700,
+        "the device's directory"
+    );
     drop(d);
     let d = Daemon::start(&format!(
         "socket_mode = \"0660\"\nsocket_owner = \"65534:65534\"\n{CONFIG}"
     ));
     d.create("mtty0", "mtty-1", &u).unwrap();
-    let m = std::fs::metadata(d.root().join(format!("sockets/{u}.sock"))).unwrap();
+    let m = std::fs::metadata(d.socket(&u)).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o660);
     assert_eq!((m.uid(), m.gid()), (65534, 65534));
+    let dir = std::fs::metadata(d.device_dir(&u)).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o7777, 0o770);
+    assert_eq!((dir.uid(), dir.gid()), (65534, 65534));
 }

@@ -1,91 +1,121 @@
-//! `umdevctl migrate` between two `umdevd` processes, each serving one mtty card: what was
-//! typed on the host before the migration reaches the destination's guest side, once and in
-//! order, and the source's host side is told (end of file).
+//! `umdevctl migrate` on devices created the way a user creates them (the sysfs `create`
+//! file of a real `umdevd`): between two mtty cards of one daemon (named by UUID), and
+//! between cards of two daemons (named by their sockets). A host program types numbered
+//! lines into the source card's port socket before and during the migration; when the
+//! source hands its host side over (end of file, then EPIPE), it goes on with the
+//! destination's socket. The destination's guest side must read every line once, in order.
 #![allow(clippy::unwrap_used)]
 
 mod mdev;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mdev::binary;
+use mdev::{binary, new_uuid, require, Daemon};
 use umdev_client::Client;
 use umdev_mtty::regs::{LSR, LSR_DR, RBR_THR};
 
-struct Daemon(Child);
+/// One parent with host sockets for its ports.
+const CONFIG: &str = r#"
+[[parent]]
+name = "mtty0"
+driver = "mtty"
+"#;
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Lines the host types: `LINES_BEFORE` before the migration starts, the rest during and
+/// after it.
+const LINES: usize = 120;
+const LINES_BEFORE: usize = 20;
+
+fn line(i: usize) -> Vec<u8> {
+    format!("line {i:04} typed on the host\n").into_bytes()
 }
 
-/// Starts `umdevd` serving an mtty-1 card; returns once it printed `ready`.
-fn daemon(dir: &Path, name: &str) -> Daemon {
-    let mut child = Command::new(binary("umdevd"))
-        .args(["--type", "mtty-1", "--socket"])
-        .arg(dir.join(format!("{name}.sock")))
-        .arg("--console-dir")
-        .arg(dir.join(name))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let ready = out.lines().any(|l| l.is_ok_and(|l| l == "ready"));
-    let d = Daemon(child);
-    assert!(ready, "umdevd {name} exited before it was ready");
-    d
+/// What the host typist did.
+struct Typed {
+    /// Lines written whole to the source before it handed its host side over.
+    on_source: usize,
+    /// Whether the source's connection ended with end of file (the hand-over).
+    saw_eof: bool,
 }
 
-#[test]
-fn umdevctl_migrate_moves_bytes_typed_before_the_migration() {
-    if !binary("umdevd").exists() || !binary("umdevctl").exists() {
-        assert!(
-            std::env::var_os("UMDEV_MDEV_REQUIRED").is_none(),
-            "umdevd and umdevctl must be built"
-        );
-        eprintln!("skipped: build umdevd and umdevctl first");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let _src = daemon(dir.path(), "src");
-    let _dst = daemon(dir.path(), "dst");
-    let mut host = UnixStream::connect(dir.path().join("src/port0.sock")).unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let typed = b"typed on the host before the migration\n";
-    host.write_all(typed).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+/// Types every line into `src`'s port 0; on the hand-over (the write fails) it goes on with
+/// `dst`'s. Lines after `LINES_BEFORE` wait for `go`.
+fn typist(src: PathBuf, dst: PathBuf, go: Arc<AtomicBool>) -> JoinHandle<Typed> {
+    std::thread::spawn(move || {
+        let mut conn = UnixStream::connect(&src).unwrap();
+        let mut on_source = true;
+        let mut typed = Typed {
+            on_source: 0,
+            saw_eof: false,
+        };
+        for i in 0..LINES {
+            if i == LINES_BEFORE {
+                while !go.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let l = line(i);
+            let mut sent = 0;
+            while sent < l.len() {
+                match conn.write(&l[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(e)
+                        if on_source
+                            && matches!(
+                                e.kind(),
+                                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+                            ) =>
+                    {
+                        // The source took everything before this and closed: read its end.
+                        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut rest = Vec::new();
+                        typed.saw_eof = conn.read_to_end(&mut rest).is_ok();
+                        on_source = false;
+                        conn = connect_retrying(&dst);
+                    }
+                    Err(e) => panic!("typing line {i}: {e}"),
+                }
+            }
+            if on_source {
+                typed.on_source = i + 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(!on_source, "the source never handed its host side over");
+        typed
+    })
+}
 
-    let out = Command::new(binary("umdevctl"))
-        .arg("migrate")
-        .arg(dir.path().join("src.sock"))
-        .arg(dir.path().join("dst.sock"))
-        .env("UMDEV_CONTROL", dir.path().join("no-daemon-needed"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "umdevctl migrate failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("downtime"), "{stdout}");
-
-    // The source handed its host side over: its peer sees end of file.
-    let mut rest = Vec::new();
-    host.read_to_end(&mut rest).unwrap();
-
-    // The destination's guest side reads what was typed, once, in order.
-    let mut c = Client::connect(dir.path().join("dst.sock")).unwrap();
-    let mut got = Vec::new();
+fn connect_retrying(path: &Path) -> UnixStream {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while got.len() < typed.len() && Instant::now() < deadline {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "connecting to {}: {e}",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Reads what the card's port 0 received, as its guest driver would, until `want` bytes.
+fn guest_reads(socket: &Path, want: usize) -> Vec<u8> {
+    let mut c = Client::connect(socket).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < want && Instant::now() < deadline {
         let mut lsr = [0u8];
         c.region_read(0, LSR, &mut lsr).unwrap();
         if lsr[0] & LSR_DR != 0 {
@@ -93,24 +123,98 @@ fn umdevctl_migrate_moves_bytes_typed_before_the_migration() {
             c.region_read(0, RBR_THR, &mut b).unwrap();
             got.push(b[0]);
         } else {
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(typed)
-    );
+    // Nothing more than what was typed.
+    std::thread::sleep(Duration::from_millis(50));
     let mut lsr = [0u8];
     c.region_read(0, LSR, &mut lsr).unwrap();
-    assert_eq!(lsr[0] & LSR_DR, 0, "nothing more than what was typed");
+    assert_eq!(lsr[0] & LSR_DR, 0, "more bytes than were typed");
+    got
+}
+
+/// Creates an mtty-1 card through `d`'s sysfs `create` file; returns its UUID and socket.
+fn create(d: &Daemon) -> (String, PathBuf) {
+    let u = new_uuid();
+    d.create("mtty0", "mtty-1", &u).unwrap();
+    let sock = std::fs::read_to_string(d.mdev_dir(&u).join("vfio_user_socket")).unwrap();
+    (u, PathBuf::from(sock.trim()))
+}
+
+fn umdevctl_migrate(control: &Path, from: &str, to: &str) -> String {
+    let out = Command::new(binary("umdevctl"))
+        .args(["migrate", from, to])
+        .env("UMDEV_CONTROL", control)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "umdevctl migrate failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("downtime"), "{stdout}");
+    stdout
+}
+
+/// The whole check: type, migrate with `migrate`, read on the destination.
+fn typed_lines_arrive_once_in_order(
+    src: &Daemon,
+    dst: &Daemon,
+    migrate: impl FnOnce(&str, &Path, &str, &Path),
+) {
+    let (a, a_sock) = create(src);
+    let (b, b_sock) = create(dst);
+    let go = Arc::new(AtomicBool::new(false));
+    let t = typist(
+        src.device_dir(&a).join("port0.sock"),
+        dst.device_dir(&b).join("port0.sock"),
+        go.clone(),
+    );
+    // Let the first lines reach the source card before the migration starts; the rest are
+    // typed while it runs.
+    std::thread::sleep(Duration::from_millis(100));
+    go.store(true, Ordering::Release);
+    migrate(&a, &a_sock, &b, &b_sock);
+    let typed = t.join().unwrap();
+    assert!(typed.saw_eof, "the source's host side must see end of file");
+    assert!(
+        typed.on_source >= LINES_BEFORE,
+        "lines typed before the migration went to the source"
+    );
+    let want: Vec<u8> = (0..LINES).flat_map(line).collect();
+    let got = guest_reads(&b_sock, want.len());
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+}
+
+#[test]
+fn migrate_between_two_cards_of_one_daemon_by_uuid() {
+    require();
+    let d = Daemon::start(CONFIG);
+    let control = d.control();
+    typed_lines_arrive_once_in_order(&d, &d, |a, _, b, _| {
+        umdevctl_migrate(&control, a, b);
+    });
+}
+
+#[test]
+fn migrate_between_cards_of_two_daemons_by_socket() {
+    require();
+    let src = Daemon::start(CONFIG);
+    let dst = Daemon::start(CONFIG);
+    let control = src.control();
+    typed_lines_arrive_once_in_order(&src, &dst, |_, a, _, b| {
+        umdevctl_migrate(&control, &a.display().to_string(), &b.display().to_string());
+    });
 }
 
 #[test]
 fn umdevctl_migrate_names_what_it_cannot_find() {
-    if !binary("umdevctl").exists() {
-        eprintln!("skipped: build umdevctl first");
-        return;
-    }
+    require();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(binary("umdevctl"))
         .args(["migrate", "no-such-device", "other"])

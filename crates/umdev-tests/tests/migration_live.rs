@@ -37,10 +37,10 @@ fn g2h(i: u64) -> u8 {
 
 fn mtty_server(dir: &Path, name: &str) -> (TestServer, PathBuf) {
     let sock = dir.join(name);
-    let m = Mtty::new(MttyConfig {
-        ports: 1,
-        host: vec![HostEndpoint::UnixSocket(sock.clone())],
-    })
+    let m = Mtty::new(MttyConfig::new(
+        1,
+        vec![HostEndpoint::UnixSocket(sock.clone())],
+    ))
     .unwrap();
     let f = PciFunction::new(m.spec(), Box::new(m));
     (TestServer::start(f, ServerConfig::default()), sock)
@@ -400,11 +400,7 @@ fn bad_streams_are_refused_and_the_destination_stays_as_it_was() {
     let mut corrupted = good.clone();
     corrupted[good.len() / 2] ^= 1;
     let mut other_device = {
-        let m = Mtty::new(MttyConfig {
-            ports: 1,
-            host: vec![],
-        })
-        .unwrap();
+        let m = Mtty::new(MttyConfig::new(1, vec![])).unwrap();
         let f = PciFunction::new(m.spec(), Box::new(m));
         let s = TestServer::start(f, ServerConfig::default());
         let mut mc = s.client();

@@ -107,7 +107,7 @@ fn every_pair_of_states_on_a_device_with_p2p_and_pre_copy() {
 }
 
 fn mtty_server(host: Vec<HostEndpoint>) -> TestServer {
-    let m = Mtty::new(MttyConfig { ports: 1, host }).unwrap();
+    let m = Mtty::new(MttyConfig::new(1, host)).unwrap();
     let f = PciFunction::new(m.spec(), Box::new(m));
     TestServer::start(f, ServerConfig::default())
 }

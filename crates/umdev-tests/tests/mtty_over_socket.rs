@@ -26,7 +26,7 @@ fn card(ports: u8) -> Card {
     let host = (0..ports)
         .map(|i| HostEndpoint::UnixSocket(dir.path().join(format!("port{i}.sock"))))
         .collect();
-    let mtty = Mtty::new(MttyConfig { ports, host }).unwrap();
+    let mtty = Mtty::new(MttyConfig::new(ports, host)).unwrap();
     let paths = mtty.host_paths();
     let server = TestServer::start(
         PciFunction::new(mtty.spec(), Box::new(mtty)),

@@ -21,11 +21,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod listen;
 mod memory;
 mod unix;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+pub use listen::{SocketPolicy, Stale};
 pub use memory::MemoryTransport;
 use umdev_proto::{Header, ProtoError};
 pub use unix::UnixTransport;
@@ -107,6 +109,10 @@ pub trait Transport: Send + Sync {
     /// to send what a correct sender never would.
     fn send_raw(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), TransportError>;
 
+    /// Waits up to `timeout` for something to read (a message, or the end of the stream)
+    /// and says whether there is; the next `recv` then does not wait for a message to start.
+    fn wait_readable(&self, timeout: std::time::Duration) -> Result<bool, TransportError>;
+
     /// Makes a blocked or later `recv` return [`TransportError::Closed`] and stops sends.
     fn shutdown(&self);
 }
@@ -125,6 +131,9 @@ impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
     }
     fn send_raw(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), TransportError> {
         (**self).send_raw(bytes, fds)
+    }
+    fn wait_readable(&self, timeout: std::time::Duration) -> Result<bool, TransportError> {
+        (**self).wait_readable(timeout)
     }
     fn shutdown(&self) {
         (**self).shutdown()

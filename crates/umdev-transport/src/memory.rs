@@ -171,6 +171,16 @@ impl Transport for MemoryTransport {
         self.push(&[bytes], fds)
     }
 
+    fn wait_readable(&self, timeout: std::time::Duration) -> Result<bool, TransportError> {
+        let p = self.inbound.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        let (p, _) = self
+            .inbound
+            .ready
+            .wait_timeout_while(p, timeout, |p| p.bytes.is_empty() && !p.closed)
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(!p.bytes.is_empty() || p.closed)
+    }
+
     fn shutdown(&self) {
         self.inbound.close();
         self.outbound.close();

@@ -331,6 +331,31 @@ impl Transport for UnixTransport {
         self.sendmsg_all(&[bytes], fds)
     }
 
+    fn wait_readable(&self, timeout: Duration) -> Result<bool, TransportError> {
+        if self
+            .rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .available()
+            > 0
+        {
+            return Ok(true);
+        }
+        let ts = rustix::fs::Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &self.stream,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => Ok(n > 0),
+            Err(Errno::INTR) => Ok(false),
+            Err(e) => Err(TransportError::Io(e.into())),
+        }
+    }
+
     fn shutdown(&self) {
         let _ = rustix::net::shutdown(self.stream.as_fd(), Shutdown::Both);
     }

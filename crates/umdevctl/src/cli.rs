@@ -172,18 +172,39 @@ pub enum Command {
     AddParent {
         /// The parent's name.
         name: String,
-        /// Its driver.
-        #[arg(long, default_value = "mtty")]
+        /// Its driver (`umdevctl drivers` lists them).
         driver: String,
-        /// Its pool size (mtty: ports).
+        /// An option of the driver (repeatable); the driver checks it.
+        #[arg(long = "opt", value_name = "KEY=VALUE")]
+        opts: Vec<String>,
+    },
+    /// List the parent drivers the daemon knows and their options.
+    Drivers {
+        /// JSON output.
         #[arg(long)]
-        ports: Option<u32>,
-        /// Where mtty ports' host sides go.
-        #[arg(long, value_parser = ["socket", "pty", "none"])]
-        console: Option<String>,
-        /// Its types share peer-to-peer resources (`peer_to_peer_resource_uuid`).
+        dumpjson: bool,
+    },
+    /// Change who may use an active device: the owner and mode of its directory and
+    /// sockets.
+    Access {
+        /// UUID of the device.
+        uuid: String,
+        /// New owner, `user[:group]` (names or numbers).
         #[arg(long)]
-        peer_to_peer: bool,
+        owner: Option<String>,
+        /// New socket mode, octal (the directory gets search permission to match).
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Write a display device's current scan-out as a PNG file.
+    Screenshot {
+        /// UUID of the device.
+        uuid: String,
+        /// The PNG file to write.
+        out: std::path::PathBuf,
+        /// Rewrite the file every SECONDS until interrupted (for following a console).
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<f64>,
     },
     /// Unregister a parent device, removing its devices.
     RemoveParent {

@@ -6,6 +6,7 @@
 
 mod cli;
 mod output;
+mod screenshot;
 
 use std::io::Write;
 
@@ -215,21 +216,35 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{path}")?;
             writeln!(out, "{}", qemu_arg(&path))?;
         }
-        Command::AddParent {
-            name,
-            driver,
-            ports,
-            console,
-            peer_to_peer,
-        } => {
+        Command::AddParent { name, driver, opts } => {
+            let options =
+                umdev_api::control::options_from_pairs(&opts).map_err(anyhow::Error::msg)?;
             let req = Request::AddParent {
                 name,
                 driver,
-                ports,
-                console,
-                peer_to_peer,
+                options,
             };
             call(&client, &req)?;
+        }
+        Command::Drivers { dumpjson } => {
+            let Response::Drivers { drivers } = call(&client, &Request::Drivers)? else {
+                bail!("unexpected answer");
+            };
+            if dumpjson {
+                writeln!(out, "{}", serde_json::to_string_pretty(&drivers)?)?;
+            } else {
+                write!(out, "{}", output::drivers_text(&drivers))?;
+            }
+        }
+        Command::Access { uuid, owner, mode } => {
+            call(&client, &Request::Access { uuid, owner, mode })?;
+        }
+        Command::Screenshot {
+            uuid,
+            out: file,
+            watch,
+        } => {
+            screenshot::run(&client, &uuid, &file, watch)?;
         }
         Command::RemoveParent { name, force } => {
             call(&client, &Request::RemoveParent { name, force })?;

@@ -150,6 +150,29 @@ pub fn list_json(devices: &[DeviceEntry], one_uuid: bool) -> String {
     pretty(&vec![Ordered(parents)])
 }
 
+/// `umdevctl drivers`: each driver, what it makes, and its options with kinds and defaults.
+pub fn drivers_text(drivers: &[umdev_api::control::DriverEntry]) -> String {
+    let mut s = String::new();
+    for d in drivers {
+        s.push_str(&format!("{}\n  {}\n", d.name, d.description));
+        if d.options.is_empty() {
+            s.push_str("  (no options)\n");
+        }
+        for o in &d.options {
+            let default = o
+                .default
+                .as_deref()
+                .map(|v| format!(", default {v}"))
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "  --opt {}=<{}{}>\n      {}\n",
+                o.name, o.kind, default, o.help
+            ));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

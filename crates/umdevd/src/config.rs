@@ -1,64 +1,149 @@
-//! The daemon's configuration file (TOML): where things go and which parents to host.
+//! The daemon's configuration file (TOML): where things go, the servers' tunables, and which
+//! parents to host. A parent's `options` belong to its driver, which checks them: an
+//! unknown or ill-typed key is refused with its name and the driver's keys.
 //!
 //! ```toml
-//! root = "/run/umdev"          # sysfs tree at <root>/sys; mdevctl's dirs under it
+//! root = "/run/umdev"                 # sysfs tree at <root>/sys; mdevctl's dirs under it
 //! state_dir = "/run/umdev/state"      # lock file and control socket (default <root>/state)
-//! sockets_dir = "/run/umdev/sockets"  # one vfio-user socket per mdev (default <root>/sockets)
-//! socket_mode = "0600"
-//! socket_owner = "qemu:kvm"    # user[:group], names or numbers; default: the daemon's
-//! release_timeout_ms = 2000    # how long `remove` waits for a client after REQ
+//! sockets_dir = "/run/umdev/sockets"  # a directory per mdev (default <root>/sockets)
+//! socket_mode = "0600"                # each device's sockets (its directory gets x bits)
+//! socket_owner = "qemu:kvm"           # user[:group], names or numbers; default: the daemon's
+//! release_timeout_ms = 2000           # how long `remove` waits for a client after REQ
+//!
+//! [server]                            # every device's vfio-user server
+//! spin_us = 0                         # poll the socket this long before sleeping
+//! dma_timeout_ms = 5000               # a client's answer to a DMA_READ/WRITE
+//! unpin_timeout_ms = 1000             # a device's release of its pins at DMA_UNMAP
+//! max_data_xfer_size = 1048576        # announced in VERSION
+//! max_dma_maps = 65535                # announced in VERSION
 //!
 //! [[parent]]
 //! name = "mtty0"
 //! driver = "mtty"
-//! ports = 24                   # the pool (default 24)
-//! console = "socket"           # "socket" (<sockets_dir>/<uuid>.port<N>.sock), "pty", "none"
-//! peer_to_peer = false
+//! socket_mode = "0660"                # this parent's devices (default: the daemon's)
+//! socket_owner = "qemu"
+//! [parent.options]                    # the driver's own (`umdevctl drivers` lists them)
+//! ports = 24
+//! console = "socket"
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use serde_json::{Map, Value};
+use umdev_core::Drivers;
+use umdev_server::ServerConfig;
+use umdev_transport::{SocketPolicy, Stale};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Root of the management tree.
     #[serde(default = "default_root")]
     pub root: PathBuf,
+    /// Lock file and control socket (default `<root>/state`).
     pub state_dir: Option<PathBuf>,
+    /// A directory per device (default `<root>/sockets`).
     pub sockets_dir: Option<PathBuf>,
+    /// Mode of every device's sockets (octal text).
     #[serde(default = "default_mode")]
     pub socket_mode: String,
+    /// Owner of every device's sockets (`user[:group]`).
     pub socket_owner: Option<String>,
+    /// How long `remove` waits for a client after REQ.
     #[serde(default = "default_release_timeout")]
     pub release_timeout_ms: u64,
-    #[serde(default = "default_parents")]
-    pub parent: Vec<ParentConfig>,
+    /// The vfio-user servers' tunables.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// The parents to host (absent: the daemon's defaults).
+    pub parent: Option<Vec<ParentConfig>>,
+}
+
+/// `[server]`: every device's vfio-user server.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Poll the socket this long before sleeping (0: never poll).
+    #[serde(default)]
+    pub spin_us: u64,
+    /// How long a device's DMA message waits for the client's answer.
+    #[serde(default = "default_dma_timeout")]
+    pub dma_timeout_ms: u64,
+    /// How long DMA_UNMAP waits for a device to release its pins before revoking them.
+    #[serde(default = "default_unpin_timeout")]
+    pub unpin_timeout_ms: u64,
+    /// Largest transfer a client may ask for in one message.
+    #[serde(default = "default_max_xfer")]
+    pub max_data_xfer_size: u32,
+    /// Most DMA mappings a client may hold.
+    #[serde(default = "default_max_maps")]
+    pub max_dma_maps: u32,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            spin_us: 0,
+            dma_timeout_ms: default_dma_timeout(),
+            unpin_timeout_ms: default_unpin_timeout(),
+            max_data_xfer_size: default_max_xfer(),
+            max_dma_maps: default_max_maps(),
+        }
+    }
+}
+
+impl ServerSection {
+    /// The server configuration these tunables make.
+    pub fn server_config(&self) -> Result<ServerConfig> {
+        if self.max_data_xfer_size < 4096 {
+            bail!("[server] max_data_xfer_size must be at least 4096");
+        }
+        if self.max_dma_maps == 0 {
+            bail!("[server] max_dma_maps must be at least 1");
+        }
+        Ok(ServerConfig {
+            spin: Duration::from_micros(self.spin_us),
+            dma_timeout: Duration::from_millis(self.dma_timeout_ms),
+            unpin_timeout: Duration::from_millis(self.unpin_timeout_ms),
+            max_data_xfer_size: self.max_data_xfer_size,
+            max_dma_maps: self.max_dma_maps,
+            ..ServerConfig::default()
+        })
+    }
 }
 
 /// One parent to host.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParentConfig {
+    /// Its name (`mtty0`).
     pub name: String,
+    /// Its driver (`mtty`).
     pub driver: String,
-    pub ports: Option<u32>,
+    /// The driver's options, checked by the driver.
     #[serde(default)]
-    pub console: ConsoleConfig,
-    #[serde(default)]
-    pub peer_to_peer: bool,
+    pub options: Map<String, Value>,
+    /// Mode of this parent's devices' sockets, instead of the daemon's.
+    pub socket_mode: Option<String>,
+    /// Owner of this parent's devices' sockets, instead of the daemon's.
+    pub socket_owner: Option<String>,
 }
 
-/// Where mtty ports' host sides go.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsoleConfig {
-    #[default]
-    Socket,
-    Pty,
-    None,
+impl ParentConfig {
+    /// A parent of `driver` with these options and the daemon's socket policy.
+    pub fn new(name: &str, driver: &str, options: Map<String, Value>) -> ParentConfig {
+        ParentConfig {
+            name: name.to_owned(),
+            driver: driver.to_owned(),
+            options,
+            socket_mode: None,
+            socket_owner: None,
+        }
+    }
 }
 
 fn default_root() -> PathBuf {
@@ -73,38 +158,20 @@ fn default_release_timeout() -> u64 {
     2000
 }
 
-/// Two sample mtty parents, `mtty0` and `mtty1`.
-fn default_parents() -> Vec<ParentConfig> {
-    ["mtty0", "mtty1"]
-        .iter()
-        .map(|n| ParentConfig {
-            name: (*n).into(),
-            driver: "mtty".into(),
-            ports: None,
-            console: ConsoleConfig::Socket,
-            peer_to_peer: false,
-        })
-        .collect()
+fn default_dma_timeout() -> u64 {
+    5000
 }
 
-impl ParentConfig {
-    /// The parent driver this configuration describes (only `mtty` exists).
-    pub fn build(&self, sockets_dir: &Path) -> Result<std::sync::Arc<dyn umdev_core::Parent>> {
-        if self.driver != "mtty" {
-            bail!("unknown driver {:?} (known: mtty)", self.driver);
-        }
-        let console = match self.console {
-            ConsoleConfig::None => umdev_mtty::parent::Console::None,
-            ConsoleConfig::Pty => umdev_mtty::parent::Console::Pty,
-            ConsoleConfig::Socket => umdev_mtty::parent::Console::Sockets(sockets_dir.to_owned()),
-        };
-        let parent = umdev_mtty::parent::MttyParent::new(
-            self.ports.unwrap_or(umdev_mtty::parent::POOL_PORTS),
-            console,
-        )
-        .with_peer_to_peer(self.peer_to_peer);
-        Ok(std::sync::Arc::new(parent))
-    }
+fn default_unpin_timeout() -> u64 {
+    1000
+}
+
+fn default_max_xfer() -> u32 {
+    umdev_proto::DEFAULT_MAX_DATA_XFER_SIZE
+}
+
+fn default_max_maps() -> u32 {
+    umdev_proto::DEFAULT_MAX_DMA_MAPS
 }
 
 impl Default for Config {
@@ -116,35 +183,39 @@ impl Default for Config {
             socket_mode: default_mode(),
             socket_owner: None,
             release_timeout_ms: default_release_timeout(),
-            parent: default_parents(),
+            server: ServerSection::default(),
+            parent: None,
         }
     }
 }
 
 impl Config {
+    /// Reads and parses `path` (not yet checked against the drivers: see [`check`]).
+    ///
+    /// [`check`]: Config::check
     pub fn load(path: &Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let c: Config =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        c.check()?;
         Ok(c)
     }
 
-    pub fn check(&self) -> Result<()> {
+    /// Checks everything that can be checked before starting: paths, modes, owners, the
+    /// server's tunables, every parent's driver and options.
+    pub fn check(&self, drivers: &Drivers) -> Result<()> {
         if !self.root.is_absolute() {
             bail!("root must be an absolute path, not {}", self.root.display());
         }
-        self.mode()?;
+        self.policy()?;
+        self.server.server_config()?;
         let mut names = std::collections::BTreeSet::new();
-        for p in &self.parent {
-            if p.driver != "mtty" {
-                bail!(
-                    "parent {}: unknown driver {:?} (known: mtty)",
-                    p.name,
-                    p.driver
-                );
-            }
+        for p in self.parent.iter().flatten() {
+            drivers
+                .options(&p.driver, &p.options)
+                .with_context(|| format!("parent {}", p.name))?;
+            self.parent_policy(p)
+                .with_context(|| format!("parent {}", p.name))?;
             if !names.insert(p.name.clone()) {
                 bail!("parent {} is configured twice", p.name);
             }
@@ -152,48 +223,70 @@ impl Config {
         Ok(())
     }
 
+    /// The lock file and control socket's directory.
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
             .unwrap_or_else(|| self.root.join("state"))
     }
 
+    /// Where device directories go.
     pub fn sockets_dir(&self) -> PathBuf {
         self.sockets_dir
             .clone()
             .unwrap_or_else(|| self.root.join("sockets"))
     }
 
+    /// The control socket.
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir().join("control.sock")
     }
 
+    /// The sysfs tree's mount point.
     pub fn sys_dir(&self) -> PathBuf {
         self.root.join("sys")
     }
 
-    pub fn mode(&self) -> Result<u32> {
-        let m = u32::from_str_radix(&self.socket_mode, 8)
-            .with_context(|| format!("socket_mode {:?} is not octal", self.socket_mode))?;
-        if m > 0o7777 {
-            bail!("socket_mode {:?} is out of range", self.socket_mode);
-        }
-        Ok(m)
+    /// The daemon-wide socket policy for devices.
+    pub fn policy(&self) -> Result<SocketPolicy> {
+        Ok(SocketPolicy {
+            stale: Stale::Replace,
+            mode: parse_mode(&self.socket_mode)?,
+            owner: self.socket_owner.as_deref().map(parse_owner).transpose()?,
+        })
     }
 
-    /// `socket_owner` as numbers.
-    pub fn owner(&self) -> Result<Option<(u32, Option<u32>)>> {
-        let Some(s) = &self.socket_owner else {
-            return Ok(None);
-        };
-        let (u, g) = match s.split_once(':') {
-            Some((u, g)) => (u, Some(g)),
-            None => (s.as_str(), None),
-        };
-        let uid = lookup_id(u, "/etc/passwd")?;
-        let gid = g.map(|g| lookup_id(g, "/etc/group")).transpose()?;
-        Ok(Some((uid, gid)))
+    /// The socket policy of `p`'s devices: its own mode and owner where it sets them.
+    pub fn parent_policy(&self, p: &ParentConfig) -> Result<SocketPolicy> {
+        let mut policy = self.policy()?;
+        if let Some(m) = &p.socket_mode {
+            policy.mode = parse_mode(m)?;
+        }
+        if let Some(o) = &p.socket_owner {
+            policy.owner = Some(parse_owner(o)?);
+        }
+        Ok(policy)
     }
+}
+
+/// An octal file mode (`"0660"`).
+pub fn parse_mode(s: &str) -> Result<u32> {
+    let m = u32::from_str_radix(s, 8).with_context(|| format!("socket mode {s:?} is not octal"))?;
+    if m > 0o777 {
+        bail!("socket mode {s:?} is out of range");
+    }
+    Ok(m)
+}
+
+/// `user[:group]`, each a number or a name from `/etc/passwd` and `/etc/group`.
+pub fn parse_owner(s: &str) -> Result<(u32, Option<u32>)> {
+    let (u, g) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let uid = lookup_id(u, "/etc/passwd")?;
+    let gid = g.map(|g| lookup_id(g, "/etc/group")).transpose()?;
+    Ok((uid, gid))
 }
 
 /// A number, or a name looked up in a passwd/group style file (third field).
@@ -217,52 +310,82 @@ fn lookup_id(name: &str, file: &str) -> Result<u32> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_empty_file_hosts_two_mtty_parents_under_run_umdev() {
-        let c: Config = toml::from_str("").unwrap();
-        c.check().unwrap();
-        assert_eq!(c.root, Path::new("/run/umdev"));
-        assert_eq!(c.sockets_dir(), Path::new("/run/umdev/sockets"));
-        assert_eq!(c.mode().unwrap(), 0o600);
-        let names: Vec<_> = c.parent.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["mtty0", "mtty1"]);
+    fn drivers() -> Drivers {
+        let mut d = Drivers::default();
+        d.add(umdev_mtty::MttyDriver);
+        d
+    }
+
+    fn checked(text: &str) -> Result<Config> {
+        let c: Config = toml::from_str(text)?;
+        c.check(&drivers())?;
+        Ok(c)
     }
 
     #[test]
-    fn parents_owner_and_mode_are_read() {
-        let c: Config = toml::from_str(
+    fn an_empty_file_uses_run_umdev_and_the_daemons_default_parents() {
+        let c = checked("").unwrap();
+        assert_eq!(c.root, Path::new("/run/umdev"));
+        assert_eq!(c.sockets_dir(), Path::new("/run/umdev/sockets"));
+        assert_eq!(c.policy().unwrap().mode, 0o600);
+        assert!(c.parent.is_none());
+        assert_eq!(c.server.server_config().unwrap().spin, Duration::ZERO);
+    }
+
+    #[test]
+    fn parents_options_owner_mode_and_server_are_read() {
+        let c = checked(
             r#"
             root = "/tmp/x"
             socket_mode = "0660"
             socket_owner = "0:root"
+            [server]
+            spin_us = 30
+            unpin_timeout_ms = 200
             [[parent]]
             name = "p"
             driver = "mtty"
+            socket_mode = "0600"
+            [parent.options]
             ports = 4
             console = "none"
             "#,
         )
         .unwrap();
-        c.check().unwrap();
-        assert_eq!(c.mode().unwrap(), 0o660);
-        assert_eq!(c.owner().unwrap(), Some((0, Some(0))));
-        assert_eq!(c.parent[0].console, ConsoleConfig::None);
+        assert_eq!(c.policy().unwrap().mode, 0o660);
+        assert_eq!(c.policy().unwrap().owner, Some((0, Some(0))));
+        let p = &c.parent.as_ref().unwrap()[0];
+        assert_eq!(c.parent_policy(p).unwrap().mode, 0o600);
+        assert_eq!(p.options["ports"], 4);
+        let s = c.server.server_config().unwrap();
+        assert_eq!(s.spin, Duration::from_micros(30));
+        assert_eq!(s.unpin_timeout, Duration::from_millis(200));
     }
 
     #[test]
-    fn unknown_drivers_keys_and_duplicates_are_refused() {
+    fn unknown_drivers_options_keys_and_duplicates_are_refused_by_name() {
         let bad = [
-            "[[parent]]\nname = \"p\"\ndriver = \"nope\"",
-            "colour = 1",
-            "[[parent]]\nname = \"p\"\ndriver = \"mtty\"\n[[parent]]\nname = \"p\"\ndriver = \"mtty\"",
-            "root = \"relative\"",
-            "socket_mode = \"9\"",
+            ("[[parent]]\nname = \"p\"\ndriver = \"nope\"", "no parent driver nope"),
+            ("colour = 1", "colour"),
+            ("[server]\nspin = 1", "spin"),
+            (
+                "[[parent]]\nname = \"p\"\ndriver = \"mtty\"\n[parent.options]\nport = 4",
+                "has no option port (its options: ports, console, peer_to_peer)",
+            ),
+            (
+                "[[parent]]\nname = \"p\"\ndriver = \"mtty\"\n[parent.options]\nports = \"many\"",
+                "option ports: expected an integer",
+            ),
+            (
+                "[[parent]]\nname = \"p\"\ndriver = \"mtty\"\n[[parent]]\nname = \"p\"\ndriver = \"mtty\"",
+                "configured twice",
+            ),
+            ("root = \"relative\"", "absolute"),
+            ("socket_mode = \"9\"", "not octal"),
         ];
-        for b in bad {
-            let r = toml::from_str::<Config>(b)
-                .map_err(anyhow::Error::from)
-                .and_then(|c| c.check());
-            assert!(r.is_err(), "{b}");
+        for (b, why) in bad {
+            let e = checked(b).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{b}: {e:#}");
         }
     }
 }

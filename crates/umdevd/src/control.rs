@@ -4,14 +4,17 @@
 
 mod server;
 
-use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use umdev_api::control::{DeviceEntry, GroupEntry, Holder, TypeEntry};
+use serde_json::{Map, Value};
+use umdev_api::control::{
+    DeviceEntry, DriverEntry, DriverOption, GroupEntry, Holder, PlaneInfo, TypeEntry,
+};
 use umdev_api::{Definition, DefinitionStore, ModifyRequest, Request, Response, Start};
 use umdev_core::{Core, CoreError, MdevUuid};
 
-use crate::config::{ConsoleConfig, ParentConfig};
+use crate::daemon::Shared;
 
 pub use server::ControlServer;
 
@@ -106,6 +109,23 @@ fn defined(store: &DefinitionStore, uuid: &str, parent: Option<&str>) -> Vec<(St
         .collect()
 }
 
+/// A response and the fds that go with it (a display plane's memory).
+pub struct Answer {
+    /// The response line.
+    pub response: Response,
+    /// Fds sent with it.
+    pub fds: Vec<Arc<OwnedFd>>,
+}
+
+impl From<Response> for Answer {
+    fn from(response: Response) -> Answer {
+        Answer {
+            response,
+            fds: Vec::new(),
+        }
+    }
+}
+
 /// Answers requests; shared by the connection threads. The core takes its own lock (and
 /// releases it while `remove` waits for a client), so only the store needs one here.
 struct Handler {
@@ -115,16 +135,16 @@ struct Handler {
     /// is not whole). Never held while the core waits for a client, so a `stop` waiting on
     /// REQ blocks no other request; taken before the core's lock, never after.
     store: Mutex<DefinitionStore>,
-    /// Where new parents' console sockets go.
-    sockets_dir: PathBuf,
+    /// The drivers, the device layout and the daemon's directories.
+    shared: Arc<Shared>,
 }
 
 impl Handler {
-    fn new(core: Core, store: DefinitionStore, sockets_dir: PathBuf) -> Handler {
+    fn new(core: Core, store: DefinitionStore, shared: Arc<Shared>) -> Handler {
         Handler {
             core,
             store: Mutex::new(store),
-            sockets_dir,
+            shared,
         }
     }
 
@@ -134,7 +154,16 @@ impl Handler {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn handle(&self, req: Request) -> Response {
+    fn handle(&self, req: Request) -> Answer {
+        if let Request::DisplayPlane { uuid } = &req {
+            return self.display_plane(uuid).unwrap_or_else(|f| {
+                Response::Error {
+                    errno: f.errno,
+                    message: f.message,
+                }
+                .into()
+            });
+        }
         let r = match req {
             Request::Types { parent } => Ok(self.types(parent.as_deref())),
             Request::List {
@@ -164,20 +193,24 @@ impl Handler {
             Request::AddParent {
                 name,
                 driver,
-                ports,
-                console,
-                peer_to_peer,
-            } => self.add_parent(name, driver, ports, console.as_deref(), peer_to_peer),
+                options,
+            } => self.add_parent(&name, &driver, &options),
             Request::RemoveParent { name, force } => self
                 .core
                 .unregister_parent(&name, force)
                 .map(|()| Response::Done)
                 .map_err(Failure::from),
+            Request::Drivers => Ok(self.drivers()),
+            Request::Access { uuid, owner, mode } => {
+                self.access(&uuid, owner.as_deref(), mode.as_deref())
+            }
+            Request::DisplayPlane { .. } => Err(invalid("handled above")),
         };
         r.unwrap_or_else(|f| Response::Error {
             errno: f.errno,
             message: f.message,
         })
+        .into()
     }
 
     fn types(&self, parent: Option<&str>) -> Response {
@@ -523,32 +556,97 @@ impl Handler {
 
     fn add_parent(
         &self,
-        name: String,
-        driver: String,
-        ports: Option<u32>,
-        console: Option<&str>,
-        peer_to_peer: bool,
+        name: &str,
+        driver: &str,
+        options: &Map<String, Value>,
     ) -> Result<Response, Failure> {
-        let console = match console {
-            None | Some("socket") => ConsoleConfig::Socket,
-            Some("pty") => ConsoleConfig::Pty,
-            Some("none") => ConsoleConfig::None,
-            Some(c) => return Err(invalid(format!("unknown console {c:?}"))),
-        };
-        let config = ParentConfig {
-            name: name.clone(),
-            driver,
-            ports,
-            console,
-            peer_to_peer,
-        };
-        let parent = config
-            .build(&self.sockets_dir)
-            .map_err(|e| invalid(e.to_string()))?;
-        self.core.register_parent(&name, parent)?;
+        let parent = self
+            .shared
+            .build_parent(name, driver, options)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        self.core.register_parent(name, parent)?;
         // What mdevctl's udev rule does when a parent appears.
-        crate::daemon::start_auto_definitions(&self.core, &self.store(), &name);
+        crate::daemon::start_auto_definitions(&self.core, &self.store(), name);
         Ok(Response::Done)
+    }
+
+    fn drivers(&self) -> Response {
+        let drivers = self
+            .shared
+            .drivers
+            .all()
+            .iter()
+            .map(|d| DriverEntry {
+                name: d.name().to_owned(),
+                description: d.description().to_owned(),
+                options: d
+                    .options()
+                    .into_iter()
+                    .map(|o| DriverOption {
+                        name: o.name,
+                        kind: o.kind.to_string(),
+                        default: o.default.map(|v| v.to_string()),
+                        help: o.help,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Response::Drivers { drivers }
+    }
+
+    fn access(
+        &self,
+        uuid: &str,
+        owner: Option<&str>,
+        mode: Option<&str>,
+    ) -> Result<Response, Failure> {
+        let u = parse_uuid(uuid)?;
+        let m = self.core.mdev(&u).ok_or_else(|| {
+            fail(
+                rustix::io::Errno::NODEV,
+                format!("Mediated device {u} is not active"),
+            )
+        })?;
+        let dir = m
+            .socket
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .ok_or_else(|| fail(rustix::io::Errno::NODEV, format!("{u} has no directory")))?;
+        let owner = owner
+            .map(crate::config::parse_owner)
+            .transpose()
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        let mode = mode
+            .map(crate::config::parse_mode)
+            .transpose()
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        crate::serve::set_access(dir, owner, mode).map_err(|e| {
+            let errno = e
+                .raw_os_error()
+                .map_or(rustix::io::Errno::IO, rustix::io::Errno::from_raw_os_error);
+            fail(
+                errno,
+                format!("changing the access of {}: {e}", dir.display()),
+            )
+        })?;
+        Ok(Response::Done)
+    }
+
+    fn display_plane(&self, uuid: &str) -> Result<Answer, Failure> {
+        let u = parse_uuid(uuid)?;
+        let p = self.core.display_plane(&u)?;
+        Ok(Answer {
+            response: Response::Plane {
+                plane: PlaneInfo {
+                    fourcc: p.fourcc,
+                    width: p.width,
+                    height: p.height,
+                    stride: p.stride,
+                    offset: p.offset,
+                },
+            },
+            fds: vec![p.memory],
+        })
     }
 
     fn groups(&self) -> Response {

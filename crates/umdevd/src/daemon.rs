@@ -1,23 +1,23 @@
 //! The daemon's life: lock the state directory, clean what a killed predecessor left,
 //! register the configured parents, mount the sysfs tree, create the auto-start
-//! definitions, serve the control API, and on SIGINT/SIGTERM undo all of it.
+//! definitions, serve the control API, and at the end undo all of it.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
 use umdev_api::{DefinitionStore, Start};
-use umdev_core::{Core, CoreConfig, MdevUuid};
-use umdev_server::ServerConfig;
+use umdev_core::{Core, CoreConfig, Drivers, MdevUuid, Parent, ParentContext};
 use umdev_sysfs::SysfsMount;
 
-use crate::config::Config;
+use crate::config::{Config, ParentConfig};
 use crate::control::ControlServer;
-use crate::serve::SocketServe;
+use crate::serve::DirServe;
 
 /// The directories mdevctl's self-check wants under its root, besides the sysfs tree.
 const MDEVCTL_DIRS: [&str; 3] = [
@@ -25,6 +25,32 @@ const MDEVCTL_DIRS: [&str; 3] = [
     "usr/lib/mdevctl/scripts.d/callouts",
     "usr/lib/mdevctl/scripts.d/notifiers",
 ];
+
+/// What the daemon's parts share: the drivers, the device layout and the configuration.
+pub struct Shared {
+    /// The parent drivers.
+    pub drivers: Drivers,
+    /// The configuration the daemon runs with.
+    pub config: Config,
+}
+
+impl Shared {
+    /// Builds parent `name` of `driver` from `options` (checked by the driver).
+    pub fn build_parent(
+        &self,
+        name: &str,
+        driver: &str,
+        options: &Map<String, Value>,
+    ) -> Result<Arc<dyn Parent>> {
+        let ctx = ParentContext {
+            name: name.to_owned(),
+            state_dir: Some(self.config.state_dir().join("parents").join(name)),
+        };
+        self.drivers
+            .build(driver, &ctx, options)
+            .with_context(|| format!("building parent {name}"))
+    }
+}
 
 /// Takes the state directory's lock: one daemon per state directory. Held until exit.
 fn lock_state(dir: &Path) -> Result<OwnedFd> {
@@ -44,16 +70,23 @@ fn lock_state(dir: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Removes every socket file in `dir`: with the lock held, they are all left over.
-fn clear_stale_sockets(dir: &Path) -> Result<usize> {
+/// Removes what an earlier daemon left in `dir`: socket files, and device directories
+/// (named by UUID). With the lock held, they are all left over.
+fn clear_stale(dir: &Path) -> Result<usize> {
     let mut n = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
-        if e.file_type().is_ok_and(|t| t.is_socket()) {
+        let t = e.file_type()?;
+        let device_dir = t.is_dir() && MdevUuid::parse(&e.file_name().to_string_lossy()).is_ok();
+        if t.is_socket() {
             std::fs::remove_file(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
-            n += 1;
+        } else if device_dir {
+            std::fs::remove_dir_all(e.path())
+        } else {
+            continue;
         }
+        .with_context(|| format!("removing {}", e.path().display()))?;
+        n += 1;
     }
     Ok(n)
 }
@@ -85,17 +118,45 @@ pub fn start_auto_definitions(core: &Core, store: &DefinitionStore, parent: &str
     }
 }
 
-fn register_parents(core: &Core, config: &Config) -> Result<()> {
-    for p in &config.parent {
-        core.register_parent(&p.name, p.build(&config.sockets_dir())?)
-            .with_context(|| format!("registering parent {}", p.name))?;
-    }
-    Ok(())
+/// A running daemon (started by [`DaemonBuilder::start`](crate::DaemonBuilder::start)); [`stop`](Running::stop) undoes it.
+pub struct Running {
+    core: Core,
+    mount: SysfsMount,
+    control: ControlServer,
+    sys: std::path::PathBuf,
+    _lock: OwnedFd,
 }
 
-pub fn run(config: Config) -> Result<()> {
-    config.check()?;
-    let root = &config.root;
+impl Running {
+    /// The registry.
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Stops the control API, removes every device and parent, unmounts the tree.
+    pub fn stop(self) {
+        self.control.stop();
+        for p in self.core.parents() {
+            if let Err(e) = self.core.unregister_parent(&p, true) {
+                tracing::warn!(parent = p, error = %e, "unregistering");
+            }
+        }
+        if let Err(e) = self.mount.unmount() {
+            tracing::warn!(error = %e, "unmount failed; detaching lazily");
+            let _ = rustix::mount::unmount(&self.sys, rustix::mount::UnmountFlags::DETACH);
+        }
+        tracing::info!("stopped cleanly");
+    }
+}
+
+/// Starts the daemon: state lock, recovery, parents (`config.parent`, else `defaults`),
+/// the sysfs tree, auto-start definitions, the control API.
+pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) -> Result<Running> {
+    config.check(&drivers)?;
+    if config.parent.is_none() {
+        config.parent = Some(defaults.to_vec());
+    }
+    let root = config.root.clone();
     for d in MDEVCTL_DIRS {
         let p = root.join(d);
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
@@ -104,62 +165,72 @@ pub fn run(config: Config) -> Result<()> {
     for d in [&state, &sockets] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let _lock = lock_state(&state)?;
-    // Recovery from an unclean exit: a stale mount, then stale sockets.
+    let lock = lock_state(&state)?;
+    // Recovery from an unclean exit: a stale mount, then stale sockets and directories.
     umdev_sysfs::clear_stale_mount(&sys)?;
     std::fs::create_dir_all(&sys).with_context(|| format!("creating {}", sys.display()))?;
-    let n = clear_stale_sockets(&sockets)? + clear_stale_sockets(&state)?;
+    let n = clear_stale(&sockets)? + clear_stale(&state)?;
     if n > 0 {
-        tracing::info!(sockets = n, "removed stale sockets from an earlier run");
+        tracing::info!(entries = n, "removed stale sockets and device directories");
     }
 
-    let serve = SocketServe {
+    let serve = Arc::new(DirServe {
         dir: sockets.clone(),
-        mode: config.mode()?,
-        owner: config.owner()?,
-        server: ServerConfig::default(),
-    };
+        policy: config.policy()?,
+        parent_policies: Mutex::new(Default::default()),
+        server: config.server.server_config()?,
+    });
     let core = Core::new(
         CoreConfig {
             release_timeout: Duration::from_millis(config.release_timeout_ms),
         },
-        Arc::new(serve),
+        serve.clone(),
     );
-    register_parents(&core, &config)?;
+    let shared = Arc::new(Shared {
+        drivers,
+        config: config.clone(),
+    });
+    for p in config.parent.iter().flatten() {
+        serve.set_parent_policy(&p.name, config.parent_policy(p)?);
+        let parent = shared.build_parent(&p.name, &p.driver, &p.options)?;
+        core.register_parent(&p.name, parent)
+            .with_context(|| format!("registering parent {}", p.name))?;
+    }
     let mount = SysfsMount::mount(core.clone(), &sys)?;
-    let store = DefinitionStore::new(root);
+    let store = DefinitionStore::new(&root);
     for p in core.parents() {
         start_auto_definitions(&core, &store, &p);
     }
-    let control = ControlServer::start(core.clone(), store, &config)?;
+    let control = ControlServer::start(core.clone(), store, shared)?;
+    tracing::info!(root = %root.display(), parents = ?core.parents(), "umdevd ready");
+    Ok(Running {
+        core,
+        mount,
+        control,
+        sys,
+        _lock: lock,
+    })
+}
 
+/// Runs the daemon until SIGINT or SIGTERM, printing `root`, `control` and `ready` lines.
+pub fn run(config: Config, drivers: Drivers, defaults: &[ParentConfig]) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .context("installing signal handlers")?;
-
+    let control = config.control_socket();
+    let root = config.root.clone();
+    let running = start(config, drivers, defaults)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "root {}", root.display())?;
-    writeln!(out, "control {}", config.control_socket().display())?;
+    writeln!(out, "control {}", control.display())?;
     writeln!(out, "ready")?;
     out.flush()?;
     drop(out);
-    tracing::info!(root = %root.display(), parents = ?core.parents(), "umdevd ready");
-
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "stopping");
     }
-    control.stop();
-    for p in core.parents() {
-        if let Err(e) = core.unregister_parent(&p, true) {
-            tracing::warn!(parent = p, error = %e, "unregistering");
-        }
-    }
-    if let Err(e) = mount.unmount() {
-        tracing::warn!(error = %e, "unmount failed; detaching lazily");
-        let _ = rustix::mount::unmount(&sys, rustix::mount::UnmountFlags::DETACH);
-    }
-    tracing::info!("stopped cleanly");
+    running.stop();
     Ok(())
 }

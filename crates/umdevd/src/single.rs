@@ -1,121 +1,122 @@
-//! The one-device mode: `umdevd --socket PATH [--type mtty-2] [--console-dir DIR | --pty]`
-//! serves a single mtty card on one vfio-user socket, without the mdev core, the sysfs tree
-//! or the control API. It prints `socket <path>`, `port <n> <path>` and `ready` on stdout.
+//! The one-device mode: `umdevd --socket PATH --type TYPE [--opt KEY=VALUE]...` serves one
+//! device of type `TYPE` on `PATH`, without the sysfs tree or the control API. It is a daemon
+//! with one parent and one device: the same core (group rules, open guard, every hook), the
+//! same driver registry and options, the same server, the same logging. The device's
+//! host-side sockets go beside `PATH` (mtty: `port0.sock`, ...).
+//!
+//! It prints `socket <path>`, `device <uuid>`, `dir <directory>` and `ready` on stdout.
 
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use umdev_mtty::{HostEndpoint, Mtty, MttyConfig};
-use umdev_pci::PciFunction;
-use umdev_server::{Server, ServerConfig};
+use serde_json::{Map, Value};
+use umdev_core::{Core, CoreConfig, Drivers, MdevUuid, ParentContext};
+use umdev_server::ServerConfig;
+use umdev_transport::{SocketPolicy, Stale};
 
-use crate::DeviceType;
+use crate::serve::PathServe;
 
 /// What the one-device mode needs from the command line.
 pub struct SingleArgs {
+    /// The vfio-user socket.
     pub socket: PathBuf,
-    pub device_type: Option<DeviceType>,
-    pub console_dir: Option<PathBuf>,
-    pub pty: bool,
-    pub spin_us: u64,
-    pub socket_mode: Option<u32>,
+    /// The device's type id (`mtty-2`); its prefix names the driver.
+    pub type_id: String,
+    /// The device's UUID (default: a random one).
+    pub uuid: Option<MdevUuid>,
+    /// The parent's options.
+    pub options: Map<String, Value>,
+    /// The server's tunables.
+    pub server: ServerConfig,
+    /// Mode of the device's sockets.
+    pub socket_mode: u32,
 }
 
-/// Removes a socket file left by an earlier run that nobody listens on any more; refuses
-/// to touch anything else.
-fn clear_stale_socket(path: &Path) -> Result<()> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !meta.file_type().is_socket() {
-        bail!("{} exists and is not a socket", path.display());
-    }
-    if UnixStream::connect(path).is_ok() {
-        bail!("{} is in use by another server", path.display());
-    }
-    tracing::info!(path = %path.display(), "removing a stale socket from an earlier run");
-    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
-}
-
-/// Serves one mtty card on `socket` (the mode the guest test and simple setups use).
-pub fn run(args: SingleArgs) -> Result<()> {
-    let ports: u8 = match args.device_type.unwrap_or(DeviceType::Mtty2) {
-        DeviceType::Mtty1 => 1,
-        DeviceType::Mtty2 => 2,
-    };
-    let host = (0..ports)
-        .map(|i| match (&args.console_dir, args.pty) {
-            (Some(dir), _) => HostEndpoint::UnixSocket(dir.join(format!("port{i}.sock"))),
-            (None, true) => HostEndpoint::Pty,
-            (None, false) => HostEndpoint::None,
+/// The driver whose name prefixes `type_id` (`mtty` of `mtty-2`).
+fn driver_of<'a>(drivers: &'a Drivers, type_id: &str) -> Result<&'a str> {
+    drivers
+        .all()
+        .iter()
+        .map(|d| d.name())
+        .find(|n| type_id.strip_prefix(n).is_some_and(|t| t.starts_with('-')))
+        .with_context(|| {
+            format!(
+                "no driver makes type {type_id} (drivers: {})",
+                drivers.names().join(", ")
+            )
         })
-        .collect::<Vec<_>>();
-    if let Some(dir) = &args.console_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        for i in 0..ports {
-            clear_stale_socket(&dir.join(format!("port{i}.sock")))?;
-        }
-    }
-    if let Some(parent) = args.socket.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    clear_stale_socket(&args.socket)?;
+}
 
-    let mtty = Mtty::new(MttyConfig { ports, host }).context("creating the mtty device")?;
-    let spec = mtty.spec();
-    let host_paths = mtty.host_paths();
-    let function = PciFunction::new(spec, Box::new(mtty));
-    let config = ServerConfig {
-        spin: Duration::from_micros(args.spin_us),
-        ..ServerConfig::default()
+/// Serves one device until SIGINT or SIGTERM.
+pub fn run(args: SingleArgs, drivers: &Drivers) -> Result<()> {
+    let driver = driver_of(drivers, &args.type_id)?.to_owned();
+    let parent_name = format!("{driver}0");
+    let dir = match args.socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    let server = Server::new(function, config).context("creating the server")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let policy = SocketPolicy {
+        // Nobody holds a lock on this path: replace a socket only if it is dead.
+        stale: Stale::IfDead,
+        mode: args.socket_mode,
+        owner: None,
+    };
+    let serve = PathServe {
+        socket: args.socket.clone(),
+        policy,
+        server: args.server,
+    };
+    let core = Core::new(CoreConfig::default(), Arc::new(serve));
+    let ctx = ParentContext {
+        name: parent_name.clone(),
+        state_dir: None,
+    };
+    let parent = drivers
+        .build(&driver, &ctx, &args.options)
+        .with_context(|| format!("building a {driver} parent"))?;
+    core.register_parent(&parent_name, parent)?;
+    if core.type_spec(&parent_name, &args.type_id).is_none() {
+        let types: Vec<String> = core
+            .types(&parent_name)?
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        bail!(
+            "driver {driver} has no type {} (its types: {})",
+            args.type_id,
+            types.join(", ")
+        );
+    }
+    let uuid = args.uuid.unwrap_or_else(MdevUuid::random);
+    core.create(&parent_name, &args.type_id, uuid)
+        .with_context(|| format!("creating the {} device", args.type_id))?;
 
-    let listener = UnixListener::bind(&args.socket)
-        .with_context(|| format!("listening on {}", args.socket.display()))?;
-    std::fs::set_permissions(
-        &args.socket,
-        std::fs::Permissions::from_mode(args.socket_mode.unwrap_or(0o600)),
-    )
-    .with_context(|| format!("setting the mode of {}", args.socket.display()))?;
-
-    let stopper = server.stopper();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .context("installing signal handlers")?;
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            tracing::info!(signal = sig, "stopping");
-            stopper.stop();
-        }
-    });
-
     let mut out = std::io::stdout().lock();
     writeln!(out, "socket {}", args.socket.display())?;
-    for (i, p) in host_paths.iter().enumerate() {
-        writeln!(out, "port {i} {p}")?;
-    }
+    writeln!(out, "device {uuid}")?;
+    writeln!(out, "dir {}", dir.display())?;
     writeln!(out, "ready")?;
     out.flush()?;
     drop(out);
     tracing::info!(
         socket = %args.socket.display(),
-        device = ?args.device_type,
+        %uuid,
+        type_id = args.type_id,
         "serving; connect a VMM with -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"type\":\"unix\",\"path\":\"{}\"}}}}'",
         args.socket.display()
     );
-
-    let result = server.serve(listener);
-    let _ = std::fs::remove_file(&args.socket);
-    drop(server);
-    result.context("serving the device")?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "stopping");
+    }
+    core.unregister_parent(&parent_name, true)?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -22,8 +22,8 @@ use umdev_client::migration::{migrate, FileCopier, MigrateOptions, Migration};
 use umdev_client::Client;
 use umdev_dma::Dma;
 use umdev_pci::{
-    BarIndex, BarKind, DeviceContext, DeviceError, MigrationSpec, PciDevice, PciDeviceSpec,
-    PciFunction, StateReader, StateWriter,
+    BarIndex, BarKind, DeviceContext, Errno, MigrationSpec, PciDevice, PciDeviceSpec, PciFunction,
+    StateReader, StateWriter,
 };
 use umdev_proto::wire;
 use umdev_server::{Server, ServerConfig, Stopper};
@@ -112,22 +112,22 @@ impl DmaDevice {
     }
 }
 
-fn span(len: usize, off: u64, n: usize) -> Result<std::ops::Range<usize>, DeviceError> {
-    let start = usize::try_from(off).map_err(|_| DeviceError::Io(22))?;
+fn span(len: usize, off: u64, n: usize) -> Result<std::ops::Range<usize>, Errno> {
+    let start = usize::try_from(off).map_err(|_| Errno::INVAL)?;
     let end = start
         .checked_add(n)
         .filter(|e| *e <= len)
-        .ok_or(DeviceError::Io(22))?;
+        .ok_or(Errno::INVAL)?;
     Ok(start..end)
 }
 
 impl PciDevice for DmaDevice {
-    fn bar_read(&mut self, _: BarIndex, off: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn bar_read(&mut self, _: BarIndex, off: u64, data: &mut [u8]) -> Result<(), Errno> {
         data.copy_from_slice(&self.bar0[span(self.bar0.len(), off, data.len())?]);
         Ok(())
     }
 
-    fn bar_write(&mut self, _: BarIndex, off: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn bar_write(&mut self, _: BarIndex, off: u64, data: &[u8]) -> Result<(), Errno> {
         let r = span(self.bar0.len(), off, data.len())?;
         self.bar0[r].copy_from_slice(data);
         if off == 0x10 {
@@ -136,13 +136,13 @@ impl PciDevice for DmaDevice {
             let buf = vec![seed; usize::try_from(len).unwrap_or(0)];
             if let Some(dma) = &self.dma {
                 dma.write(addr, &buf)
-                    .map_err(|e| DeviceError::Io(e.errno()))?;
+                    .map_err(|e| Errno::from_raw_os_error(e.errno()))?;
             }
         }
         Ok(())
     }
 
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), DeviceError> {
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
         self.dma = Some(ctx.dma);
         Ok(())
     }
@@ -160,15 +160,15 @@ impl PciDevice for DmaDevice {
         })
     }
 
-    fn save(&mut self, w: &mut StateWriter) -> Result<(), DeviceError> {
+    fn save(&mut self, w: &mut StateWriter) -> Result<(), Errno> {
         w.bytes(1, &self.bar0);
         Ok(())
     }
 
-    fn load(&mut self, _: u32, r: &StateReader<'_>) -> Result<(), DeviceError> {
+    fn load(&mut self, _: u32, r: &StateReader<'_>) -> Result<(), Errno> {
         let b = r.bytes(1)?;
         if b.len() != self.bar0.len() {
-            return Err(DeviceError::Io(22));
+            return Err(Errno::INVAL);
         }
         self.bar0.copy_from_slice(b);
         Ok(())
@@ -196,10 +196,7 @@ fn summary(name: &str, mut downtimes: Vec<Duration>, mut totals: Vec<Duration>) 
 
 fn bench_mtty(runs: usize) -> Result<()> {
     let mk = || -> Result<Served> {
-        let m = umdev_mtty::Mtty::new(umdev_mtty::MttyConfig {
-            ports: 1,
-            host: vec![],
-        })?;
+        let m = umdev_mtty::Mtty::new(umdev_mtty::MttyConfig::new(1, vec![]))?;
         Served::start(PciFunction::new(m.spec(), Box::new(m)))
     };
     let (a, b) = (mk()?, mk()?);

@@ -3,42 +3,16 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A built workspace binary: `$CARGO_BIN_EXE_<name>` if set, else next to this test's
-/// target directory (`target/debug/<name>`; CI builds umdevd and umdevctl first).
-pub fn binary(name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
-        return PathBuf::from(p);
-    }
-    // The test binary is target/debug/deps/<test>-<hash>.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
+pub use umdev_tests::prereq::binary;
 
-/// Why these tests may not run here: FUSE needs /dev/fuse, and mounting needs root or
-/// fusermount3. CI runs as root with fuse3 installed, and sets UMDEV_MDEV_REQUIRED=1 so
-/// that a missing prerequisite fails instead of skipping.
-pub fn unavailable() -> Option<String> {
-    let why = if !Path::new("/dev/fuse").exists() {
-        Some("/dev/fuse is missing".to_owned())
-    } else if !rustix::process::geteuid().is_root() {
-        Some("the mdev tests mount FUSE as root".to_owned())
-    } else if !binary("umdevd").exists() {
-        Some(format!("{} is not built", binary("umdevd").display()))
-    } else {
-        None
-    };
-    if let Some(w) = &why {
-        assert!(
-            std::env::var_os("UMDEV_MDEV_REQUIRED").is_none(),
-            "mdev test cannot run: {w}"
-        );
-        eprintln!("skipping: {w}");
-    }
-    why
+/// Fails the test, naming what is missing and how to get it, unless root, `/dev/fuse` and
+/// the daemon binaries are there.
+pub fn require() {
+    umdev_tests::prereq::daemon();
 }
 
 /// The configuration the tests use: three parents without consoles.
@@ -48,30 +22,40 @@ release_timeout_ms = 300
 [[parent]]
 name = "mtty0"
 driver = "mtty"
-console = "none"
+options = { console = "none" }
 
 [[parent]]
 name = "mtty1"
 driver = "mtty"
-ports = 2
-console = "none"
+options = { ports = 2, console = "none" }
 
 [[parent]]
 name = "p2p0"
 driver = "mtty"
-console = "none"
-peer_to_peer = true
+options = { console = "none", peer_to_peer = true }
 "#;
 
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     config: PathBuf,
+    binary: PathBuf,
 }
 
 impl Daemon {
     /// Starts umdevd on a fresh root with `config` (its `root` is set here).
     pub fn start(config: &str) -> Daemon {
+        Daemon::start_binary(binary("umdevd"), config)
+    }
+
+    /// Starts the test daemon (umdevd's library with the test device's and the probe's
+    /// drivers added through the public builder) on a fresh root with `config`.
+    pub fn start_test_daemon(config: &str) -> Daemon {
+        Daemon::start_binary(PathBuf::from(env!("CARGO_BIN_EXE_umdevd-test")), config)
+    }
+
+    fn start_binary(binary: PathBuf, config: &str) -> Daemon {
+        require();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("umdevd.toml");
         let text = format!("root = \"{}\"\n{config}", dir.path().join("root").display());
@@ -80,6 +64,7 @@ impl Daemon {
             dir,
             child: None,
             config: path,
+            binary,
         };
         d.spawn();
         d
@@ -87,7 +72,7 @@ impl Daemon {
 
     /// Starts the daemon process (again) and waits for `ready`.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(binary("umdevd"))
+        let mut child = Command::new(&self.binary)
             .arg("--config")
             .arg(&self.config)
             .env("UMDEV_LOG", "warn")
@@ -119,6 +104,16 @@ impl Daemon {
 
     pub fn control(&self) -> PathBuf {
         self.root().join("state/control.sock")
+    }
+
+    /// Device `uuid`'s directory (its vfio-user socket and host-side sockets).
+    pub fn device_dir(&self, uuid: &str) -> PathBuf {
+        self.root().join("sockets").join(uuid)
+    }
+
+    /// Device `uuid`'s vfio-user socket.
+    pub fn socket(&self, uuid: &str) -> PathBuf {
+        self.device_dir(uuid).join("vfio-user.sock")
     }
 
     pub fn type_dir(&self, parent: &str, t: &str) -> PathBuf {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::Shutdown;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,12 +18,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use umdev_api::control::{read_request, write_response};
+use umdev_api::control::{read_request, write_response, write_response_with_fds};
 use umdev_api::{DefinitionStore, Response};
 use umdev_core::Core;
 
 use super::Handler;
-use crate::config::Config;
+use crate::daemon::Shared;
 
 /// Connections served at once. Requests are short but for a `stop` waiting on a client;
 /// management tools open a handful, so 64 only bounds the threads a runaway script costs.
@@ -131,16 +131,14 @@ pub struct ControlServer {
 impl ControlServer {
     /// Listens at the configured control socket (mode 0600: the API changes devices) and
     /// serves until stopped.
-    pub fn start(core: Core, store: DefinitionStore, config: &Config) -> Result<ControlServer> {
-        let path = &config.control_socket();
-        let listener =
-            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    pub fn start(core: Core, store: DefinitionStore, shared: Arc<Shared>) -> Result<ControlServer> {
+        let path = &shared.config.control_socket();
+        let listener = umdev_transport::listen::bind(path, &crate::serve::private_policy())
+            .with_context(|| format!("listening on {}", path.display()))?;
         let stopped = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Connections::default());
         let drain = core.config().release_timeout + STOP_GRACE;
-        let handler = Arc::new(Handler::new(core, store, config.sockets_dir()));
+        let handler = Arc::new(Handler::new(core, store, shared));
         let (stop, conns) = (stopped.clone(), connections.clone());
         let thread = std::thread::Builder::new()
             .name("umdev-control".into())
@@ -247,7 +245,7 @@ fn refuse(s: &UnixStream) {
 }
 
 fn serve_one(handler: &Handler, s: &UnixStream) {
-    let response = match read_request(s) {
+    let answer = match read_request(s) {
         Ok(Ok(req)) => {
             tracing::debug!(?req, "control request");
             handler.handle(req)
@@ -260,13 +258,15 @@ fn serve_one(handler: &Handler, s: &UnixStream) {
         Ok(Err(e)) => Response::Error {
             errno: rustix::io::Errno::INVAL.raw_os_error(),
             message: format!("malformed request: {e}"),
-        },
+        }
+        .into(),
         Err(e) => {
             tracing::debug!(error = %e, "control connection dropped");
             return;
         }
     };
-    if let Err(e) = write_response(s, &response) {
+    let fds: Vec<_> = answer.fds.iter().map(|f| f.as_fd()).collect();
+    if let Err(e) = write_response_with_fds(s, &answer.response, &fds) {
         tracing::debug!(error = %e, "control reply not delivered");
     }
 }
