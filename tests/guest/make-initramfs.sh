@@ -2,7 +2,9 @@
 # make-initramfs.sh <out.cpio.gz>
 #
 # Pack the guest's initramfs: busybox (static, from the cached chroot), tests/guest/init as /init,
-# and the serial driver modules if the cached kernel builds them as modules rather than in.
+# devcheck (tests/guest/devcheck.c, built here with the host's `gcc -static`: the guest program
+# that drives umdev's test device), and the driver modules the checks need (serial for mtty,
+# uio_pci_generic for the test device's INTx) if the cached kernel builds them as modules.
 # Needs the chroot that setup.sh builds (it calls this script itself); the packing tools (cpio,
 # modprobe) run inside that chroot so the host needs nothing extra.
 set -euo pipefail
@@ -12,7 +14,7 @@ CACHE=${UMDEV_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/umdev-guest}
 ROOT=$CACHE/root
 # The guest drivers the test needs. Whichever the kernel builds as modules go into the image,
 # with their dependencies, in load order.
-WANT_MODULES="8250 8250_pci"
+WANT_MODULES="8250 8250_pci uio_pci_generic"
 
 die() {
     echo "make-initramfs.sh: error: $*" >&2
@@ -31,6 +33,9 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE"/{bin,dev,proc,sys,tmp,lib/modules}
 cp "$ROOT/bin/busybox" "$STAGE/bin/busybox"
 install -m 0755 "$HERE/init" "$STAGE/init"
+command -v gcc >/dev/null || die "gcc is needed to build devcheck (apt-get install gcc libc6-dev)"
+gcc -static -O2 -Wall -Werror -o "$STAGE/bin/devcheck" "$HERE/devcheck.c" ||
+    die "building devcheck.c with gcc -static failed (libc6-dev provides the static libc)"
 # The kernel opens /dev/console for /init before devtmpfs is mounted.
 mknod -m 0600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
 

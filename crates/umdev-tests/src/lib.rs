@@ -10,6 +10,7 @@
 pub mod cmd;
 pub mod device;
 pub mod drivers;
+pub mod guest;
 pub mod prereq;
 pub mod wire;
 
