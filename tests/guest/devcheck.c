@@ -6,6 +6,9 @@
  * guest: no access may reach the server there), uses the I/O BAR, walks the capability
  * list and, with uio_pci_generic, takes an INTx interrupt the device raises.
  *
+ * If the hello sample (PCI 5ead:4e11, crates/umdev-hello) is attached too, it has it hash a
+ * buffer of guest memory by DMA and compares with its own FNV-1a.
+ *
  * Prints one "GUEST-CHECK <name> PASS|FAIL <details>" line per check and
  * "GUEST-DEVCHECK: <n> passed, <m> failed" at the end; exits 0 when all passed.
  *
@@ -73,7 +76,7 @@ static unsigned read_hex(const char *path)
     return (unsigned)strtoul(buf, NULL, 0);
 }
 
-static int find_device(void)
+static int find_device_of(unsigned vendor, unsigned device, char *out, size_t outlen)
 {
     DIR *d = opendir("/sys/bus/pci/devices");
     struct dirent *e;
@@ -84,12 +87,12 @@ static int find_device(void)
         if (e->d_name[0] == '.')
             continue;
         snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/vendor", e->d_name);
-        if (read_hex(p) != VENDOR)
+        if (read_hex(p) != vendor)
             continue;
         snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/device", e->d_name);
-        if (read_hex(p) != DEVICE)
+        if (read_hex(p) != device)
             continue;
-        snprintf(dev, sizeof(dev), "/sys/bus/pci/devices/%s", e->d_name);
+        snprintf(out, outlen, "/sys/bus/pci/devices/%s", e->d_name);
         closedir(d);
         return 0;
     }
@@ -97,10 +100,28 @@ static int find_device(void)
     return -1;
 }
 
-static void *map_bar(int n, size_t size)
+static int find_device(void) { return find_device_of(VENDOR, DEVICE, dev, sizeof(dev)); }
+
+static int enable(const char *d)
 {
     char p[340];
-    snprintf(p, sizeof(p), "%s/resource%d", dev, n);
+    uint16_t cmd = 0;
+    snprintf(p, sizeof(p), "%s/config", d);
+    int fd = open(p, O_RDWR);
+    if (fd >= 0 && pread(fd, &cmd, 2, 4) == 2) {
+        cmd |= 0x7; /* I/O, memory, bus master */
+        if (pwrite(fd, &cmd, 2, 4) != 2)
+            cmd = 0;
+    }
+    if (fd >= 0)
+        close(fd);
+    return cmd;
+}
+
+static void *map_bar_of(const char *d, int n, size_t size)
+{
+    char p[340];
+    snprintf(p, sizeof(p), "%s/resource%d", d, n);
     int fd = open(p, O_RDWR | O_SYNC);
     if (fd < 0)
         return NULL;
@@ -108,6 +129,8 @@ static void *map_bar(int n, size_t size)
     close(fd);
     return m == MAP_FAILED ? NULL : m;
 }
+
+static void *map_bar(int n, size_t size) { return map_bar_of(dev, n, size); }
 
 static volatile uint8_t *bar0;
 
@@ -292,6 +315,47 @@ static void intx_check(void)
     close(uio);
 }
 
+static uint32_t fnv1a(const uint8_t *p, size_t n)
+{
+    uint32_t h = 0x811c9dc5u;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 0x01000193u;
+    return h;
+}
+
+/* The hello sample: ADDR_LO 0x0, ADDR_HI 0x4, LEN 0x8, CMD 0xc, STATUS 0x10, RESULT 0x14. */
+static void hello_check(void)
+{
+    char hello[300];
+    if (find_device_of(0x5ead, 0x4e11, hello, sizeof(hello))) {
+        check("hello", 0, "no PCI device 5ead:4e11");
+        return;
+    }
+    enable(hello);
+    volatile uint32_t *r = map_bar_of(hello, 0, 4096);
+    uint8_t *buf = aligned_alloc(4096, 4096);
+    if (!r || !buf || mlock(buf, 4096)) {
+        check("hello", 0, "cannot map its BAR or lock a buffer");
+        return;
+    }
+    for (int i = 0; i < 4096; i++)
+        buf[i] = (uint8_t)(i * 13 + 1);
+    uint64_t pa = phys_of(buf);
+    r[0] = (uint32_t)pa;
+    r[1] = (uint32_t)(pa >> 32);
+    r[2] = 4096;
+    r[3] = 1;
+    uint32_t status = 1;
+    for (int i = 0; i < 60000 && status == 1; i++) {
+        status = r[4];
+        if (status == 1)
+            usleep(1000);
+    }
+    uint32_t got = r[5], want = fnv1a(buf, 4096);
+    check("hello", status == 0 && got == want, "%s: status %u, hash %#x, expected %#x", hello,
+          status, got, want);
+}
+
 int main(void)
 {
     if (find_device()) {
@@ -300,17 +364,7 @@ int main(void)
         return 1;
     }
     check("device", 1, "%s", dev);
-    char p[340];
-    snprintf(p, sizeof(p), "%s/config", dev);
-    int fd = open(p, O_RDWR);
-    uint16_t cmd = 0;
-    if (fd >= 0 && pread(fd, &cmd, 2, 4) == 2) {
-        cmd |= 0x7; /* I/O, memory, bus master */
-        if (pwrite(fd, &cmd, 2, 4) != 2)
-            cmd = 0;
-    }
-    if (fd >= 0)
-        close(fd);
+    int cmd = enable(dev);
     check("enable", (cmd & 7) == 7, "command register %#x", cmd);
     bar0 = map_bar(0, BAR0_SIZE);
     if (!bar0) {
@@ -324,6 +378,7 @@ int main(void)
     caps_check();
     if (bar0)
         intx_check();
+    hello_check();
     printf("GUEST-DEVCHECK: %d passed, %d failed\n", passed, failed);
     fflush(stdout);
     return failed ? 1 : 0;

@@ -17,7 +17,7 @@ use umdev_core::{
     AttrSpec, DeviceDescription, DeviceEnv, DriverError, Errno, MdevParts, MdevUuid, OptionSpec,
     Options, Parent, ParentContext, ParentDriver, TypeSpec, VendorAttrs,
 };
-use umdev_dma::{PinnedPages, Prot};
+use umdev_dma::{PinnedPages, Pinner, Prot};
 use umdev_pci::{
     BarIndex, BarKind, DeviceContext, IrqMode, MigrationSpec, PciDevice, PciDeviceSpec,
     StateReader, StateWriter,
@@ -220,11 +220,16 @@ pub struct ProbeParent;
 pub const PROBE_PIN: u64 = 0x10;
 /// The probe's attribute listing the hooks it saw, sorted, one per line.
 pub const ATTR_HOOKS: &str = "probe/hooks";
+/// The probe's attribute with its pins: `pinned <pages> revoked <bool>` (`none` without a
+/// client).
+pub const ATTR_PINS: &str = "probe/pins";
 
 type Log = Arc<Mutex<BTreeSet<&'static str>>>;
+type SharedPinner = Arc<Mutex<Option<Arc<Pinner>>>>;
 
 struct Probe {
     log: Log,
+    pinner: SharedPinner,
     ctx: Option<DeviceContext>,
     pins: Vec<PinnedPages>,
     scratch: [u8; 64],
@@ -277,6 +282,7 @@ impl PciDevice for Probe {
 
     fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
         self.saw("open");
+        *self.pinner.lock().unwrap_or_else(|e| e.into_inner()) = ctx.pins.clone();
         self.ctx = Some(ctx);
         Ok(())
     }
@@ -342,15 +348,26 @@ impl PciDevice for Probe {
     }
 }
 
-struct ProbeAttrs(Log);
+struct ProbeAttrs {
+    log: Log,
+    pinner: SharedPinner,
+}
 
 impl VendorAttrs for ProbeAttrs {
     fn show(&self, name: &str) -> Result<String, Errno> {
-        if name != ATTR_HOOKS {
-            return Err(Errno::NOENT);
+        match name {
+            ATTR_HOOKS => {
+                let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(log.iter().map(|h| format!("{h}\n")).collect())
+            }
+            ATTR_PINS => Ok(
+                match &*self.pinner.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Some(p) => format!("pinned {} revoked {}\n", p.pinned_pages(), p.is_revoked()),
+                    None => "none\n".to_owned(),
+                },
+            ),
+            _ => Err(Errno::NOENT),
         }
-        let log = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(log.iter().map(|h| format!("{h}\n")).collect())
     }
 }
 
@@ -361,7 +378,10 @@ impl Parent for ProbeParent {
 
     fn types(&self) -> Vec<TypeSpec> {
         vec![TypeSpec {
-            attrs: vec![AttrSpec::read_only(ATTR_HOOKS)],
+            attrs: vec![
+                AttrSpec::read_only(ATTR_HOOKS),
+                AttrSpec::read_only(ATTR_PINS),
+            ],
             ..TypeSpec::new("1")
         }]
     }
@@ -395,8 +415,10 @@ impl Parent for ProbeParent {
             .build()
             .map_err(|_| Errno::INVAL)?;
         let log = Log::default();
+        let pinner = SharedPinner::default();
         let probe = Probe {
             log: log.clone(),
+            pinner: pinner.clone(),
             ctx: None,
             pins: Vec::new(),
             scratch: [0; 64],
@@ -404,7 +426,7 @@ impl Parent for ProbeParent {
         Ok(MdevParts {
             spec,
             device: Box::new(probe),
-            attrs: Some(Box::new(ProbeAttrs(log))),
+            attrs: Some(Box::new(ProbeAttrs { log, pinner })),
         })
     }
 }

@@ -283,8 +283,9 @@ pub struct Boot<'a> {
     pub env: &'a Env,
     /// Guest memory.
     pub memory: Memory,
-    /// The vfio-user socket, as the host sees it (inside the chroot).
-    pub socket: &'a Path,
+    /// The devices' vfio-user sockets, as the host sees them (inside the chroot); the first
+    /// is at PCI slot [`SLOT`], the next ones after it.
+    pub sockets: &'a [&'a Path],
     /// The kernel command line beyond the console settings.
     pub append: &'a str,
     /// Extra properties of the `vfio-user-pci` device (`,"x-msg-timeout":20000`).
@@ -304,12 +305,16 @@ pub struct Guest {
 impl Guest {
     /// Boots QEMU with `-trace vfio_user*` (into `qemu.stderr`) against the device.
     pub fn boot(b: &Boot<'_>) -> Result<Guest, String> {
-        let guest_socket = b.env.inside(b.socket)?;
-        let device = format!(
-            r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}},"bus":"pcie.0","addr":"{SLOT}"{}}}"#,
-            guest_socket.display(),
-            b.device_props
-        );
+        let mut devices = Vec::new();
+        for (i, socket) in b.sockets.iter().enumerate() {
+            let slot = 5 + i;
+            devices.push("-device".to_string());
+            devices.push(format!(
+                r#"{{"driver":"vfio-user-pci","socket":{{"type":"unix","path":"{}"}},"bus":"pcie.0","addr":"{slot:#x}"{}}}"#,
+                b.env.inside(socket)?.display(),
+                b.device_props
+            ));
+        }
         let append = format!("console=ttyS0 panic=-1 quiet {}", b.append);
         let stderr =
             File::create(b.log_dir.join("qemu.stderr")).map_err(|e| format!("qemu log: {e}"))?;
@@ -330,7 +335,8 @@ impl Guest {
             ]
             .map(String::from),
         );
-        args.extend(["-append".to_string(), append, "-device".to_string(), device]);
+        args.extend(["-append".to_string(), append]);
+        args.extend(devices);
         fs::write(b.log_dir.join("qemu.cmdline"), args.join("\n"))
             .map_err(|e| format!("qemu log: {e}"))?;
         let chroot = if Path::new("/usr/sbin/chroot").exists() {

@@ -136,3 +136,57 @@ fn reset_before_version_is_einval() {
     assert_eq!(r.call(RESET, &[], &[]).errno(), Some(errno::EINVAL));
     assert_eq!(s.observed().resets.load(Ordering::SeqCst), 0);
 }
+
+/// Seeds digest behaviour 36: a device that declares no reset has no RESET flag in
+/// DEVICE_GET_INFO, and DEVICE_RESET on it is refused with EINVAL, in agreement; the device
+/// is never told and the connection stays up.
+#[test]
+fn reset_of_a_device_without_reset_is_einval_as_get_info_says() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use umdev_pci::{BarIndex, BarKind, Errno, PciDevice, PciDeviceSpec, PciFunction};
+
+    struct NoReset(Arc<AtomicUsize>);
+    impl PciDevice for NoReset {
+        fn bar_read(&mut self, _: BarIndex, _: u64, d: &mut [u8]) -> Result<(), Errno> {
+            d.fill(0);
+            Ok(())
+        }
+        fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn reset(&mut self) -> Result<(), Errno> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let resets = Arc::new(AtomicUsize::new(0));
+    let spec = PciDeviceSpec::builder(0x5ead, 0x0003)
+        .bar(
+            0,
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            4096,
+        )
+        .reset(false)
+        .build()
+        .unwrap();
+    let f = PciFunction::new(spec, Box::new(NoReset(resets.clone())));
+    let s = TestServer::start(f, umdev_server::ServerConfig::default());
+    let mut r = Raw::negotiated(&s.path);
+    let info = wire::DeviceInfo {
+        argsz: 16,
+        ..Default::default()
+    };
+    let got = r.call(Command::DeviceGetInfo as u16, &[info.as_bytes()], &[]);
+    let flags = u32::from_le_bytes(got.body[4..8].try_into().unwrap());
+    assert_eq!(
+        flags & wire::DEVICE_FLAGS_RESET,
+        0,
+        "GET_INFO offers no reset"
+    );
+    assert_eq!(r.call(RESET, &[], &[]).errno(), Some(errno::EINVAL));
+    assert_eq!(resets.load(Ordering::SeqCst), 0, "the device was not told");
+    r.assert_usable();
+}

@@ -1,9 +1,12 @@
+#![allow(clippy::unwrap_used)]
 //! QEMU attaches umdev's test device, created through a daemon built with the public
 //! builder (`umdevd-test`: umdevd's library plus the test device's driver) by writing a UUID
 //! into its sysfs `create` file, and a real Linux guest drives it with a static program
 //! (`tests/guest/devcheck.c`, from the initramfs): every region kind the framework offers
 //! (RAM BARs, an I/O BAR, an mmap-able BAR with sparse areas, MSI and MSI-X capabilities),
-//! DMA into guest memory and back, INTx through `uio_pci_generic`. Once with guest memory
+//! DMA into guest memory and back, INTx through `uio_pci_generic`; beside it the `hello`
+//! sample (the worked example of `docs/writing-a-parent.md`) hashes guest memory by DMA
+//! from its work context. Once with guest memory
 //! shared (the device reaches it through the fds of DMA_MAP) and once plain (every DMA is a
 //! DMA_READ/DMA_WRITE message that QEMU answers).
 //!
@@ -26,7 +29,7 @@ use umdev_tests::guest::{
 /// A whole guest run; about 10 s under TCG here, CI machines may be slower.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// What devcheck checks, each on one line of the console.
-const CHECKS: [&str; 10] = [
+const CHECKS: [&str; 11] = [
     "device",
     "enable",
     "bar0-mmap",
@@ -37,6 +40,7 @@ const CHECKS: [&str; 10] = [
     "io-bar",
     "capabilities",
     "intx",
+    "hello",
 ];
 
 #[test]
@@ -60,7 +64,7 @@ fn run(memory: Memory) {
     let root = host.path().join("root");
     let config = host.path().join("umdevd.toml");
     let text = format!(
-        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n",
+        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n",
         root.display().to_string(),
         sockets.path().display().to_string(),
     );
@@ -82,11 +86,17 @@ fn run(memory: Memory) {
         "the device's socket is in its own directory"
     );
     assert!(is_socket(&socket));
+    // The hello sample, created by mdevctl's way too (a UUID into `create`).
+    let hello_uuid = read_trimmed(std::path::Path::new("/proc/sys/kernel/random/uuid")).unwrap();
+    let hello_type = root.join("sys/class/mdev_bus/hello0/mdev_supported_types/hello-1");
+    fs::write(hello_type.join("create"), format!("{hello_uuid}\n")).unwrap();
+    let hello_dev = root.join("sys/bus/mdev/devices").join(&hello_uuid);
+    let hello_socket = PathBuf::from(read_trimmed(&hello_dev.join("vfio_user_socket")).unwrap());
 
     let boot = Boot {
         env: &env,
         memory,
-        socket: &socket,
+        sockets: &[&socket, &hello_socket],
         append: "umdev.test=devices",
         // Under TCG a slow guest must not hit QEMU's 5 s reply timeout.
         device_props: r#","x-msg-timeout":30000"#,
@@ -168,6 +178,12 @@ fn run(memory: Memory) {
             "with plain memory QEMU saw {reads} DMA_READs and {writes} DMA_WRITEs, expected both"
         )),
         _ => {}
+    }
+    let requests = read_trimmed(&hello_dev.join("vendor/requests")).unwrap_or_default();
+    if requests != "1" {
+        problems.push(format!(
+            "the hello device counted {requests:?} requests, expected 1"
+        ));
     }
     if !problems.is_empty() {
         panic!("{}", report(&problems.join("; ")));

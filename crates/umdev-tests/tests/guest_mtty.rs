@@ -451,7 +451,7 @@ impl<'a> Run<'a> {
         let boot = Boot {
             env: self.env,
             memory: self.memory,
-            socket: &self.socket,
+            sockets: &[&self.socket],
             append: &append,
             device_props: "",
             log_dir: &self.log_dir,

@@ -3,7 +3,9 @@
 fn main() -> std::process::ExitCode {
     umdevd::Daemon::builder()
         .driver(umdev_mtty::MttyDriver)
+        .driver(umdev_hello::HelloDriver)
         .default_parent("mtty0", "mtty", serde_json::json!({}))
         .default_parent("mtty1", "mtty", serde_json::json!({}))
+        .default_parent("hello0", "hello", serde_json::json!({}))
         .main()
 }

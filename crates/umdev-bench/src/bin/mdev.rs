@@ -109,7 +109,7 @@ fn start(umdevd: &Path, count: u32) -> Result<Daemon> {
     std::fs::write(
         &config,
         format!(
-            "root = \"{}\"\n[[parent]]\nname = \"bench0\"\ndriver = \"mtty\"\nports = {count}\nconsole = \"none\"\n",
+            "root = \"{}\"\n[[parent]]\nname = \"bench0\"\ndriver = \"mtty\"\noptions = {{ ports = {count}, console = \"none\" }}\n",
             dir.join("root").display()
         ),
     )?;

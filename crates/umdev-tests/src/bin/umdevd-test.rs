@@ -5,6 +5,7 @@
 fn main() -> std::process::ExitCode {
     umdevd::Daemon::builder()
         .driver(umdev_mtty::MttyDriver)
+        .driver(umdev_hello::HelloDriver)
         .driver(umdev_tests::drivers::TestDriver)
         .driver(umdev_tests::drivers::ProbeDriver)
         .main()

@@ -54,6 +54,33 @@ impl Daemon {
         Daemon::start_binary(PathBuf::from(env!("CARGO_BIN_EXE_umdevd-test")), config)
     }
 
+    /// Runs the test daemon with `config`, which must make it fail before `ready`; returns
+    /// what it printed on stderr.
+    pub fn test_daemon_refuses(config: &str) -> String {
+        require();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("umdevd.toml");
+        let text = format!("root = \"{}\"\n{config}", dir.path().join("root").display());
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_umdevd-test"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the daemon took {config}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Runs `umdevctl args` against this daemon.
+    pub fn umdevctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("umdevctl"))
+            .args(args)
+            .env("UMDEV_CONTROL", self.control())
+            .output()
+            .unwrap()
+    }
+
     fn start_binary(binary: PathBuf, config: &str) -> Daemon {
         require();
         let dir = tempfile::tempdir().unwrap();
