@@ -92,7 +92,9 @@ fn requests(body: &[u8], fds: usize) {
     if let Ok((m, writes)) = request::write_multi(body, fds) {
         assert_eq!(writes.len() as u64, m.wr_cnt);
         assert!(writes.len() <= wire::WRITE_MULTI_MAX);
-        assert!(writes.iter().all(|w| w.count as usize <= wire::WRITE_MULTI_DATA));
+        assert!(writes
+            .iter()
+            .all(|w| w.count as usize <= wire::WRITE_MULTI_DATA));
     }
     if let Ok(f) = request::device_feature(body, fds) {
         let both = wire::DEVICE_FEATURE_GET | wire::DEVICE_FEATURE_SET;

@@ -17,9 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use umdev_pci::{
-    BarIndex, BarKind, DeviceContext, Errno, PciDevice, PciDeviceSpec, PciFunction,
-};
+use umdev_pci::{BarIndex, BarKind, DeviceContext, Errno, PciDevice, PciDeviceSpec, PciFunction};
 use umdev_proto::{wire, Capabilities, Command, Header, HEADER_SIZE};
 use umdev_server::{Server, ServerConfig};
 use umdev_transport::{Incoming, MemoryTransport, RecvLimits, Transport, TransportError};

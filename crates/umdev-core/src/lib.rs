@@ -42,9 +42,6 @@
 //!     fn driver(&self) -> &str { "four" }
 //!     fn types(&self) -> Vec<TypeSpec> { vec![TypeSpec::new("a")] }
 //!     fn available(&self, _: &str, in_use: &[&str]) -> u32 { 4 - in_use.len() as u32 }
-//!     fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
-//!         Ok(DeviceDescription::new(type_name))
-//!     }
 //!     fn build(&self, _: &MdevUuid, _: &DeviceDescription, _: &DeviceEnv) -> Result<MdevParts, Errno> {
 //!         let spec = PciDeviceSpec::builder(0x1b36, 0x0005)
 //!             .bar(0, BarKind::Mem32 { prefetchable: false }, 16)

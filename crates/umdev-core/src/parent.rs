@@ -171,8 +171,11 @@ pub trait Parent: Send + Sync {
     fn available(&self, type_name: &str, in_use: &[&str]) -> u32;
     /// Takes what a new device of type `type_name` needs from the pool (the core has
     /// checked `available` first) and describes it. Whatever it allocates, `remove` gives
-    /// back: the core calls `remove` if a later step of the creation fails.
-    fn create(&self, uuid: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno>;
+    /// back: the core calls `remove` if a later step of the creation fails. The default,
+    /// for a parent with nothing to allocate, describes the device by its type alone.
+    fn create(&self, _uuid: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
+        Ok(DeviceDescription::new(type_name))
+    }
     /// Builds the device `create` described, with its host side in `env` (the device's
     /// own directory for sockets, if it has one).
     fn build(

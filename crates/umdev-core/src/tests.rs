@@ -91,9 +91,6 @@ impl Parent for Vram {
         let used: u32 = in_use.iter().map(|t| Vram::size(t)).sum();
         (1024 - used) / Vram::size(name)
     }
-    fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
-        Ok(DeviceDescription::new(type_name))
-    }
     fn build(
         &self,
         _: &MdevUuid,
@@ -583,9 +580,6 @@ fn a_refusing_driver_open_leaves_the_group_free() {
         }
         fn available(&self, _: &str, _: &[&str]) -> u32 {
             1
-        }
-        fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
-            Ok(DeviceDescription::new(type_name))
         }
         fn build(
             &self,

@@ -106,11 +106,6 @@ impl Parent for HelloParent {
         self.devices.saturating_sub(used)
     }
 
-    fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
-        // Nothing to allocate: the description is the type.
-        Ok(DeviceDescription::new(type_name))
-    }
-
     fn build(
         &self,
         _: &MdevUuid,

@@ -390,10 +390,6 @@ impl Parent for ProbeParent {
         8u32.saturating_sub(u32::try_from(in_use.len()).unwrap_or(u32::MAX))
     }
 
-    fn create(&self, _: &MdevUuid, type_name: &str) -> Result<DeviceDescription, Errno> {
-        Ok(DeviceDescription::new(type_name))
-    }
-
     fn build(
         &self,
         _: &MdevUuid,

@@ -5,6 +5,7 @@
 mod server;
 
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
@@ -537,7 +538,8 @@ impl Handler {
         Ok(Response::Done)
     }
 
-    fn socket(&self, uuid: &str) -> Result<Response, Failure> {
+    /// Active device `uuid` and its vfio-user socket (ENODEV if there is none).
+    fn active_socket(&self, uuid: &str) -> Result<(MdevUuid, PathBuf), Failure> {
         let u = parse_uuid(uuid)?;
         let m = self.core.mdev(&u).ok_or_else(|| {
             fail(
@@ -548,6 +550,11 @@ impl Handler {
         let path = m
             .socket
             .ok_or_else(|| fail(rustix::io::Errno::NODEV, format!("{u} has no socket")))?;
+        Ok((u, path))
+    }
+
+    fn socket(&self, uuid: &str) -> Result<Response, Failure> {
+        let (u, path) = self.active_socket(uuid)?;
         Ok(Response::Socket {
             uuid: u.to_string(),
             path: path.display().to_string(),
@@ -600,17 +607,9 @@ impl Handler {
         owner: Option<&str>,
         mode: Option<&str>,
     ) -> Result<Response, Failure> {
-        let u = parse_uuid(uuid)?;
-        let m = self.core.mdev(&u).ok_or_else(|| {
-            fail(
-                rustix::io::Errno::NODEV,
-                format!("Mediated device {u} is not active"),
-            )
-        })?;
-        let dir = m
-            .socket
-            .as_deref()
-            .and_then(std::path::Path::parent)
+        let (u, socket) = self.active_socket(uuid)?;
+        let dir = socket
+            .parent()
             .ok_or_else(|| fail(rustix::io::Errno::NODEV, format!("{u} has no directory")))?;
         let owner = owner
             .map(crate::config::parse_owner)
