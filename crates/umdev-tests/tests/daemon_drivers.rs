@@ -97,7 +97,7 @@ fn bad_driver_options_are_refused_with_the_keys_name() {
     assert!(e.contains("option pool: expected an integer"), "{e}");
     let e = Daemon::test_daemon_refuses("[[parent]]\nname = \"t\"\ndriver = \"nvme\"\n");
     assert!(
-        e.contains("no parent driver nvme (drivers: mtty, umdevtest, probe)"),
+        e.contains("no parent driver nvme (drivers: mtty, hello, umdevtest, probe)"),
         "{e}"
     );
     // At run time, through umdevctl, the same checks.
