@@ -114,6 +114,9 @@ pub enum SpecError {
         /// Size of the area.
         size: u64,
     },
+    /// A work context has 1 to [`MAX_WORK_THREADS`](crate::spec::MAX_WORK_THREADS) threads.
+    #[error("{0} work threads: a device has 1 to 64")]
+    WorkThreads(usize),
     /// An mmap area would let the client bypass the emulated MSI-X table or PBA.
     #[error("mmap of BAR {0} covers the emulated MSI-X table or PBA")]
     MmapCoversMsix(u8),

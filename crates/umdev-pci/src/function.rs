@@ -240,13 +240,14 @@ impl PciFunction {
         let intx = u32::from(spec.interrupt_pin() != 0);
         let msi = spec.msi().map_or(0, |m| m.vectors);
         let msix = spec.msix().map_or(0, |m| m.vectors);
+        let work = Work::new("umdev-work", spec.work_threads());
         Self {
             config: ConfigSpace::new(&spec),
             irqs: Interrupts::new([intx, msi, msix, 1, 1]),
             spec,
             mig: Migration::new(device.migration()),
             device,
-            work: Work::new("umdev-work"),
+            work,
             pump: None,
             guard: None,
             open: false,

@@ -75,7 +75,8 @@ pub use interrupts::{
 pub use migration::{MigState, MigrationError, MigrationSpec};
 pub use msix::MSIX_ENTRY_SIZE;
 pub use spec::{
-    BarKind, BarMmap, BarSpec, MsiSpec, MsixSpec, PciDeviceSpec, PciDeviceSpecBuilder, NUM_BARS,
+    BarKind, BarMmap, BarSpec, MsiSpec, MsixSpec, PciDeviceSpec, PciDeviceSpecBuilder,
+    MAX_WORK_THREADS, NUM_BARS,
 };
 pub use state_format::{StateReader, StateWriter, StreamError};
 pub use work::{Pump, Work};

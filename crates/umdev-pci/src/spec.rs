@@ -106,7 +106,11 @@ pub struct PciDeviceSpec {
     pcie: bool,
     power_management: bool,
     reset: bool,
+    work_threads: usize,
 }
+
+/// Most threads a device's work context may have.
+pub const MAX_WORK_THREADS: usize = 64;
 
 impl PciDeviceSpec {
     /// Starts a spec for a function with these ids.
@@ -125,6 +129,7 @@ impl PciDeviceSpec {
             pcie: false,
             power_management: false,
             reset: true,
+            work_threads: 1,
         }
     }
 
@@ -189,6 +194,11 @@ impl PciDeviceSpec {
         self.reset
     }
 
+    /// How many threads the device's work context runs (1: jobs one after another).
+    pub fn work_threads(&self) -> usize {
+        self.work_threads
+    }
+
     /// Size of the config region: 4096 bytes with PCIe, 256 without.
     pub fn config_size(&self) -> u64 {
         if self.pcie {
@@ -218,6 +228,7 @@ pub struct PciDeviceSpecBuilder {
     pcie: bool,
     power_management: bool,
     reset: bool,
+    work_threads: usize,
 }
 
 impl PciDeviceSpecBuilder {
@@ -303,10 +314,22 @@ impl PciDeviceSpecBuilder {
         self
     }
 
+    /// Runs the device's work context on `threads` threads (default 1, at most
+    /// [`MAX_WORK_THREADS`]): jobs then run concurrently, for a device that keeps many
+    /// transfers in flight (each message-based DMA waits a round trip). With one thread
+    /// jobs run in submission order.
+    pub fn work_threads(mut self, threads: usize) -> Self {
+        self.work_threads = threads;
+        self
+    }
+
     /// Validates the declaration and freezes it.
     pub fn build(self) -> Result<PciDeviceSpec, SpecError> {
         if self.interrupt_pin > 4 {
             return Err(SpecError::InterruptPin(self.interrupt_pin));
+        }
+        if self.work_threads == 0 || self.work_threads > MAX_WORK_THREADS {
+            return Err(SpecError::WorkThreads(self.work_threads));
         }
         let bars = build_bars(&self.bars)?;
         if let Some(msi) = self.msi {
@@ -337,6 +360,7 @@ impl PciDeviceSpecBuilder {
             pcie: self.pcie,
             power_management: self.power_management,
             reset: self.reset,
+            work_threads: self.work_threads,
         })
     }
 }

@@ -1,5 +1,7 @@
-//! A device's work context: one thread per device, owned by the framework, on which the
-//! device does its DMA and anything slow, in submission order.
+//! A device's work context: threads owned by the framework (one by default, as many as the
+//! device's spec declares), on which the device does its DMA and anything slow. With one
+//! thread jobs run in submission order; with more they run concurrently (a device that
+//! keeps many transfers in flight: each message-based DMA waits a round trip).
 //!
 //! Why the framework owns it: a device hook runs on the session thread, in the middle of a
 //! client request. Message-based DMA (guest memory the client did not share) is answered by
@@ -18,7 +20,7 @@
 //! device's DMA messages (the server installs a [`Pump`]), so work that does message-based
 //! DMA finishes instead of waiting for a thread that waits for it.
 //!
-//! The thread is started at the first submission and ends when the client goes, so a device
+//! Threads are started as submissions need them and end when the client goes, so a device
 //! that never submits work costs no thread.
 
 use std::collections::VecDeque;
@@ -41,20 +43,20 @@ const PUMP_SLICE: Duration = Duration::from_millis(1);
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
-    /// A job is running on the thread.
-    busy: bool,
+    /// Jobs running on the threads.
+    busy: usize,
     /// Jobs are queued but not started (the device is stopped).
     held: bool,
     /// No client: submissions are refused.
     closed: bool,
-    /// The thread should end once the queue is empty.
+    /// The threads should end once the queue is empty.
     exit: bool,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl State {
     fn idle(&self) -> bool {
-        !self.busy && (self.queue.is_empty() || self.held)
+        self.busy == 0 && (self.queue.is_empty() || self.held)
     }
 }
 
@@ -63,6 +65,8 @@ struct Inner {
     /// Signalled when a job is queued, when the queue is released, and when it goes idle.
     changed: Condvar,
     name: String,
+    /// Most threads.
+    max_threads: usize,
 }
 
 /// A handle on a device's work context, given to the device in its
@@ -86,8 +90,9 @@ impl std::fmt::Debug for Work {
 }
 
 impl Work {
-    /// A work context whose thread is called `name`; closed until [`open`](Self::open).
-    pub(crate) fn new(name: &str) -> Work {
+    /// A work context of up to `threads` threads called `name`; closed until
+    /// [`open`](Self::open).
+    pub(crate) fn new(name: &str, threads: usize) -> Work {
         Work {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -96,6 +101,7 @@ impl Work {
                 }),
                 changed: Condvar::new(),
                 name: name.to_owned(),
+                max_threads: threads.max(1),
             }),
         }
     }
@@ -104,38 +110,42 @@ impl Work {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `job` to run on the device's thread after every job submitted before it.
+    /// Queues `job`. With one thread it runs after every job submitted before it; with
+    /// more it starts in submission order and may run beside other jobs.
     ///
     /// ESHUTDOWN when no client is attached (the device is being closed, or was never
-    /// opened); EAGAIN if the thread cannot be started.
+    /// opened); EAGAIN if no thread can be started.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) -> Result<(), Errno> {
         let mut st = self.lock();
         if st.closed {
             return Err(Errno::SHUTDOWN);
         }
-        if st.thread.is_none() {
+        // A thread more when every thread is busy (or there is none yet), up to the limit.
+        let waiting = st.queue.len() + st.busy;
+        if st.threads.len() < self.inner.max_threads && waiting >= st.threads.len() {
             let me = self.clone();
-            let thread = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name(self.inner.name.clone())
                 .spawn(move || me.run())
-                .map_err(|e| {
+            {
+                Ok(t) => st.threads.push(t),
+                Err(e) if st.threads.is_empty() => {
                     tracing::warn!(error = %e, "cannot start a device's work thread");
-                    Errno::AGAIN
-                })?;
-            st.thread = Some(thread);
+                    return Err(Errno::AGAIN);
+                }
+                Err(e) => tracing::debug!(error = %e, "no further work thread for now"),
+            }
         }
         st.queue.push_back(Box::new(job));
-        self.inner.changed.notify_all();
+        self.inner.changed.notify_one();
         Ok(())
     }
 
-    /// Whether the calling thread is this context's own thread (a job that asks to wait
-    /// for the queue would wait for itself).
+    /// Whether the calling thread is one of this context's own threads (a job that asks to
+    /// wait for the queue would wait for itself).
     fn on_own_thread(&self) -> bool {
-        self.lock()
-            .thread
-            .as_ref()
-            .is_some_and(|t| t.thread().id() == std::thread::current().id())
+        let me = std::thread::current().id();
+        self.lock().threads.iter().any(|t| t.thread().id() == me)
     }
 
     fn run(&self) {
@@ -143,14 +153,14 @@ impl Work {
         loop {
             if !st.held {
                 if let Some(job) = st.queue.pop_front() {
-                    st.busy = true;
+                    st.busy += 1;
                     drop(st);
                     // A panicking job must not take the device's queue down with it.
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
                         tracing::error!(thread = self.inner.name, "a device's work job panicked");
                     }
                     st = self.lock();
-                    st.busy = false;
+                    st.busy -= 1;
                     self.inner.changed.notify_all();
                     continue;
                 }
@@ -217,14 +227,14 @@ impl Work {
     pub(crate) fn close(&self, pump: Option<&Pump>) {
         self.lock().closed = true;
         self.drain(pump);
-        let thread = {
+        let threads = {
             let mut st = self.lock();
             st.exit = true;
             st.queue.clear();
             self.inner.changed.notify_all();
-            st.thread.take()
+            std::mem::take(&mut st.threads)
         };
-        if let Some(t) = thread {
+        for t in threads {
             if t.thread().id() != std::thread::current().id() && t.join().is_err() {
                 tracing::error!("a device's work thread panicked");
             }
@@ -238,7 +248,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn opened() -> Work {
-        let w = Work::new("test-work");
+        let w = Work::new("test-work", 1);
         w.open();
         w
     }
@@ -266,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_closed_context_refuses_work() {
-        let w = Work::new("test-work");
+        let w = Work::new("test-work", 1);
         assert_eq!(w.submit(|| {}), Err(Errno::SHUTDOWN));
         w.open();
         w.submit(|| {}).unwrap();
@@ -334,6 +344,33 @@ mod tests {
         w.drain(Some(&pump));
         assert!(pumped.load(Ordering::SeqCst) >= 1);
         assert!(t0.elapsed() < Duration::from_secs(4));
+        w.close(None);
+    }
+
+    #[test]
+    fn several_threads_run_jobs_side_by_side_and_drain_waits_for_all() {
+        let w = Work::new("test-work", 4);
+        w.open();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let done = Arc::new(AtomicUsize::new(0));
+        // Four jobs that each wait for a token: only side by side can all four start.
+        for _ in 0..4 {
+            let (rx, done) = (rx.clone(), done.clone());
+            w.submit(move || {
+                let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(w.lock().busy >= 1);
+        for _ in 0..4 {
+            tx.send(()).unwrap();
+        }
+        w.drain(None);
+        assert_eq!(done.load(Ordering::SeqCst), 4);
+        assert!(w.lock().threads.len() <= 4);
         w.close(None);
     }
 
