@@ -218,8 +218,6 @@ pub struct PciFunction {
     pub(crate) device: Box<dyn PciDevice>,
     pub(crate) mig: Migration,
     pub(crate) work: Work,
-    /// What the session thread does while it waits for the work context.
-    pub(crate) pump: Option<Pump>,
     guard: Option<Arc<dyn OpenGuard>>,
     /// A client is admitted (the guard acquired, the device opened).
     open: bool,
@@ -248,7 +246,6 @@ impl PciFunction {
             mig: Migration::new(device.migration()),
             device,
             work,
-            pump: None,
             guard: None,
             open: false,
         }
@@ -264,7 +261,7 @@ impl PciFunction {
     /// (the server pumps the client's replies to the device's DMA requests); `None` waits
     /// without pumping.
     pub fn set_pump(&mut self, pump: Option<Pump>) {
-        self.pump = pump;
+        self.work.set_pump(pump);
     }
 
     /// The device's work context.
@@ -536,7 +533,7 @@ impl PciFunction {
             work: self.work.clone(),
         };
         if let Err(e) = self.device.open(ctx) {
-            self.work.close(self.pump.as_ref());
+            self.work.close();
             if let Some(g) = &self.guard {
                 g.release();
             }
@@ -555,7 +552,7 @@ impl PciFunction {
     /// Waits until the device's work context has nothing running or queued (held work of
     /// a stopped device excepted): the server calls it before answering a DMA_UNMAP.
     pub fn drain_work(&self) {
-        self.work.drain(self.pump.as_ref());
+        self.work.wait_idle();
     }
 
     /// A display device's current scan-out ([`PciDevice::display_plane`]).
@@ -570,7 +567,7 @@ impl PciFunction {
             return;
         }
         self.open = false;
-        self.work.close(self.pump.as_ref());
+        self.work.close();
         let old = self.irqs.lock().close();
         if old != IrqMode::Intx {
             self.device.irq_mode_changed(IrqMode::Intx);

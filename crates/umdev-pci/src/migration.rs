@@ -415,7 +415,7 @@ impl PciFunction {
         if from.is_running() && !to.is_running() {
             // The device's work finishes first, with the gates open, so work in flight
             // completes as it would have; later work waits until the device runs again.
-            self.work.hold(self.pump.as_ref());
+            self.work.hold();
             // Close the gates: nothing the device does from here reaches the client.
             self.mig.stopped.store(true, Ordering::Release);
             self.irqs.set_gated(true);

@@ -45,6 +45,8 @@ struct State {
     queue: VecDeque<Job>,
     /// Jobs running on the threads.
     busy: usize,
+    /// Threads waiting for the queue to drain ([`Work::draining`]).
+    draining: usize,
     /// Jobs are queued but not started (the device is stopped).
     held: bool,
     /// No client: submissions are refused.
@@ -62,6 +64,9 @@ impl State {
 
 struct Inner {
     state: Mutex<State>,
+    /// What a thread waiting for the queue runs between short waits (the session thread
+    /// reading the client's replies); set by the server.
+    pump: Mutex<Option<Pump>>,
     /// Signalled when a job is queued, when the queue is released, and when it goes idle.
     changed: Condvar,
     name: String,
@@ -100,6 +105,7 @@ impl Work {
                     ..State::default()
                 }),
                 changed: Condvar::new(),
+                pump: Mutex::new(None),
                 name: name.to_owned(),
                 max_threads: threads.max(1),
             }),
@@ -141,6 +147,13 @@ impl Work {
         Ok(())
     }
 
+    /// Whether the framework is waiting for this context to drain (before an unmap reply,
+    /// a migration stop, a close). A job that loops (a poller) checks it and returns soon,
+    /// leaving the device so that it is woken again when there is new work.
+    pub fn draining(&self) -> bool {
+        self.lock().draining > 0
+    }
+
     /// Whether the calling thread is one of this context's own threads (a job that asks to
     /// wait for the queue would wait for itself).
     fn on_own_thread(&self) -> bool {
@@ -176,6 +189,26 @@ impl Work {
         }
     }
 
+    /// Sets what a thread waiting for the queue runs between short waits.
+    pub(crate) fn set_pump(&self, pump: Option<Pump>) {
+        *self.inner.pump.lock().unwrap_or_else(|e| e.into_inner()) = pump;
+    }
+
+    /// Waits until no job runs and none is waiting to (held jobs excepted), reading the
+    /// client's replies meanwhile when called on the session thread. A device calls it from
+    /// a hook that must not go on while its work runs (a controller reset); the framework
+    /// calls it before an unmap reply, a migration stop and a close. Not from a job: it
+    /// would wait for itself (refused, with an error log).
+    pub fn wait_idle(&self) {
+        let pump = self
+            .inner
+            .pump
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.drain(pump.as_ref());
+    }
+
     /// Waits until no job runs and none is waiting to (held jobs excepted), calling `pump`
     /// between short waits if given.
     pub(crate) fn drain(&self, pump: Option<&Pump>) {
@@ -184,6 +217,7 @@ impl Work {
             return;
         }
         let mut st = self.lock();
+        st.draining += 1;
         while !st.idle() {
             match pump {
                 Some(pump) => {
@@ -200,11 +234,12 @@ impl Work {
                 }
             }
         }
+        st.draining -= 1;
     }
 
     /// Drains, then holds what is submitted later until [`release`](Self::release).
-    pub(crate) fn hold(&self, pump: Option<&Pump>) {
-        self.drain(pump);
+    pub(crate) fn hold(&self) {
+        self.wait_idle();
         self.lock().held = true;
     }
 
@@ -224,9 +259,9 @@ impl Work {
     /// The client has gone: runs what is queued (unless held), refuses new work, and ends
     /// the thread. Held jobs are dropped: they were for the client that left. Whether the
     /// queue is held stays as it is (a stopped device stays stopped for the next client).
-    pub(crate) fn close(&self, pump: Option<&Pump>) {
+    pub(crate) fn close(&self) {
         self.lock().closed = true;
-        self.drain(pump);
+        self.wait_idle();
         let threads = {
             let mut st = self.lock();
             st.exit = true;
@@ -280,11 +315,11 @@ mod tests {
         assert_eq!(w.submit(|| {}), Err(Errno::SHUTDOWN));
         w.open();
         w.submit(|| {}).unwrap();
-        w.close(None);
+        w.close();
         assert_eq!(w.submit(|| {}), Err(Errno::SHUTDOWN));
         w.open();
         w.submit(|| {}).unwrap();
-        w.close(None);
+        w.close();
     }
 
     #[test]
@@ -299,14 +334,14 @@ mod tests {
             })
             .unwrap();
         }
-        w.close(None);
+        w.close();
         assert_eq!(n.load(Ordering::SeqCst), 10);
     }
 
     #[test]
     fn held_jobs_wait_for_release() {
         let w = opened();
-        w.hold(None);
+        w.hold();
         let n = Arc::new(AtomicUsize::new(0));
         let m = n.clone();
         w.submit(move || {
@@ -320,7 +355,7 @@ mod tests {
         w.release();
         w.drain(None);
         assert_eq!(n.load(Ordering::SeqCst), 1);
-        w.close(None);
+        w.close();
     }
 
     #[test]
@@ -344,7 +379,7 @@ mod tests {
         w.drain(Some(&pump));
         assert!(pumped.load(Ordering::SeqCst) >= 1);
         assert!(t0.elapsed() < Duration::from_secs(4));
-        w.close(None);
+        w.close();
     }
 
     #[test]
@@ -371,7 +406,7 @@ mod tests {
         w.drain(None);
         assert_eq!(done.load(Ordering::SeqCst), 4);
         assert!(w.lock().threads.len() <= 4);
-        w.close(None);
+        w.close();
     }
 
     #[test]
@@ -384,7 +419,7 @@ mod tests {
             m.fetch_add(1, Ordering::SeqCst);
         })
         .unwrap();
-        w.close(None);
+        w.close();
         assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 }

@@ -95,9 +95,9 @@ fn bad_driver_options_are_refused_with_the_keys_name() {
         "[[parent]]\nname = \"t\"\ndriver = \"umdevtest\"\noptions = { pool = \"many\" }\n",
     );
     assert!(e.contains("option pool: expected an integer"), "{e}");
-    let e = Daemon::test_daemon_refuses("[[parent]]\nname = \"t\"\ndriver = \"nvme\"\n");
+    let e = Daemon::test_daemon_refuses("[[parent]]\nname = \"t\"\ndriver = \"nvme9\"\n");
     assert!(
-        e.contains("no parent driver nvme (drivers: mtty, hello, umdevtest, probe)"),
+        e.contains("no parent driver nvme9 (drivers: mtty, hello, mnvme, umdevtest, probe)"),
         "{e}"
     );
     // At run time, through umdevctl, the same checks.

@@ -4,8 +4,10 @@ fn main() -> std::process::ExitCode {
     umdevd::Daemon::builder()
         .driver(umdev_mtty::MttyDriver)
         .driver(umdev_hello::HelloDriver)
+        .driver(umdev_mnvme::MnvmeDriver)
         .default_parent("mtty0", "mtty", serde_json::json!({}))
         .default_parent("mtty1", "mtty", serde_json::json!({}))
         .default_parent("hello0", "hello", serde_json::json!({}))
+        .default_parent("mnvme0", "mnvme", serde_json::json!({ "capacity_gib": 4 }))
         .main()
 }

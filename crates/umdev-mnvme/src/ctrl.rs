@@ -1,0 +1,798 @@
+//! The controller: its registers, its queues, the poller that fetches commands, and the
+//! completions and interrupts it posts.
+//!
+//! Threads. Register accesses and doorbell writes arrive on the session thread (the BAR
+//! hooks); they only record values and wake the poller. The poller is a job on the device's
+//! work context: it fetches commands from every submission queue (round robin, in bursts),
+//! runs admin commands and I/O whose memory it can pin (the client shared it) itself, and
+//! hands I/O whose memory goes through DMA messages to further jobs on the work context (so
+//! many transfers are in flight at once; each waits a round trip through the client). When
+//! there is nothing to do it polls a little longer (the shadow doorbells, when the driver
+//! set them up), then arms the EventIdx buffer so the driver rings the real doorbell for
+//! its next command, and returns. The framework drains the work context before an unmap
+//! reply, a migration stop and a close; the poller then stops polling and returns as soon
+//! as what is pending is done.
+//!
+//! Resets: a controller reset (CC.EN cleared, or the function's reset) first waits for the
+//! work context to be idle, then deletes every queue. A generation number guards the rest:
+//! a completion from before a reset is dropped.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use umdev_pci::{Interrupts, IrqMode, Work};
+
+use crate::identify::{Identity, MAX_IO_QUEUES};
+use crate::mem::{Guest, Region};
+use crate::namespace::Namespace;
+use crate::regs::{self, Sqe, Status};
+
+/// SQEs fetched from one queue before the next queue's turn.
+const BURST: u32 = 32;
+/// Queue slots: the admin queue and the I/O queues.
+pub(crate) const QUEUES: usize = MAX_IO_QUEUES as usize + 1;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The registers the driver writes (the rest are computed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Regs {
+    pub cc: u32,
+    pub csts: u32,
+    pub aqa: u32,
+    pub asq: u64,
+    pub acq: u64,
+    pub intms: u32,
+}
+
+/// A submission queue.
+pub(crate) struct Sq {
+    pub id: u16,
+    pub cqid: u16,
+    pub size: u32,
+    pub ring: RwLock<Region>,
+    pub head: AtomicU32,
+    pub tail: AtomicU32,
+}
+
+/// A completion waiting for room in its queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Done {
+    pub dw0: u32,
+    pub sqid: u16,
+    pub sq_head: u16,
+    pub cid: u16,
+    pub status: Status,
+}
+
+#[derive(Default)]
+pub(crate) struct CqState {
+    pub tail: u32,
+    pub phase: bool,
+    /// The driver's head: from the doorbell, or the shadow doorbell.
+    pub head: u32,
+    pub overflow: VecDeque<Done>,
+}
+
+/// A completion queue.
+pub(crate) struct Cq {
+    pub id: u16,
+    pub size: u32,
+    /// Interrupt vector (MSI-X), and whether interrupts are enabled.
+    pub iv: u16,
+    pub ien: bool,
+    pub ring: RwLock<Region>,
+    pub st: Mutex<CqState>,
+    /// Entries posted since the last interrupt.
+    pub unsignalled: AtomicU32,
+}
+
+impl Cq {
+    /// Entries the driver has not consumed.
+    fn pending(st: &CqState, size: u32) -> u32 {
+        (st.tail + size - st.head) % size
+    }
+}
+
+/// The shadow doorbell and EventIdx buffers (Doorbell Buffer Config).
+pub(crate) struct DbBuf {
+    pub shadow: Region,
+    pub eventidx: Region,
+}
+
+/// Interrupt Coalescing (feature 08h): aggregation threshold (entries, 0-based) and time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Features {
+    pub coalescing: u32,
+    pub async_event_config: u32,
+    pub volatile_write_cache: bool,
+    /// Queues granted by Number of Queues (0-based), once set.
+    pub queues_granted: Option<(u16, u16)>,
+}
+
+/// Counters for SMART.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub read_cmds: AtomicU64,
+    pub write_cmds: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+}
+
+/// What the controller holds while a client is attached.
+#[derive(Clone)]
+pub(crate) struct Attached {
+    pub guest: Guest,
+    pub irqs: Interrupts,
+    pub work: Work,
+}
+
+/// Tunables from the parent's options.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tuning {
+    /// How long the poller keeps polling with nothing to do before it sleeps.
+    pub poll: Duration,
+    /// Whether Doorbell Buffer Config is offered.
+    pub shadow_doorbells: bool,
+}
+
+pub(crate) struct Ctrl {
+    pub ns: Namespace,
+    pub identity: Mutex<Identity>,
+    pub regs: Mutex<Regs>,
+    pub sqs: RwLock<Vec<Option<Arc<Sq>>>>,
+    pub cqs: RwLock<Vec<Option<Arc<Cq>>>>,
+    pub attached: RwLock<Option<Attached>>,
+    pub mode: Mutex<IrqMode>,
+    /// A poller job is queued or running.
+    scheduled: AtomicBool,
+    /// Not stopped by migration.
+    pub running: AtomicBool,
+    /// Bumped at every controller reset.
+    pub generation: AtomicU64,
+    pub dbbuf: RwLock<Option<DbBuf>>,
+    /// Outstanding Asynchronous Event Requests (command ids) and events to report.
+    pub aers: Mutex<(Vec<u16>, VecDeque<u32>)>,
+    pub features: Mutex<Features>,
+    pub stats: Stats,
+    pub tuning: Tuning,
+    /// The INTx line's level as last set.
+    intx: AtomicBool,
+}
+
+impl Ctrl {
+    pub fn new(ns: Namespace, identity: Identity, tuning: Tuning) -> Ctrl {
+        Ctrl {
+            ns,
+            identity: Mutex::new(identity),
+            regs: Mutex::new(Regs::default()),
+            sqs: RwLock::new(vec![None; QUEUES]),
+            cqs: RwLock::new(vec![None; QUEUES]),
+            attached: RwLock::new(None),
+            mode: Mutex::new(IrqMode::Intx),
+            scheduled: AtomicBool::new(false),
+            running: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
+            dbbuf: RwLock::new(None),
+            aers: Mutex::new((Vec::new(), VecDeque::new())),
+            features: Mutex::new(Features {
+                volatile_write_cache: true,
+                ..Features::default()
+            }),
+            stats: Stats::default(),
+            tuning,
+            intx: AtomicBool::new(false),
+        }
+    }
+
+    pub fn attached(&self) -> Option<Attached> {
+        self.attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn sq(&self, id: u16) -> Option<Arc<Sq>> {
+        self.sqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(usize::from(id))
+            .cloned()
+            .flatten()
+    }
+
+    pub fn cq(&self, id: u16) -> Option<Arc<Cq>> {
+        self.cqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(usize::from(id))
+            .cloned()
+            .flatten()
+    }
+
+    fn all_sqs(&self) -> Vec<Arc<Sq>> {
+        self.sqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    fn all_cqs(&self) -> Vec<Arc<Cq>> {
+        self.cqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    pub fn enabled(&self) -> bool {
+        lock(&self.regs).csts & regs::CSTS_RDY != 0
+    }
+
+    // ---- registers (session thread) ----
+
+    /// CAP: MQES, CQR, TO (10 s), DSTRD 0, CSS (NVM), MPSMIN/MAX 4 KiB.
+    pub fn cap() -> u64 {
+        u64::from(regs::MAX_QUEUE_ENTRIES - 1) | (1 << 16) | (20 << 24) | (1 << 37)
+    }
+
+    pub fn read_reg(&self, off: u64) -> u64 {
+        let r = *lock(&self.regs);
+        match off {
+            regs::CAP => Self::cap(),
+            regs::VS => u64::from(regs::VERSION),
+            regs::INTMS | regs::INTMC => u64::from(r.intms),
+            regs::CC => u64::from(r.cc),
+            regs::CSTS => u64::from(r.csts),
+            regs::AQA => u64::from(r.aqa),
+            regs::ASQ => r.asq,
+            regs::ACQ => r.acq,
+            _ => 0,
+        }
+    }
+
+    /// A 4-byte register write at `off` below the doorbells (8-byte writes arrive as two).
+    pub fn write_reg(self: &Arc<Self>, off: u64, v32: u32) {
+        let v = u64::from(v32);
+        match off {
+            regs::INTMS => {
+                lock(&self.regs).intms |= v32;
+                self.update_intx();
+            }
+            regs::INTMC => {
+                lock(&self.regs).intms &= !v32;
+                self.update_intx();
+                self.signal_all();
+            }
+            regs::CC => self.write_cc(v32),
+            regs::AQA => lock(&self.regs).aqa = v32 & 0x0fff_0fff,
+            regs::ASQ => {
+                let mut r = lock(&self.regs);
+                r.asq = (r.asq & !0xffff_ffff) | (v & !0xfff);
+            }
+            regs::ACQ => {
+                let mut r = lock(&self.regs);
+                r.acq = (r.acq & !0xffff_ffff) | (v & !0xfff);
+            }
+            regs::ASQ_HI => {
+                let mut r = lock(&self.regs);
+                r.asq = (r.asq & 0xffff_ffff) | (v << 32);
+            }
+            regs::ACQ_HI => {
+                let mut r = lock(&self.regs);
+                r.acq = (r.acq & 0xffff_ffff) | (v << 32);
+            }
+            // CAP, VS, CSTS, NSSR (no subsystem reset offered) are read-only here.
+            _ => {}
+        }
+    }
+
+    fn write_cc(self: &Arc<Self>, cc: u32) {
+        let old = lock(&self.regs).cc;
+        let enable = cc & regs::CC_EN != 0;
+        let was = old & regs::CC_EN != 0;
+        let shn = (cc >> regs::CC_SHN_SHIFT) & 3;
+        let old_shn = (old >> regs::CC_SHN_SHIFT) & 3;
+        lock(&self.regs).cc = cc;
+        if was && !enable {
+            self.reset(false);
+            return;
+        }
+        if !was && enable {
+            self.enable();
+        }
+        if shn != 0 && old_shn == 0 {
+            self.shutdown();
+        }
+    }
+
+    /// CC.EN 0 -> 1: checks the configuration and creates the admin queues.
+    fn enable(self: &Arc<Self>) {
+        let r = *lock(&self.regs);
+        let iosqes = (r.cc >> 16) & 0xf;
+        let iocqes = (r.cc >> 20) & 0xf;
+        let mps = (r.cc >> 7) & 0xf;
+        let css = (r.cc >> 4) & 7;
+        let sq_size = (r.aqa & 0xfff) + 1;
+        let cq_size = ((r.aqa >> 16) & 0xfff) + 1;
+        // IOSQES/IOCQES may still be 0 here (Linux sets them with EN); a later I/O queue
+        // creation checks them.
+        let bad = mps != 0
+            || css != 0
+            || (iosqes != 0 && iosqes != 6)
+            || (iocqes != 0 && iocqes != 4)
+            || sq_size < 2
+            || cq_size < 2
+            || r.asq == 0
+            || r.acq == 0;
+        if bad {
+            tracing::warn!(
+                cc = r.cc,
+                aqa = r.aqa,
+                "mnvme: controller enabled with an invalid configuration: fatal status"
+            );
+            lock(&self.regs).csts = regs::CSTS_CFS;
+            return;
+        }
+        let Some(a) = self.attached() else {
+            lock(&self.regs).csts = regs::CSTS_CFS;
+            return;
+        };
+        let cq = Arc::new(Cq {
+            id: 0,
+            size: cq_size,
+            iv: 0,
+            ien: true,
+            ring: RwLock::new(Region::new(
+                &a.guest,
+                r.acq,
+                u64::from(cq_size) * regs::CQE_SIZE,
+            )),
+            st: Mutex::new(CqState {
+                phase: true,
+                ..CqState::default()
+            }),
+            unsignalled: AtomicU32::new(0),
+        });
+        let sq = Arc::new(Sq {
+            id: 0,
+            cqid: 0,
+            size: sq_size,
+            ring: RwLock::new(Region::new(
+                &a.guest,
+                r.asq,
+                u64::from(sq_size) * regs::SQE_SIZE,
+            )),
+            head: AtomicU32::new(0),
+            tail: AtomicU32::new(0),
+        });
+        self.cqs.write().unwrap_or_else(|e| e.into_inner())[0] = Some(cq);
+        self.sqs.write().unwrap_or_else(|e| e.into_inner())[0] = Some(sq);
+        lock(&self.regs).csts = regs::CSTS_RDY;
+        tracing::info!(sq_size, cq_size, "mnvme: controller enabled");
+    }
+
+    /// Shutdown notification: everything pending done, the backing file flushed.
+    fn shutdown(self: &Arc<Self>) {
+        if let Some(a) = self.attached() {
+            a.work.wait_idle();
+        }
+        if let Err(e) = self.ns.flush() {
+            tracing::warn!(error = %e, "mnvme: flushing the namespace at shutdown");
+        }
+        let mut r = lock(&self.regs);
+        r.csts = (r.csts & !(3 << 2)) | regs::CSTS_SHST_COMPLETE;
+        tracing::info!("mnvme: shutdown complete");
+    }
+
+    /// Controller reset (CC.EN cleared: `full` false keeps the admin queue registers) or
+    /// function reset (`full`). Waits for the work context first.
+    pub fn reset(self: &Arc<Self>, full: bool) {
+        let attached = self.attached();
+        if let Some(a) = &attached {
+            a.work.wait_idle();
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let guest = attached.as_ref().map(|a| a.guest.clone());
+        for q in self
+            .sqs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if let (Some(sq), Some(g)) = (q.take(), &guest) {
+                sq.ring.write().unwrap_or_else(|e| e.into_inner()).unpin(g);
+            }
+        }
+        for q in self
+            .cqs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if let (Some(cq), Some(g)) = (q.take(), &guest) {
+                cq.ring.write().unwrap_or_else(|e| e.into_inner()).unpin(g);
+            }
+        }
+        if let Some(mut d) = self.dbbuf.write().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(g) = &guest {
+                d.shadow.unpin(g);
+                d.eventidx.unpin(g);
+            }
+        }
+        *lock(&self.aers) = (Vec::new(), VecDeque::new());
+        *lock(&self.features) = Features {
+            volatile_write_cache: true,
+            ..Features::default()
+        };
+        {
+            let mut r = lock(&self.regs);
+            let keep = *r;
+            *r = Regs::default();
+            if !full {
+                r.aqa = keep.aqa;
+                r.asq = keep.asq;
+                r.acq = keep.acq;
+            }
+        }
+        self.set_intx(false);
+        tracing::info!(full, "mnvme: controller reset");
+    }
+
+    // ---- doorbells (session thread) ----
+
+    /// A doorbell write at `off` (from [`regs::DOORBELLS`]).
+    pub fn doorbell(self: &Arc<Self>, off: u64, value: u32) {
+        let index = (off - regs::DOORBELLS) / 4;
+        let qid = u16::try_from(index / 2).unwrap_or(u16::MAX);
+        let is_cq = index % 2 == 1;
+        if !self.enabled() {
+            return;
+        }
+        if is_cq {
+            let Some(cq) = self.cq(qid) else {
+                return self
+                    .async_error(0x00, "doorbell of a completion queue that does not exist");
+            };
+            if value >= cq.size {
+                return self.async_error(0x01, "completion queue head past the queue");
+            }
+            lock(&cq.st).head = value;
+            self.cq_room(&cq);
+            self.update_intx();
+        } else {
+            let Some(sq) = self.sq(qid) else {
+                return self
+                    .async_error(0x00, "doorbell of a submission queue that does not exist");
+            };
+            if value >= sq.size {
+                return self.async_error(0x01, "submission queue tail past the queue");
+            }
+            sq.tail.store(value, Ordering::Release);
+        }
+        self.kick();
+    }
+
+    /// Wakes the poller if it is not running.
+    pub fn kick(self: &Arc<Self>) {
+        if !self.running.load(Ordering::Acquire) || self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(a) = self.attached() else {
+            self.scheduled.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.clone();
+        if a.work.submit(move || me.poll()).is_err() {
+            self.scheduled.store(false, Ordering::Release);
+        }
+    }
+
+    /// An error asynchronous event (status type 0: error; `info`: invalid doorbell register
+    /// 0, invalid doorbell value 1), reported to an outstanding AER if there is one.
+    pub fn async_error(self: &Arc<Self>, info: u32, why: &str) {
+        tracing::warn!(why, "mnvme: the driver wrote an invalid doorbell");
+        lock(&self.aers).1.push_back(info << 8);
+        self.deliver_aers();
+    }
+
+    /// Completes outstanding AERs with queued events.
+    pub fn deliver_aers(self: &Arc<Self>) {
+        let mut done = Vec::new();
+        {
+            let mut a = lock(&self.aers);
+            while !a.0.is_empty() && !a.1.is_empty() {
+                let cid = a.0.remove(0);
+                let ev = a.1.pop_front().unwrap_or(0);
+                done.push((cid, ev));
+            }
+        }
+        let gen = self.generation.load(Ordering::Acquire);
+        for (cid, ev) in done {
+            if let Some(sq) = self.sq(0) {
+                self.complete(gen, &sq, cid, ev, regs::SUCCESS);
+            }
+        }
+        if let Some(cq) = self.cq(0) {
+            self.signal(&cq);
+        }
+    }
+
+    // ---- the poller (work context) ----
+
+    /// Tail of `sq` from the shadow doorbell (I/O queues, once configured), else the last
+    /// doorbell write.
+    fn tail(&self, sq: &Sq) -> u32 {
+        if sq.id != 0 {
+            if let Some(a) = self.attached() {
+                if let Some(d) = &*self.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
+                    let mut b = [0u8; 4];
+                    if d.shadow
+                        .read(&a.guest, u64::from(sq.id) * 8, &mut b)
+                        .is_ok()
+                    {
+                        let v = u32::from_le_bytes(b);
+                        if v < sq.size {
+                            return v;
+                        }
+                    }
+                }
+            }
+        }
+        sq.tail.load(Ordering::Acquire)
+    }
+
+    fn has_work(&self) -> bool {
+        self.all_sqs()
+            .iter()
+            .any(|sq| sq.head.load(Ordering::Acquire) != self.tail(sq))
+    }
+
+    /// The poller: fetch and run commands until there is nothing to do (see the module
+    /// docs).
+    fn poll(self: Arc<Self>) {
+        let Some(a) = self.attached() else {
+            self.scheduled.store(false, Ordering::Release);
+            return;
+        };
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            let did = self.running.load(Ordering::Acquire) && self.process_batch(&a);
+            self.signal_all();
+            if did {
+                idle_since = None;
+                continue;
+            }
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            let stopping = a.work.draining() || !self.running.load(Ordering::Acquire);
+            if !stopping && now.duration_since(since) < self.tuning.poll {
+                std::thread::yield_now();
+                continue;
+            }
+            // Going to sleep: the driver must ring for its next command.
+            self.arm_eventidx(&a.guest);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !stopping && self.has_work() {
+                idle_since = None;
+                continue;
+            }
+            self.scheduled.store(false, Ordering::SeqCst);
+            if !stopping && self.has_work() && !self.scheduled.swap(true, Ordering::AcqRel) {
+                idle_since = None;
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// Fetches and runs up to a burst from each queue; whether anything was fetched.
+    fn process_batch(self: &Arc<Self>, a: &Attached) -> bool {
+        let mut did = false;
+        let gen = self.generation.load(Ordering::Acquire);
+        for sq in self.all_sqs() {
+            let tail = self.tail(&sq);
+            let mut n = 0;
+            while n < BURST {
+                let head = sq.head.load(Ordering::Acquire);
+                if head == tail {
+                    break;
+                }
+                let mut b = [0u8; 64];
+                let fetched = sq.ring.read().unwrap_or_else(|e| e.into_inner()).read(
+                    &a.guest,
+                    u64::from(head) * regs::SQE_SIZE,
+                    &mut b,
+                );
+                if let Err(e) = fetched {
+                    tracing::warn!(sq = sq.id, error = %e, "mnvme: cannot fetch a command; controller fatal");
+                    lock(&self.regs).csts |= regs::CSTS_CFS;
+                    return did;
+                }
+                sq.head.store((head + 1) % sq.size, Ordering::Release);
+                let sqe = Sqe::parse(&b);
+                if sq.id == 0 {
+                    self.admin(a, gen, &sq, &sqe);
+                } else {
+                    self.io(a, gen, &sq, sqe);
+                }
+                n += 1;
+                did = true;
+            }
+            if n > 0 && sq.id != 0 {
+                // Busy: the driver need not ring while the poller looks at the shadow tail.
+                self.quiet_eventidx(&a.guest, &sq, tail);
+            }
+        }
+        did
+    }
+
+    /// Sets every EventIdx to the queue's current shadow value, so that the driver rings
+    /// the doorbell for its next submission (and for its next completion queue head, which
+    /// a level-triggered INTx needs to see).
+    fn arm_eventidx(&self, g: &Guest) {
+        let dbbuf = self.dbbuf.read().unwrap_or_else(|e| e.into_inner());
+        let Some(d) = &*dbbuf else { return };
+        for sq in self.all_sqs().iter().filter(|q| q.id != 0) {
+            let mut b = [0u8; 4];
+            if d.shadow.read(g, u64::from(sq.id) * 8, &mut b).is_ok() {
+                let _ = d.eventidx.write(g, u64::from(sq.id) * 8, &b);
+            }
+        }
+        for cq in self.all_cqs().iter().filter(|q| q.id != 0) {
+            let mut b = [0u8; 4];
+            if d.shadow.read(g, u64::from(cq.id) * 8 + 4, &mut b).is_ok() {
+                let _ = d.eventidx.write(g, u64::from(cq.id) * 8 + 4, &b);
+            }
+        }
+    }
+
+    /// While polling, the EventIdx of `sq` far behind its tail: the driver does not ring.
+    pub fn quiet_eventidx(&self, g: &Guest, sq: &Sq, tail: u32) {
+        if let Some(d) = &*self.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
+            let far = (tail + sq.size / 2) % sq.size;
+            let _ = d
+                .eventidx
+                .write(g, u64::from(sq.id) * 8, &far.to_le_bytes());
+        }
+    }
+
+    // ---- completions and interrupts (poller and worker jobs) ----
+
+    /// Posts a completion for command `cid` of `sq` (dropped if the controller was reset
+    /// since the command was fetched, generation `gen`).
+    pub fn complete(self: &Arc<Self>, gen: u64, sq: &Sq, cid: u16, dw0: u32, status: Status) {
+        if self.generation.load(Ordering::Acquire) != gen {
+            return;
+        }
+        let Some(cq) = self.cq(sq.cqid) else { return };
+        let done = Done {
+            dw0,
+            sqid: sq.id,
+            sq_head: u16::try_from(sq.head.load(Ordering::Acquire)).unwrap_or(0),
+            cid,
+            status,
+        };
+        let Some(a) = self.attached() else { return };
+        let mut st = lock(&cq.st);
+        if !st.overflow.is_empty() || self.cq_full(&a.guest, &cq, &mut st) {
+            st.overflow.push_back(done);
+            return;
+        }
+        self.post(&a.guest, &cq, &mut st, done);
+    }
+
+    fn cq_full(&self, g: &Guest, cq: &Cq, st: &mut CqState) -> bool {
+        if (st.tail + 1) % cq.size != st.head {
+            return false;
+        }
+        // With shadow doorbells the driver's head may be further than its last ring.
+        if cq.id != 0 {
+            if let Some(d) = &*self.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
+                let mut b = [0u8; 4];
+                if d.shadow.read(g, u64::from(cq.id) * 8 + 4, &mut b).is_ok() {
+                    let v = u32::from_le_bytes(b);
+                    if v < cq.size {
+                        st.head = v;
+                    }
+                }
+            }
+        }
+        (st.tail + 1) % cq.size == st.head
+    }
+
+    fn post(&self, g: &Guest, cq: &Cq, st: &mut CqState, d: Done) {
+        let entry = regs::cqe(d.dw0, d.sq_head, d.sqid, d.cid, st.phase, d.status);
+        let at = u64::from(st.tail) * regs::CQE_SIZE;
+        if let Err(e) = cq
+            .ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(g, at, &entry)
+        {
+            tracing::warn!(cq = cq.id, error = %e, "mnvme: cannot post a completion");
+            return;
+        }
+        st.tail = (st.tail + 1) % cq.size;
+        if st.tail == 0 {
+            st.phase = !st.phase;
+        }
+        cq.unsignalled.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The driver consumed entries of `cq`: post what waited for room.
+    fn cq_room(&self, cq: &Cq) {
+        let Some(a) = self.attached() else { return };
+        let mut st = lock(&cq.st);
+        while let Some(d) = st.overflow.front().copied() {
+            if self.cq_full(&a.guest, cq, &mut st) {
+                break;
+            }
+            st.overflow.pop_front();
+            self.post(&a.guest, cq, &mut st, d);
+        }
+    }
+
+    /// Raises `cq`'s interrupt if entries were posted since the last one (MSI-X: its
+    /// vector; MSI: vector 0 unless masked; INTx: the level).
+    pub fn signal(&self, cq: &Cq) {
+        if !cq.ien {
+            return;
+        }
+        let n = cq.unsignalled.load(Ordering::Acquire);
+        if n == 0 {
+            return;
+        }
+        // Completions coalesce per poller batch: the poller signals once after a burst from
+        // every queue, workers after each of their commands.
+        cq.unsignalled.store(0, Ordering::Release);
+        let Some(a) = self.attached() else { return };
+        match *lock(&self.mode) {
+            IrqMode::Msix => a.irqs.trigger_msix(u32::from(cq.iv)),
+            IrqMode::Msi => {
+                if lock(&self.regs).intms & 1 == 0 {
+                    a.irqs.trigger_msi(0);
+                }
+            }
+            IrqMode::Intx => self.update_intx(),
+        }
+    }
+
+    /// Signals every completion queue with posted entries.
+    pub fn signal_all(&self) {
+        for cq in self.all_cqs() {
+            self.signal(&cq);
+        }
+    }
+
+    fn set_intx(&self, level: bool) {
+        if self.intx.swap(level, Ordering::AcqRel) != level {
+            if let Some(a) = self.attached() {
+                a.irqs.set_intx(level);
+            }
+        }
+    }
+
+    /// INTx: asserted while a completion queue with interrupts enabled holds entries the
+    /// driver has not consumed, unless masked (INTMS bit 0).
+    pub fn update_intx(&self) {
+        if *lock(&self.mode) != IrqMode::Intx {
+            return;
+        }
+        let masked = lock(&self.regs).intms & 1 != 0;
+        let pending = self.all_cqs().iter().any(|cq| {
+            let st = lock(&cq.st);
+            cq.ien && Cq::pending(&st, cq.size) > 0
+        });
+        self.set_intx(pending && !masked);
+    }
+}

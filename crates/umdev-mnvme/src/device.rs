@@ -1,0 +1,213 @@
+//! The controller as a PCI function: class 01/08/02 (NVM Express), BAR0 64-bit with the
+//! registers, the doorbells and the MSI-X table, a vector per queue, INTx when the guest has
+//! no MSI-X.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use umdev_pci::{
+    BarIndex, BarKind, DeviceContext, Errno, IrqMode, MigrationSpec, PciDevice, PciDeviceSpec,
+    SpecError, StateReader, StateWriter,
+};
+
+use crate::ctrl::{Attached, Ctrl};
+use crate::identify::{DEVICE_ID, MAX_IO_QUEUES, VENDOR_ID};
+use crate::mem::Guest;
+use crate::regs;
+
+/// Size of BAR0: registers (4 KiB), doorbells (4 KiB), MSI-X table and PBA.
+pub const BAR0_SIZE: u64 = 16 * 1024;
+const MSIX_TABLE: u32 = 0x2000;
+const MSIX_PBA: u32 = 0x3000;
+/// Work threads: the poller and commands whose DMA goes through messages.
+const WORK_THREADS: usize = 16;
+
+/// The PCI layout of a controller.
+pub fn spec() -> Result<PciDeviceSpec, SpecError> {
+    PciDeviceSpec::builder(VENDOR_ID, DEVICE_ID)
+        .class(0x01, 0x08, 0x02)
+        .revision(1)
+        .subsystem(VENDOR_ID, DEVICE_ID)
+        .interrupt_pin(1)
+        .bar(
+            0,
+            BarKind::Mem64 {
+                prefetchable: false,
+            },
+            BAR0_SIZE,
+        )
+        .msix(u32::from(MAX_IO_QUEUES) + 1, 0, MSIX_TABLE, 0, MSIX_PBA)
+        .pcie()
+        .power_management()
+        .reset(true)
+        .work_threads(WORK_THREADS)
+        .build()
+}
+
+/// The device the framework serves.
+pub struct Mnvme {
+    pub(crate) ctrl: Arc<Ctrl>,
+}
+
+impl Mnvme {
+    /// The 32-bit register at `off` (the halves of the 64-bit ones).
+    #[allow(clippy::cast_possible_truncation)] // each half is taken on purpose
+    fn reg32(&self, off: u64) -> u32 {
+        match off {
+            regs::CAP | regs::ASQ | regs::ACQ => self.ctrl.read_reg(off) as u32,
+            o if o == regs::CAP + 4 || o == regs::ASQ_HI || o == regs::ACQ_HI => {
+                (self.ctrl.read_reg(o - 4) >> 32) as u32
+            }
+            o => self.ctrl.read_reg(o) as u32,
+        }
+    }
+}
+
+impl PciDevice for Mnvme {
+    fn bar_read(&mut self, _: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        if offset >= regs::DOORBELLS {
+            // Doorbells read as zero.
+            data.fill(0);
+            return Ok(());
+        }
+        // Any size within the registers: from the 8-byte words that cover the access.
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            let word = at & !3;
+            *b = self.reg32(word).to_le_bytes()[usize::try_from(at - word).unwrap_or(0)];
+        }
+        Ok(())
+    }
+
+    fn bar_write(&mut self, _: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let aligned = offset % 4 == 0 && (data.len() == 4 || data.len() == 8);
+        if !aligned {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "mnvme: register write of another size ignored"
+            );
+            return Ok(());
+        }
+        for (i, chunk) in data.chunks_exact(4).enumerate() {
+            let v = u32::from_le_bytes(chunk.try_into().map_err(|_| Errno::INVAL)?);
+            let at = offset + 4 * i as u64;
+            if at >= regs::DOORBELLS {
+                self.ctrl.doorbell(at, v);
+            } else {
+                self.ctrl.write_reg(at, v);
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), Errno> {
+        self.ctrl.reset(true);
+        Ok(())
+    }
+
+    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
+        *self
+            .ctrl
+            .attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Attached {
+            guest: Guest {
+                dma: ctx.dma,
+                pins: ctx.pins,
+            },
+            irqs: ctx.irqs,
+            work: ctx.work,
+        });
+        *self.ctrl.mode.lock().unwrap_or_else(|e| e.into_inner()) = IrqMode::Intx;
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        // The work context is drained: nothing runs any more. The registers and queues stay
+        // for a client that reconnects.
+        *self
+            .ctrl
+            .attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn irq_mode_changed(&mut self, mode: IrqMode) {
+        *self.ctrl.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+        self.ctrl.update_intx();
+    }
+
+    fn dma_unmap(&mut self, iova: u64, len: u64) {
+        // Queue rings and doorbell buffers in the range fall back to DMA copies; commands
+        // hold their data pins only while they run (the framework drains them before the
+        // reply).
+        let Some(a) = self.ctrl.attached() else {
+            return;
+        };
+        for q in self
+            .ctrl
+            .sqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+        {
+            let mut r = q.ring.write().unwrap_or_else(|e| e.into_inner());
+            if r.overlaps(iova, len) {
+                r.unpin(&a.guest);
+            }
+        }
+        for q in self
+            .ctrl
+            .cqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+        {
+            let mut r = q.ring.write().unwrap_or_else(|e| e.into_inner());
+            if r.overlaps(iova, len) {
+                r.unpin(&a.guest);
+            }
+        }
+        if let Some(d) = self
+            .ctrl
+            .dbbuf
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            if d.shadow.overlaps(iova, len) || d.eventidx.overlaps(iova, len) {
+                tracing::warn!("mnvme: the driver unmapped its shadow doorbell buffers");
+                d.shadow.unpin(&a.guest);
+                d.eventidx.unpin(&a.guest);
+            }
+        }
+    }
+
+    fn migration(&self) -> Option<MigrationSpec> {
+        Some(MigrationSpec {
+            device_type: "mnvme".into(),
+            version: crate::state::VERSION,
+            min_version: 1,
+            flags: 0,
+        })
+    }
+
+    fn set_running(&mut self, running: bool) -> Result<(), Errno> {
+        self.ctrl.running.store(running, Ordering::Release);
+        if running {
+            self.ctrl.kick();
+        }
+        Ok(())
+    }
+
+    fn save(&mut self, state: &mut StateWriter) -> Result<(), Errno> {
+        crate::state::save(&self.ctrl, state)
+    }
+
+    fn load(&mut self, version: u32, state: &StateReader<'_>) -> Result<(), Errno> {
+        crate::state::load(&self.ctrl, version, state)
+    }
+}
