@@ -18,6 +18,7 @@
 mod error;
 mod memory;
 pub mod migration;
+pub mod nvme;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;

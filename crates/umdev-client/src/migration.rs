@@ -193,6 +193,25 @@ pub trait MemoryCopier {
     fn copy(&mut self, iova: u64, len: u64) -> std::io::Result<()>;
 }
 
+/// Several copiers, each for its ranges (a VMM's guest memory in several mappings).
+impl<C: MemoryCopier> MemoryCopier for Vec<C> {
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        self.iter().flat_map(MemoryCopier::ranges).collect()
+    }
+
+    fn copy(&mut self, iova: u64, len: u64) -> std::io::Result<()> {
+        let owner = self.iter_mut().find(|c| {
+            c.ranges()
+                .iter()
+                .any(|&(at, n)| at <= iova && iova.saturating_add(len) <= at + n)
+        });
+        match owner {
+            Some(c) => c.copy(iova, len),
+            None => Err(std::io::Error::from(std::io::ErrorKind::InvalidInput)),
+        }
+    }
+}
+
 /// A [`MemoryCopier`] between two files (memfds) mapped at the same IOVA on each side.
 #[derive(Debug)]
 pub struct FileCopier {

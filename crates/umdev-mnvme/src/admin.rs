@@ -3,10 +3,10 @@
 //! Config. Anything else is Invalid Command Opcode; a bad field gets the status the NVMe
 //! specification names for it.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use crate::ctrl::{Attached, Cq, CqState, Ctrl, DbBuf, Sq};
+use crate::ctrl::{Attached, Cq, Ctrl, DbBuf, Sq};
 use crate::identify::{self, AER_LIMIT, MAX_IO_QUEUES, NSID};
 use crate::io::prp_segments;
 use crate::mem::{dma_write, Region};
@@ -111,7 +111,13 @@ impl Ctrl {
             feature::INTERRUPT_COALESCING => f.coalescing,
             feature::ASYNC_EVENT_CONFIG => f.async_event_config,
             feature::VOLATILE_WRITE_CACHE => u32::from(f.volatile_write_cache),
-            feature::INTERRUPT_VECTOR_CONFIG => c.cdw(11) & 0xffff,
+            feature::INTERRUPT_VECTOR_CONFIG => {
+                let iv = c.cdw(11) & 0xffff;
+                if iv > u32::from(MAX_IO_QUEUES) {
+                    return Err(regs::INVALID_FIELD);
+                }
+                iv | (((f.coalescing_disabled >> iv) & 1) << 16)
+            }
             // 343 K: what the composite temperature threshold defaults to.
             feature::TEMPERATURE_THRESHOLD => 343,
             feature::ARBITRATION
@@ -151,11 +157,24 @@ impl Ctrl {
                 f.volatile_write_cache = v & 1 != 0;
                 Ok(0)
             }
+            feature::INTERRUPT_VECTOR_CONFIG => {
+                // Coalescing Disable (bit 16) for vector IV; the admin queue's vector 0
+                // never coalesces.
+                let iv = v & 0xffff;
+                if iv > u32::from(MAX_IO_QUEUES) {
+                    return Err(regs::INVALID_FIELD);
+                }
+                if v & (1 << 16) != 0 {
+                    f.coalescing_disabled |= 1 << iv;
+                } else {
+                    f.coalescing_disabled &= !(1 << iv);
+                }
+                Ok(0)
+            }
             feature::ARBITRATION
             | feature::POWER_MANAGEMENT
             | feature::TEMPERATURE_THRESHOLD
             | feature::ERROR_RECOVERY
-            | feature::INTERRUPT_VECTOR_CONFIG
             | feature::WRITE_ATOMICITY => Ok(0),
             _ => Err(regs::INVALID_FIELD),
         }
@@ -234,22 +253,7 @@ impl Ctrl {
             return Err(regs::INVALID_INTERRUPT_VECTOR);
         }
         let base = Self::queue_base(c)?;
-        let cq = Arc::new(Cq {
-            id: qid,
-            size,
-            iv,
-            ien,
-            ring: RwLock::new(Region::new(
-                &a.guest,
-                base,
-                u64::from(size) * regs::CQE_SIZE,
-            )),
-            st: Mutex::new(CqState {
-                phase: true,
-                ..CqState::default()
-            }),
-            unsignalled: AtomicU32::new(0),
-        });
+        let cq = Arc::new(Cq::new(&a.guest, qid, size, iv, ien, base));
         self.cqs.write().unwrap_or_else(|e| e.into_inner())[usize::from(qid)] = Some(cq);
         Ok(0)
     }
@@ -269,18 +273,7 @@ impl Ctrl {
             return Err(regs::INVALID_FIELD);
         }
         let base = Self::queue_base(c)?;
-        let sq = Arc::new(Sq {
-            id: qid,
-            cqid,
-            size,
-            ring: RwLock::new(Region::new(
-                &a.guest,
-                base,
-                u64::from(size) * regs::SQE_SIZE,
-            )),
-            head: AtomicU32::new(0),
-            tail: AtomicU32::new(0),
-        });
+        let sq = Arc::new(Sq::new(&a.guest, qid, cqid, size, base));
         self.sqs.write().unwrap_or_else(|e| e.into_inner())[usize::from(qid)] = Some(sq);
         Ok(0)
     }
@@ -294,10 +287,7 @@ impl Ctrl {
         let sq = sq.ok_or(regs::INVALID_QUEUE_ID)?;
         // Commands of the queue still running complete to its completion queue, which the
         // driver deletes only after this one.
-        sq.ring
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .unpin(&a.guest);
+        sq.ring.unpin(&a.guest);
         Ok(0)
     }
 
@@ -318,10 +308,7 @@ impl Ctrl {
         }
         let cq = self.cqs.write().unwrap_or_else(|e| e.into_inner())[usize::from(qid)].take();
         if let Some(cq) = cq {
-            cq.ring
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .unpin(&a.guest);
+            cq.ring.unpin(&a.guest);
         }
         Ok(0)
     }
@@ -336,8 +323,8 @@ impl Ctrl {
         if !aligned(c.prp1) || !aligned(c.prp2) {
             return Err(regs::INVALID_FIELD);
         }
-        let mut shadow = Region::new(&a.guest, c.prp1, regs::PAGE);
-        let mut eventidx = Region::new(&a.guest, c.prp2, regs::PAGE);
+        let shadow = Region::new(&a.guest, c.prp1, regs::PAGE);
+        let eventidx = Region::new(&a.guest, c.prp2, regs::PAGE);
         if !shadow.is_pinned() || !eventidx.is_pinned() {
             shadow.unpin(&a.guest);
             eventidx.unpin(&a.guest);
@@ -349,7 +336,7 @@ impl Ctrl {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .replace(DbBuf { shadow, eventidx });
-        if let Some(mut d) = old {
+        if let Some(d) = old {
             d.shadow.unpin(&a.guest);
             d.eventidx.unpin(&a.guest);
         }

@@ -13,6 +13,14 @@
 //! reply, a migration stop and a close; the poller then stops polling and returns as soon
 //! as what is pending is done.
 //!
+//! Locks. The session thread (register and doorbell writes) never waits for a lock that
+//! another thread may hold across a guest memory access: with plain guest memory that
+//! access is a DMA message whose reply only the session thread reads. So doorbells only
+//! store atomics and wake the poller; rings are reached without a lock ([`Region`]);
+//! completion queue state (held while an entry is written) is the poller's and the jobs'.
+//! Work that must touch guest memory (completions waiting for room, asynchronous events)
+//! is left to the poller.
+//!
 //! Resets: a controller reset (CC.EN cleared, or the function's reset) first waits for the
 //! work context to be idle, then deletes every queue. A generation number guards the rest:
 //! a completion from before a reset is dropped.
@@ -54,9 +62,23 @@ pub(crate) struct Sq {
     pub id: u16,
     pub cqid: u16,
     pub size: u32,
-    pub ring: RwLock<Region>,
+    pub ring: Region,
     pub head: AtomicU32,
+    /// The last tail doorbell write.
     pub tail: AtomicU32,
+}
+
+impl Sq {
+    pub fn new(g: &Guest, id: u16, cqid: u16, size: u32, base: u64) -> Sq {
+        Sq {
+            id,
+            cqid,
+            size,
+            ring: Region::new(g, base, u64::from(size) * regs::SQE_SIZE),
+            head: AtomicU32::new(0),
+            tail: AtomicU32::new(0),
+        }
+    }
 }
 
 /// A completion waiting for room in its queue.
@@ -69,11 +91,12 @@ pub(crate) struct Done {
     pub status: Status,
 }
 
+/// What the threads that post completions share (under [`Cq::st`]).
 #[derive(Default)]
 pub(crate) struct CqState {
     pub tail: u32,
     pub phase: bool,
-    /// The driver's head: from the doorbell, or the shadow doorbell.
+    /// The driver's head as last seen (doorbell or shadow doorbell).
     pub head: u32,
     pub overflow: VecDeque<Done>,
 }
@@ -85,16 +108,37 @@ pub(crate) struct Cq {
     /// Interrupt vector (MSI-X), and whether interrupts are enabled.
     pub iv: u16,
     pub ien: bool,
-    pub ring: RwLock<Region>,
+    pub ring: Region,
     pub st: Mutex<CqState>,
-    /// Entries posted since the last interrupt.
+    /// The last head doorbell write (the session thread's only access).
+    pub db_head: AtomicU32,
+    /// The tail as posted, for the INTx level.
+    pub posted_tail: AtomicU32,
+    /// Completions waiting for room (mirrors `st.overflow.len()`).
+    pub backlog: AtomicU32,
+    /// Entries posted since the last interrupt, and when the first of them was.
     pub unsignalled: AtomicU32,
+    pub unsignalled_since: Mutex<Option<Instant>>,
 }
 
 impl Cq {
-    /// Entries the driver has not consumed.
-    fn pending(st: &CqState, size: u32) -> u32 {
-        (st.tail + size - st.head) % size
+    pub fn new(g: &Guest, id: u16, size: u32, iv: u16, ien: bool, base: u64) -> Cq {
+        Cq {
+            id,
+            size,
+            iv,
+            ien,
+            ring: Region::new(g, base, u64::from(size) * regs::CQE_SIZE),
+            st: Mutex::new(CqState {
+                phase: true,
+                ..CqState::default()
+            }),
+            db_head: AtomicU32::new(0),
+            posted_tail: AtomicU32::new(0),
+            backlog: AtomicU32::new(0),
+            unsignalled: AtomicU32::new(0),
+            unsignalled_since: Mutex::new(None),
+        }
     }
 }
 
@@ -104,10 +148,14 @@ pub(crate) struct DbBuf {
     pub eventidx: Region,
 }
 
-/// Interrupt Coalescing (feature 08h): aggregation threshold (entries, 0-based) and time.
+/// Features the driver sets.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Features {
+    /// Interrupt Coalescing (08h): aggregation threshold (bits 7:0, entries, 0-based) and
+    /// time (bits 15:8, 100 us units).
     pub coalescing: u32,
+    /// Interrupt Vector Configuration (09h): vectors with coalescing disabled (bit = vector).
+    pub coalescing_disabled: u32,
     pub async_event_config: u32,
     pub volatile_write_cache: bool,
     /// Queues granted by Number of Queues (0-based), once set.
@@ -271,7 +319,7 @@ impl Ctrl {
             regs::INTMC => {
                 lock(&self.regs).intms &= !v32;
                 self.update_intx();
-                self.signal_all();
+                self.signal_all(true);
             }
             regs::CC => self.write_cc(v32),
             regs::AQA => lock(&self.regs).aqa = v32 & 0x0fff_0fff,
@@ -347,34 +395,8 @@ impl Ctrl {
             lock(&self.regs).csts = regs::CSTS_CFS;
             return;
         };
-        let cq = Arc::new(Cq {
-            id: 0,
-            size: cq_size,
-            iv: 0,
-            ien: true,
-            ring: RwLock::new(Region::new(
-                &a.guest,
-                r.acq,
-                u64::from(cq_size) * regs::CQE_SIZE,
-            )),
-            st: Mutex::new(CqState {
-                phase: true,
-                ..CqState::default()
-            }),
-            unsignalled: AtomicU32::new(0),
-        });
-        let sq = Arc::new(Sq {
-            id: 0,
-            cqid: 0,
-            size: sq_size,
-            ring: RwLock::new(Region::new(
-                &a.guest,
-                r.asq,
-                u64::from(sq_size) * regs::SQE_SIZE,
-            )),
-            head: AtomicU32::new(0),
-            tail: AtomicU32::new(0),
-        });
+        let cq = Arc::new(Cq::new(&a.guest, 0, cq_size, 0, true, r.acq));
+        let sq = Arc::new(Sq::new(&a.guest, 0, 0, sq_size, r.asq));
         self.cqs.write().unwrap_or_else(|e| e.into_inner())[0] = Some(cq);
         self.sqs.write().unwrap_or_else(|e| e.into_inner())[0] = Some(sq);
         lock(&self.regs).csts = regs::CSTS_RDY;
@@ -410,7 +432,7 @@ impl Ctrl {
             .iter_mut()
         {
             if let (Some(sq), Some(g)) = (q.take(), &guest) {
-                sq.ring.write().unwrap_or_else(|e| e.into_inner()).unpin(g);
+                sq.ring.unpin(g);
             }
         }
         for q in self
@@ -420,10 +442,10 @@ impl Ctrl {
             .iter_mut()
         {
             if let (Some(cq), Some(g)) = (q.take(), &guest) {
-                cq.ring.write().unwrap_or_else(|e| e.into_inner()).unpin(g);
+                cq.ring.unpin(g);
             }
         }
-        if let Some(mut d) = self.dbbuf.write().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(d) = self.dbbuf.write().unwrap_or_else(|e| e.into_inner()).take() {
             if let Some(g) = &guest {
                 d.shadow.unpin(g);
                 d.eventidx.unpin(g);
@@ -450,7 +472,8 @@ impl Ctrl {
 
     // ---- doorbells (session thread) ----
 
-    /// A doorbell write at `off` (from [`regs::DOORBELLS`]).
+    /// A doorbell write at `off` (from [`regs::DOORBELLS`]): recorded, and the poller
+    /// woken when it has something to do.
     pub fn doorbell(self: &Arc<Self>, off: u64, value: u32) {
         let index = (off - regs::DOORBELLS) / 4;
         let qid = u16::try_from(index / 2).unwrap_or(u16::MAX);
@@ -466,9 +489,11 @@ impl Ctrl {
             if value >= cq.size {
                 return self.async_error(0x01, "completion queue head past the queue");
             }
-            lock(&cq.st).head = value;
-            self.cq_room(&cq);
+            cq.db_head.store(value, Ordering::Release);
             self.update_intx();
+            if cq.backlog.load(Ordering::Acquire) > 0 {
+                self.kick();
+            }
         } else {
             let Some(sq) = self.sq(qid) else {
                 return self
@@ -478,8 +503,8 @@ impl Ctrl {
                 return self.async_error(0x01, "submission queue tail past the queue");
             }
             sq.tail.store(value, Ordering::Release);
+            self.kick();
         }
-        self.kick();
     }
 
     /// Wakes the poller if it is not running.
@@ -498,14 +523,14 @@ impl Ctrl {
     }
 
     /// An error asynchronous event (status type 0: error; `info`: invalid doorbell register
-    /// 0, invalid doorbell value 1), reported to an outstanding AER if there is one.
+    /// 0, invalid doorbell value 1), reported by the poller to an outstanding AER.
     pub fn async_error(self: &Arc<Self>, info: u32, why: &str) {
         tracing::warn!(why, "mnvme: the driver wrote an invalid doorbell");
         lock(&self.aers).1.push_back(info << 8);
-        self.deliver_aers();
+        self.kick();
     }
 
-    /// Completes outstanding AERs with queued events.
+    /// Completes outstanding AERs with queued events (poller).
     pub fn deliver_aers(self: &Arc<Self>) {
         let mut done = Vec::new();
         {
@@ -521,9 +546,6 @@ impl Ctrl {
             if let Some(sq) = self.sq(0) {
                 self.complete(gen, &sq, cid, ev, regs::SUCCESS);
             }
-        }
-        if let Some(cq) = self.cq(0) {
-            self.signal(&cq);
         }
     }
 
@@ -551,10 +573,33 @@ impl Ctrl {
         sq.tail.load(Ordering::Acquire)
     }
 
-    fn has_work(&self) -> bool {
-        self.all_sqs()
+    /// Whether the poller has something to do: commands to fetch, completions waiting
+    /// for room that now have it, events for outstanding AERs.
+    fn has_work(&self, g: &Guest) -> bool {
+        let commands = self
+            .all_sqs()
             .iter()
-            .any(|sq| sq.head.load(Ordering::Acquire) != self.tail(sq))
+            .any(|sq| sq.head.load(Ordering::Acquire) != self.tail(sq));
+        let backlog = self.all_cqs().iter().any(|cq| {
+            cq.backlog.load(Ordering::Acquire) > 0
+                && (cq.posted_tail.load(Ordering::Acquire) + 1) % cq.size != self.cq_head(g, cq)
+        });
+        let events = {
+            let a = lock(&self.aers);
+            !a.0.is_empty() && !a.1.is_empty()
+        };
+        commands || backlog || events
+    }
+
+    /// Completions that waited for room, and asynchronous events: the poller's chores
+    /// besides commands.
+    fn chores(self: &Arc<Self>, g: &Guest) {
+        for cq in self.all_cqs() {
+            if cq.backlog.load(Ordering::Acquire) > 0 {
+                self.cq_room(g, &cq);
+            }
+        }
+        self.deliver_aers();
     }
 
     /// The poller: fetch and run commands until there is nothing to do (see the module
@@ -566,8 +611,9 @@ impl Ctrl {
         };
         let mut idle_since: Option<Instant> = None;
         loop {
+            self.chores(&a.guest);
             let did = self.running.load(Ordering::Acquire) && self.process_batch(&a);
-            self.signal_all();
+            self.signal_all(false);
             if did {
                 idle_since = None;
                 continue;
@@ -579,15 +625,18 @@ impl Ctrl {
                 std::thread::yield_now();
                 continue;
             }
-            // Going to sleep: the driver must ring for its next command.
+            // Going to sleep: every posted entry signalled, and the driver must ring for
+            // its next command.
+            self.signal_all(true);
             self.arm_eventidx(&a.guest);
             std::sync::atomic::fence(Ordering::SeqCst);
-            if !stopping && self.has_work() {
+            if !stopping && self.has_work(&a.guest) {
                 idle_since = None;
                 continue;
             }
             self.scheduled.store(false, Ordering::SeqCst);
-            if !stopping && self.has_work() && !self.scheduled.swap(true, Ordering::AcqRel) {
+            if !stopping && self.has_work(&a.guest) && !self.scheduled.swap(true, Ordering::AcqRel)
+            {
                 idle_since = None;
                 continue;
             }
@@ -608,11 +657,9 @@ impl Ctrl {
                     break;
                 }
                 let mut b = [0u8; 64];
-                let fetched = sq.ring.read().unwrap_or_else(|e| e.into_inner()).read(
-                    &a.guest,
-                    u64::from(head) * regs::SQE_SIZE,
-                    &mut b,
-                );
+                let fetched = sq
+                    .ring
+                    .read(&a.guest, u64::from(head) * regs::SQE_SIZE, &mut b);
                 if let Err(e) = fetched {
                     tracing::warn!(sq = sq.id, error = %e, "mnvme: cannot fetch a command; controller fatal");
                     lock(&self.regs).csts |= regs::CSTS_CFS;
@@ -668,8 +715,26 @@ impl Ctrl {
 
     // ---- completions and interrupts (poller and worker jobs) ----
 
+    /// The driver's head of `cq`: its shadow doorbell (I/O queues, once configured), else
+    /// its last doorbell write.
+    fn cq_head(&self, g: &Guest, cq: &Cq) -> u32 {
+        if cq.id != 0 {
+            if let Some(d) = &*self.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
+                let mut b = [0u8; 4];
+                if d.shadow.read(g, u64::from(cq.id) * 8 + 4, &mut b).is_ok() {
+                    let v = u32::from_le_bytes(b);
+                    if v < cq.size {
+                        return v;
+                    }
+                }
+            }
+        }
+        cq.db_head.load(Ordering::Acquire)
+    }
+
     /// Posts a completion for command `cid` of `sq` (dropped if the controller was reset
-    /// since the command was fetched, generation `gen`).
+    /// since the command was fetched, generation `gen`); a full queue keeps it until the
+    /// driver makes room.
     pub fn complete(self: &Arc<Self>, gen: u64, sq: &Sq, cid: u16, dw0: u32, status: Status) {
         if self.generation.load(Ordering::Acquire) != gen {
             return;
@@ -686,6 +751,7 @@ impl Ctrl {
         let mut st = lock(&cq.st);
         if !st.overflow.is_empty() || self.cq_full(&a.guest, &cq, &mut st) {
             st.overflow.push_back(done);
+            cq.backlog.fetch_add(1, Ordering::AcqRel);
             return;
         }
         self.post(&a.guest, &cq, &mut st, done);
@@ -695,30 +761,14 @@ impl Ctrl {
         if (st.tail + 1) % cq.size != st.head {
             return false;
         }
-        // With shadow doorbells the driver's head may be further than its last ring.
-        if cq.id != 0 {
-            if let Some(d) = &*self.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
-                let mut b = [0u8; 4];
-                if d.shadow.read(g, u64::from(cq.id) * 8 + 4, &mut b).is_ok() {
-                    let v = u32::from_le_bytes(b);
-                    if v < cq.size {
-                        st.head = v;
-                    }
-                }
-            }
-        }
+        st.head = self.cq_head(g, cq);
         (st.tail + 1) % cq.size == st.head
     }
 
     fn post(&self, g: &Guest, cq: &Cq, st: &mut CqState, d: Done) {
         let entry = regs::cqe(d.dw0, d.sq_head, d.sqid, d.cid, st.phase, d.status);
         let at = u64::from(st.tail) * regs::CQE_SIZE;
-        if let Err(e) = cq
-            .ring
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(g, at, &entry)
-        {
+        if let Err(e) = cq.ring.write(g, at, &entry) {
             tracing::warn!(cq = cq.id, error = %e, "mnvme: cannot post a completion");
             return;
         }
@@ -726,37 +776,65 @@ impl Ctrl {
         if st.tail == 0 {
             st.phase = !st.phase;
         }
-        cq.unsignalled.fetch_add(1, Ordering::AcqRel);
+        cq.posted_tail.store(st.tail, Ordering::Release);
+        if cq.unsignalled.fetch_add(1, Ordering::AcqRel) == 0 {
+            *lock(&cq.unsignalled_since) = Some(Instant::now());
+        }
     }
 
-    /// The driver consumed entries of `cq`: post what waited for room.
-    fn cq_room(&self, cq: &Cq) {
-        let Some(a) = self.attached() else { return };
+    /// Posts what waited for room in `cq` (poller).
+    fn cq_room(&self, g: &Guest, cq: &Cq) {
         let mut st = lock(&cq.st);
         while let Some(d) = st.overflow.front().copied() {
-            if self.cq_full(&a.guest, cq, &mut st) {
+            if self.cq_full(g, cq, &mut st) {
                 break;
             }
             st.overflow.pop_front();
-            self.post(&a.guest, cq, &mut st, d);
+            cq.backlog.fetch_sub(1, Ordering::AcqRel);
+            self.post(g, cq, &mut st, d);
         }
     }
 
+    /// Whether interrupt coalescing (feature 08h) lets `cq` wait: below the aggregation
+    /// threshold and younger than the aggregation time, on a vector that coalesces (the
+    /// admin queue's never does).
+    fn may_wait(&self, cq: &Cq, entries: u32) -> bool {
+        if cq.id == 0 {
+            return false;
+        }
+        let f = *lock(&self.features);
+        let threshold = (f.coalescing & 0xff) + 1;
+        let time = Duration::from_micros(100 * u64::from((f.coalescing >> 8) & 0xff));
+        if threshold <= 1 || f.coalescing_disabled & (1 << cq.iv.min(31)) != 0 {
+            return false;
+        }
+        let young = lock(&cq.unsignalled_since).is_some_and(|t| t.elapsed() < time);
+        entries < threshold && young
+    }
+
     /// Raises `cq`'s interrupt if entries were posted since the last one (MSI-X: its
-    /// vector; MSI: vector 0 unless masked; INTx: the level).
-    pub fn signal(&self, cq: &Cq) {
+    /// vector; MSI: vector 0 unless masked; INTx: the level). Entries posted together get
+    /// one interrupt; with coalescing set, an interrupt waits for the threshold or the
+    /// time, unless `now` (the poller is going to sleep: it would not come back for them).
+    /// Returns whether entries are left unsignalled.
+    pub fn signal(&self, cq: &Cq, now: bool) -> bool {
         if !cq.ien {
-            return;
+            return false;
         }
         let n = cq.unsignalled.load(Ordering::Acquire);
         if n == 0 {
-            return;
+            return false;
         }
-        // Completions coalesce per poller batch: the poller signals once after a burst from
-        // every queue, workers after each of their commands.
+        if !now && self.may_wait(cq, n) {
+            return true;
+        }
         cq.unsignalled.store(0, Ordering::Release);
-        let Some(a) = self.attached() else { return };
-        match *lock(&self.mode) {
+        *lock(&cq.unsignalled_since) = None;
+        let Some(a) = self.attached() else {
+            return false;
+        };
+        let mode = *lock(&self.mode);
+        match mode {
             IrqMode::Msix => a.irqs.trigger_msix(u32::from(cq.iv)),
             IrqMode::Msi => {
                 if lock(&self.regs).intms & 1 == 0 {
@@ -765,12 +843,13 @@ impl Ctrl {
             }
             IrqMode::Intx => self.update_intx(),
         }
+        false
     }
 
-    /// Signals every completion queue with posted entries.
-    pub fn signal_all(&self) {
+    /// Signals every completion queue with posted entries (see [`Ctrl::signal`]).
+    pub fn signal_all(&self, now: bool) {
         for cq in self.all_cqs() {
-            self.signal(&cq);
+            self.signal(&cq, now);
         }
     }
 
@@ -783,15 +862,21 @@ impl Ctrl {
     }
 
     /// INTx: asserted while a completion queue with interrupts enabled holds entries the
-    /// driver has not consumed, unless masked (INTMS bit 0).
+    /// driver has not consumed, unless masked (INTMS bit 0). Reads only atomics and the
+    /// shadow doorbells (never waits for a DMA message: it runs on the session thread).
     pub fn update_intx(&self) {
-        if *lock(&self.mode) != IrqMode::Intx {
+        let mode = *lock(&self.mode);
+        if mode != IrqMode::Intx {
             return;
         }
         let masked = lock(&self.regs).intms & 1 != 0;
+        let guest = self.attached().map(|a| a.guest);
         let pending = self.all_cqs().iter().any(|cq| {
-            let st = lock(&cq.st);
-            cq.ien && Cq::pending(&st, cq.size) > 0
+            let head = match &guest {
+                Some(g) => self.cq_head(g, cq),
+                None => cq.db_head.load(Ordering::Acquire),
+            };
+            cq.ien && cq.posted_tail.load(Ordering::Acquire) != head
         });
         self.set_intx(pending && !masked);
     }

@@ -145,39 +145,29 @@ impl PciDevice for Mnvme {
         let Some(a) = self.ctrl.attached() else {
             return;
         };
-        for q in self
+        let sqs = self
             .ctrl
             .sqs
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .flatten()
-        {
-            let mut r = q.ring.write().unwrap_or_else(|e| e.into_inner());
-            if r.overlaps(iova, len) {
-                r.unpin(&a.guest);
+            .clone();
+        for q in sqs.iter().flatten() {
+            if q.ring.overlaps(iova, len) {
+                q.ring.unpin(&a.guest);
             }
         }
-        for q in self
+        let cqs = self
             .ctrl
             .cqs
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .flatten()
-        {
-            let mut r = q.ring.write().unwrap_or_else(|e| e.into_inner());
-            if r.overlaps(iova, len) {
-                r.unpin(&a.guest);
+            .clone();
+        for q in cqs.iter().flatten() {
+            if q.ring.overlaps(iova, len) {
+                q.ring.unpin(&a.guest);
             }
         }
-        if let Some(d) = self
-            .ctrl
-            .dbbuf
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(d) = &*self.ctrl.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
             if d.shadow.overlaps(iova, len) || d.eventidx.overlaps(iova, len) {
                 tracing::warn!("mnvme: the driver unmapped its shadow doorbell buffers");
                 d.shadow.unpin(&a.guest);

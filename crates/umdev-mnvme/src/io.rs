@@ -245,7 +245,10 @@ impl Ctrl {
             };
             me.complete(gen, &sq2, cid, 0, status);
             if let Some(cq) = me.cq(sq2.cqid) {
-                me.signal(&cq);
+                if me.signal(&cq, false) {
+                    // Coalescing holds the interrupt: the poller signals it in time.
+                    me.kick();
+                }
             }
         };
         if let Err(e) = a.work.submit(job) {

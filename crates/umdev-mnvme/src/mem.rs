@@ -2,7 +2,7 @@
 //! pinned for as long as they exist when the client shared that memory (fd-backed), reached
 //! through DMA copies otherwise; and each command's data pages, pinned for the command.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use umdev_dma::{Dma, DmaError, PinnedPages, Pinner, Prot, PAGE_SIZE};
 
@@ -14,11 +14,15 @@ pub(crate) struct Guest {
 }
 
 /// A range of guest memory used for as long as a queue or a buffer exists.
+///
+/// No lock is held while its memory is accessed: the pin is taken out of its slot for the
+/// access (an `Arc`), so the session thread never waits on a thread that waits for a DMA
+/// message's reply (which only the session thread reads).
 pub(crate) struct Region {
     iova: u64,
     len: u64,
     /// Pinned while the client shared the memory; `None`: reached through `Dma`.
-    pinned: Option<PinnedPages>,
+    pinned: RwLock<Option<Arc<PinnedPages>>>,
 }
 
 impl Region {
@@ -28,8 +32,13 @@ impl Region {
         let pinned = g
             .pins
             .as_ref()
-            .and_then(|p| p.pin(iova, pages, Prot::READ_WRITE).ok());
-        Region { iova, len, pinned }
+            .and_then(|p| p.pin(iova, pages, Prot::READ_WRITE).ok())
+            .map(Arc::new);
+        Region {
+            iova,
+            len,
+            pinned: RwLock::new(pinned),
+        }
     }
 
     /// First IOVA.
@@ -42,27 +51,40 @@ impl Region {
         iova < self.iova.saturating_add(self.len) && self.iova < iova.saturating_add(len)
     }
 
-    /// Whether it is pinned (fd-backed, fast).
-    pub fn is_pinned(&self) -> bool {
-        self.pinned.is_some()
+    fn pin(&self) -> Option<Arc<PinnedPages>> {
+        self.pinned
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    /// Gives the pin back (the client unmaps the memory, or the region goes).
-    pub fn unpin(&mut self, g: &Guest) {
-        if let (Some(p), Some(pinner)) = (self.pinned.take(), &g.pins) {
+    /// Whether it is pinned (fd-backed, fast).
+    pub fn is_pinned(&self) -> bool {
+        self.pin().is_some()
+    }
+
+    /// Gives the pin back (the client unmaps the memory, or the region goes); accesses
+    /// go through `Dma` from now on.
+    pub fn unpin(&self, g: &Guest) {
+        let taken = self
+            .pinned
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let (Some(p), Some(pinner)) = (taken, &g.pins) {
             let _ = pinner.unpin(p.iova(), p.page_count());
         }
     }
 
     pub fn read(&self, g: &Guest, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        match &self.pinned {
+        match self.pin() {
             Some(p) => p.read(offset, buf),
             None => g.dma.read(self.iova + offset, buf),
         }
     }
 
     pub fn write(&self, g: &Guest, offset: u64, data: &[u8]) -> Result<(), DmaError> {
-        match &self.pinned {
+        match self.pin() {
             Some(p) => p.write(offset, data),
             None => g.dma.write(self.iova + offset, data),
         }

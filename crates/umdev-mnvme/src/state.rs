@@ -5,8 +5,8 @@
 //! destination must use the same file (its `vendor/backing_file`), or the state is refused.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use umdev_pci::{Errno, StateReader, StateWriter};
@@ -48,7 +48,7 @@ struct SavedCq {
 struct Saved {
     identity: Identity,
     regs: (u32, u32, u32, u64, u64, u32),
-    features: (u32, u32, bool, Option<(u16, u16)>),
+    features: (u32, u32, u32, bool, Option<(u16, u16)>),
     sqs: Vec<SavedSq>,
     cqs: Vec<SavedCq>,
     dbbuf: Option<(u64, u64)>,
@@ -70,7 +70,7 @@ pub(crate) fn save(c: &Ctrl, w: &mut StateWriter) -> Result<(), Errno> {
             id: q.id,
             cqid: q.cqid,
             size: q.size,
-            base: q.ring.read().unwrap_or_else(|e| e.into_inner()).iova(),
+            base: q.ring.iova(),
             head: q.head.load(Ordering::Acquire),
             tail: q.tail.load(Ordering::Acquire),
         })
@@ -88,7 +88,7 @@ pub(crate) fn save(c: &Ctrl, w: &mut StateWriter) -> Result<(), Errno> {
                 size: q.size,
                 iv: q.iv,
                 ien: q.ien,
-                base: q.ring.read().unwrap_or_else(|e| e.into_inner()).iova(),
+                base: q.ring.iova(),
                 tail: st.tail,
                 phase: st.phase,
                 head: st.head,
@@ -122,6 +122,7 @@ pub(crate) fn save(c: &Ctrl, w: &mut StateWriter) -> Result<(), Errno> {
         regs: (r.cc, r.csts, r.aqa, r.asq, r.acq, r.intms),
         features: (
             f.coalescing,
+            f.coalescing_disabled,
             f.async_event_config,
             f.volatile_write_cache,
             f.queues_granted,
@@ -180,18 +181,10 @@ pub(crate) fn load(c: &Arc<Ctrl>, _version: u32, r: &StateReader<'_>) -> Result<
     c.generation.fetch_add(1, Ordering::SeqCst);
     let mut sqs = vec![None; QUEUES];
     for q in saved.sqs {
-        sqs[usize::from(q.id)] = Some(Arc::new(Sq {
-            id: q.id,
-            cqid: q.cqid,
-            size: q.size,
-            ring: RwLock::new(Region::new(
-                &a.guest,
-                q.base,
-                u64::from(q.size) * regs::SQE_SIZE,
-            )),
-            head: AtomicU32::new(q.head),
-            tail: AtomicU32::new(q.tail),
-        }));
+        let sq = Sq::new(&a.guest, q.id, q.cqid, q.size, q.base);
+        sq.head.store(q.head, Ordering::Release);
+        sq.tail.store(q.tail, Ordering::Release);
+        sqs[usize::from(q.id)] = Some(Arc::new(sq));
     }
     let mut cqs = vec![None; QUEUES];
     for q in saved.cqs {
@@ -206,24 +199,43 @@ pub(crate) fn load(c: &Arc<Ctrl>, _version: u32, r: &StateReader<'_>) -> Result<
                 status: Status { sct, sc, dnr },
             })
             .collect();
-        cqs[usize::from(q.id)] = Some(Arc::new(Cq {
-            id: q.id,
-            size: q.size,
-            iv: q.iv,
-            ien: q.ien,
-            ring: RwLock::new(Region::new(
-                &a.guest,
-                q.base,
-                u64::from(q.size) * regs::CQE_SIZE,
-            )),
-            st: Mutex::new(CqState {
-                tail: q.tail,
-                phase: q.phase,
-                head: q.head,
-                overflow,
-            }),
-            unsignalled: AtomicU32::new(0),
-        }));
+        let cq = Cq::new(&a.guest, q.id, q.size, q.iv, q.ien, q.base);
+        cq.db_head.store(q.head, Ordering::Release);
+        cq.posted_tail.store(q.tail, Ordering::Release);
+        cq.backlog.store(
+            u32::try_from(overflow.len()).unwrap_or(u32::MAX),
+            Ordering::Release,
+        );
+        *cq.st.lock().unwrap_or_else(|e| e.into_inner()) = CqState {
+            tail: q.tail,
+            phase: q.phase,
+            head: q.head,
+            overflow,
+        };
+        cqs[usize::from(q.id)] = Some(Arc::new(cq));
+    }
+    // Pins of whatever the destination held before go back.
+    for q in c
+        .sqs
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .flatten()
+    {
+        q.ring.unpin(&a.guest);
+    }
+    for q in c
+        .cqs
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .flatten()
+    {
+        q.ring.unpin(&a.guest);
+    }
+    if let Some(d) = &*c.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
+        d.shadow.unpin(&a.guest);
+        d.eventidx.unpin(&a.guest);
     }
     *c.sqs.write().unwrap_or_else(|e| e.into_inner()) = sqs;
     *c.cqs.write().unwrap_or_else(|e| e.into_inner()) = cqs;
@@ -240,9 +252,11 @@ pub(crate) fn load(c: &Arc<Ctrl>, _version: u32, r: &StateReader<'_>) -> Result<
         acq,
         intms,
     };
-    let (coalescing, async_event_config, volatile_write_cache, queues_granted) = saved.features;
+    let (coalescing, coalescing_disabled, async_event_config, volatile_write_cache, queues_granted) =
+        saved.features;
     *c.features.lock().unwrap_or_else(|e| e.into_inner()) = Features {
         coalescing,
+        coalescing_disabled,
         async_event_config,
         volatile_write_cache,
         queues_granted,
