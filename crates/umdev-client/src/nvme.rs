@@ -554,6 +554,10 @@ pub struct Nvme {
     pub blocks: u64,
     /// Doorbell writes sent to the controller (region writes).
     pub doorbells: u64,
+    /// Doorbell writes are posted (No_reply) instead of waiting for their replies.
+    posted_doorbells: bool,
+    /// One eventfd per MSI-X vector (vector `q` is queue `q`'s), when interrupts are on.
+    pub irqs: Vec<OwnedFd>,
 }
 
 /// The Linux driver's test for whether a shadow doorbell update must also ring: whether
@@ -563,6 +567,15 @@ pub fn need_event(event_idx: u16, new: u16, old: u16) -> bool {
 }
 
 impl Nvme {
+    /// The interrupts vector `v` counted since the last call (its eventfd's counter).
+    pub fn interrupts(&self, v: usize) -> u64 {
+        let mut b = [0u8; 8];
+        match self.irqs.get(v).map(|fd| rustix::io::read(fd, &mut b)) {
+            Some(Ok(8)) => u64::from_le_bytes(b),
+            _ => 0,
+        }
+    }
+
     /// Resets and enables the controller, identifies it and namespace 1, creates the I/O
     /// queues (and sets up shadow doorbells if asked and offered).
     pub fn enable(
@@ -582,8 +595,23 @@ impl Nvme {
             id_ns: Vec::new(),
             blocks: 0,
             doorbells: 0,
+            posted_doorbells: false,
+            irqs: Vec::new(),
         };
         n.disable()?;
+        if o.interrupts {
+            // MSI-X, a vector per queue: what a guest driver enables first.
+            for _ in 0..=o.io_queues {
+                let flags =
+                    rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC;
+                n.irqs.push(
+                    rustix::event::eventfd(0, flags)
+                        .map_err(|e| NvmeError::Memory(format!("eventfd: {e}")))?,
+                );
+            }
+            let fds: Vec<BorrowedFd<'_>> = n.irqs.iter().map(AsFd::as_fd).collect();
+            n.client.set_irq_eventfds(2, 1 << 5, 0, &fds)?;
+        }
         n.write_reg32(reg::AQA, (admin_size - 1) | ((admin_size - 1) << 16))?;
         n.write_reg64(reg::ASQ, asq)?;
         n.write_reg64(reg::ACQ, acq)?;
@@ -625,6 +653,31 @@ impl Nvme {
     /// Whether shadow doorbells are in use.
     pub fn shadow_doorbells(&self) -> bool {
         self.dbbuf.is_some()
+    }
+
+    /// Sends doorbell writes from now on as posted REGION_WRITEs (No_reply, what QEMU
+    /// sends by default) instead of waiting for each reply; register writes still wait.
+    /// The server handles a connection's messages in order, so a later request's reply
+    /// still comes after every doorbell posted before it.
+    pub fn set_posted_doorbells(&mut self, posted: bool) {
+        self.posted_doorbells = posted;
+    }
+
+    /// Whether doorbell writes are posted.
+    pub fn posted_doorbells(&self) -> bool {
+        self.posted_doorbells
+    }
+
+    /// A doorbell write at `off` in BAR0: posted or waited for (see
+    /// [`Nvme::set_posted_doorbells`]), counted in [`Nvme::doorbells`].
+    fn write_doorbell(&mut self, off: u64, v: u32) -> Result<(), NvmeError> {
+        self.doorbells += 1;
+        if self.posted_doorbells {
+            self.client.region_write_posted(0, off, &v.to_le_bytes())?;
+        } else {
+            self.client.region_write(0, off, &v.to_le_bytes())?;
+        }
+        Ok(())
     }
 
     /// Creates I/O queue pair `q` with `depth` entries (CQ `q` on MSI-X vector `q`).
@@ -769,10 +822,7 @@ impl Nvme {
                 return Ok(());
             }
         }
-        self.doorbells += 1;
-        self.client
-            .region_write(0, reg::sq_tail(q), &new.to_le_bytes())?;
-        Ok(())
+        self.write_doorbell(reg::sq_tail(q), new)
     }
 
     /// Completions of queue `q` posted so far (the head doorbell is updated when any).
@@ -824,9 +874,7 @@ impl Nvme {
                 return Ok(out);
             }
         }
-        self.doorbells += 1;
-        self.client
-            .region_write(0, reg::cq_head(q), &new.to_le_bytes())?;
+        self.write_doorbell(reg::cq_head(q), new)?;
         Ok(out)
     }
 

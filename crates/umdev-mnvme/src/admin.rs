@@ -137,6 +137,9 @@ impl Ctrl {
         let mut f = self.features.lock().unwrap_or_else(|e| e.into_inner());
         match fid {
             feature::NUMBER_OF_QUEUES => {
+                if f.io_queues_created {
+                    return Err(regs::COMMAND_SEQUENCE_ERROR);
+                }
                 let (nsq, ncq) = ((v & 0xffff) as u16, (v >> 16) as u16);
                 if nsq == 0xffff || ncq == 0xffff {
                     return Err(regs::INVALID_FIELD);
@@ -254,6 +257,10 @@ impl Ctrl {
         }
         let base = Self::queue_base(c)?;
         let cq = Arc::new(Cq::new(&a.guest, qid, size, iv, ien, base));
+        self.features
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .io_queues_created = true;
         self.cqs.write().unwrap_or_else(|e| e.into_inner())[usize::from(qid)] = Some(cq);
         Ok(0)
     }
@@ -274,6 +281,10 @@ impl Ctrl {
         }
         let base = Self::queue_base(c)?;
         let sq = Arc::new(Sq::new(&a.guest, qid, cqid, size, base));
+        self.features
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .io_queues_created = true;
         self.sqs.write().unwrap_or_else(|e| e.into_inner())[usize::from(qid)] = Some(sq);
         Ok(0)
     }
@@ -321,6 +332,14 @@ impl Ctrl {
         }
         let aligned = |p: u64| p != 0 && p % regs::PAGE == 0;
         if !aligned(c.prp1) || !aligned(c.prp2) {
+            return Err(regs::INVALID_FIELD);
+        }
+        // On INTx a VMM without an interrupt resampler (QEMU without KVM) takes the guest's
+        // next access to the device as the end of the interrupt; a driver that consumes
+        // completions through its shadow doorbell makes none, and the line it sees stays
+        // asserted. Shadow doorbells need MSI or MSI-X.
+        if *self.mode.lock().unwrap_or_else(|e| e.into_inner()) == umdev_pci::IrqMode::Intx {
+            tracing::info!("mnvme: shadow doorbells refused: interrupts are INTx");
             return Err(regs::INVALID_FIELD);
         }
         let shadow = Region::new(&a.guest, c.prp1, regs::PAGE);

@@ -160,6 +160,8 @@ pub(crate) struct Features {
     pub volatile_write_cache: bool,
     /// Queues granted by Number of Queues (0-based), once set.
     pub queues_granted: Option<(u16, u16)>,
+    /// An I/O queue was created since the last reset (Number of Queues is fixed from then).
+    pub io_queues_created: bool,
 }
 
 /// Counters for SMART.

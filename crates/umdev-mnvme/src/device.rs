@@ -133,6 +133,12 @@ impl PciDevice for Mnvme {
             .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    fn intx_unmasking(&mut self) {
+        // The driver may have consumed entries through its shadow doorbell without ringing:
+        // the level follows the shadow heads.
+        self.ctrl.update_intx();
+    }
+
     fn irq_mode_changed(&mut self, mode: IrqMode) {
         *self.ctrl.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
         self.ctrl.update_intx();

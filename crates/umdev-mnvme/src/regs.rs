@@ -157,6 +157,8 @@ pub const SUCCESS: Status = Status::generic(0x00);
 pub const INVALID_OPCODE: Status = Status::generic(0x01);
 /// Invalid Field in Command.
 pub const INVALID_FIELD: Status = Status::generic(0x02);
+/// Command Sequence Error.
+pub const COMMAND_SEQUENCE_ERROR: Status = Status::generic(0x0c);
 /// Data Transfer Error.
 pub const DATA_TRANSFER_ERROR: Status = Status::generic(0x04);
 /// Internal Error.

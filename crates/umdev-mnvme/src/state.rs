@@ -48,7 +48,7 @@ struct SavedCq {
 struct Saved {
     identity: Identity,
     regs: (u32, u32, u32, u64, u64, u32),
-    features: (u32, u32, u32, bool, Option<(u16, u16)>),
+    features: (u32, u32, u32, bool, Option<(u16, u16)>, bool),
     sqs: Vec<SavedSq>,
     cqs: Vec<SavedCq>,
     dbbuf: Option<(u64, u64)>,
@@ -126,6 +126,7 @@ pub(crate) fn save(c: &Ctrl, w: &mut StateWriter) -> Result<(), Errno> {
             f.async_event_config,
             f.volatile_write_cache,
             f.queues_granted,
+            f.io_queues_created,
         ),
         sqs,
         cqs,
@@ -252,14 +253,21 @@ pub(crate) fn load(c: &Arc<Ctrl>, _version: u32, r: &StateReader<'_>) -> Result<
         acq,
         intms,
     };
-    let (coalescing, coalescing_disabled, async_event_config, volatile_write_cache, queues_granted) =
-        saved.features;
+    let (
+        coalescing,
+        coalescing_disabled,
+        async_event_config,
+        volatile_write_cache,
+        queues_granted,
+        io_queues_created,
+    ) = saved.features;
     *c.features.lock().unwrap_or_else(|e| e.into_inner()) = Features {
         coalescing,
         coalescing_disabled,
         async_event_config,
         volatile_write_cache,
         queues_granted,
+        io_queues_created,
     };
     *c.aers.lock().unwrap_or_else(|e| e.into_inner()) =
         (saved.aers.0, saved.aers.1.into_iter().collect());

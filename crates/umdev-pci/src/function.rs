@@ -10,7 +10,7 @@ use umdev_dma::{Dma, Pinner};
 use crate::client::ClientId;
 use crate::config::ConfigSpace;
 use crate::error::DeviceError;
-use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState};
+use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState, IRQ_SET_ACTION_UNMASK};
 use crate::migration::{GatedDma, Migration, MigrationSpec};
 use crate::spec::{ranges_overlap, PciDeviceSpec};
 use crate::state_format::{StateReader, StateWriter};
@@ -61,6 +61,11 @@ pub trait PciDevice: Send {
     fn close(&mut self) {}
     /// The client switched the interrupt mode through SET_IRQS.
     fn irq_mode_changed(&mut self, _mode: IrqMode) {}
+    /// The client is unmasking INTx (its guest has serviced the interrupt). Called before
+    /// the line is unmasked, so a device whose level follows state it learns without an
+    /// access (a register the guest writes into its own memory, as NVMe's shadow doorbells)
+    /// sets it right first: a line left asserted is signalled again at once.
+    fn intx_unmasking(&mut self) {}
     /// The client is unmapping `[iova, iova + len)`, which this device has pinned pages of:
     /// unpin them ([`DeviceContext::pins`]), now or from another thread soon after. The
     /// unmap's reply waits for that, up to the server's `unpin_timeout`, and for the work
@@ -472,6 +477,9 @@ impl PciFunction {
         count: u32,
         data: IrqData,
     ) -> Result<(), DeviceError> {
+        if index == IrqIndex::Intx as u32 && flags & IRQ_SET_ACTION_UNMASK != 0 {
+            self.device.intx_unmasking();
+        }
         let changed = IrqState::set_irqs(&mut self.irqs.lock(), index, flags, start, count, data)?;
         if let Some(mode) = changed {
             self.device.irq_mode_changed(mode);

@@ -297,6 +297,10 @@ impl PciDevice for Probe {
         self.saw("irq_mode_changed");
     }
 
+    fn intx_unmasking(&mut self) {
+        self.saw("intx_unmasking");
+    }
+
     fn dma_unmap(&mut self, iova: u64, len: u64) {
         self.saw("dma_unmap");
         let Some(pinner) = self.ctx.as_ref().and_then(|c| c.pins.clone()) else {

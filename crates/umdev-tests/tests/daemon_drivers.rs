@@ -137,7 +137,7 @@ fn failed_creates_leave_nothing_behind() {
 }
 
 /// Issue 8: every hook is due to a device created through sysfs, by construction (no
-/// forwarder in the core can miss one): open, close, reset, BAR access, IRQ mode,
+/// forwarder in the core can miss one): open, close, reset, BAR access, INTx unmask, IRQ mode,
 /// migration, set_running, save, load and dma_unmap. And the pinning probe's dma_unmap hook
 /// runs before the unmap reply, so its pins are released, not revoked.
 #[test]
@@ -150,7 +150,16 @@ fn a_probe_created_through_sysfs_sees_every_hook() {
     c.region_write(0, 0, b"hooks").unwrap();
     let mut b = [0u8; 5];
     c.region_read(0, 0, &mut b).unwrap();
-    // The interrupt mode: MSI on.
+    // INTx unmasked by the client, then the interrupt mode: MSI on.
+    c.set_irqs(
+        0,
+        wire::IRQ_SET_DATA_NONE | wire::IRQ_SET_ACTION_UNMASK,
+        0,
+        1,
+        &[],
+        &[],
+    )
+    .unwrap();
     let efd = umdev_tests::Efd::new();
     c.set_irq_eventfds(1, wire::IRQ_SET_ACTION_TRIGGER, 0, &[efd.as_fd()])
         .unwrap();
@@ -189,6 +198,7 @@ fn a_probe_created_through_sysfs_sees_every_hook() {
         "bar_write",
         "close",
         "dma_unmap",
+        "intx_unmasking",
         "irq_mode_changed",
         "load",
         "migration",

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 //! QEMU attaches umdev's test device, created through a daemon built with the public
 //! builder (`umdevd-test`: umdevd's library plus the test device's driver) by writing a UUID
 //! into its sysfs `create` file, and a real Linux guest drives it with a static program
@@ -14,12 +14,22 @@
 //! reached the server inside BAR2's sparse areas: QEMU mapped them (it falls back to
 //! trapping silently when an mmap fails), while the guest's write outside them was trapped.
 //!
+//! Beside them an `mnvme-1g` controller (crates/umdev-mnvme), created the same way, is
+//! bound by the guest's stock `nvme` driver and used as `/dev/nvme0n1` by a static program
+//! (`tests/guest/nvmecheck.c`): its size, a 16 MiB pattern through the page cache with the
+//! caches dropped, 16 threads of O_DIRECT I/O with PRP lists and offset buffers, 64 reads in
+//! flight through Linux AIO, discard and write-zeroes, data the host wrote into the backing
+//! file; the host then finds the guest's bytes at their offsets in the backing file and
+//! the identity it shows in the guest's sysfs, and the MSI-X vectors of its queues counting.
+//! A third run boots with `pci=nomsi`: the controller alone, on INTx.
+//!
 //! Needs root, `/dev/fuse` and the guest cache (`tests/guest/setup.sh`); logs of each run
 //! stay in `$CARGO_TARGET_TMPDIR/guest-devices-<memory>/`.
 
 use std::ffi::OsString;
 use std::fs;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use umdev_tests::guest::{
@@ -28,6 +38,34 @@ use umdev_tests::guest::{
 
 /// A whole guest run; about 10 s under TCG here, CI machines may be slower.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// What nvmecheck checks.
+const NVME_CHECKS: [&str; 8] = [
+    "nvme-size",
+    "nvme-identity",
+    "nvme-buffered",
+    "nvme-direct",
+    "nvme-aio",
+    "nvme-host-data",
+    "nvme-discard",
+    "nvme-irqs",
+];
+/// The controller's type and size.
+const NVME_TYPE: &str = "mnvme-1g";
+const NVME_SIZE: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// The little-endian word at byte `offset` of nvmecheck's pattern with `seed`.
+fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64 / 8)
+        .flat_map(|i| {
+            (offset + i * 8)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(seed)
+                .to_le_bytes()
+        })
+        .collect()
+}
+
 /// What devcheck checks, each on one line of the console.
 const CHECKS: [&str; 11] = [
     "device",
@@ -44,29 +82,46 @@ const CHECKS: [&str; 11] = [
 ];
 
 #[test]
-fn guest_drives_the_test_device_with_shared_memory() {
-    run(Memory::Shared);
+fn guest_drives_the_test_device_and_mnvme_with_shared_memory() {
+    run(Memory::Shared, Run::AllWithMsix);
 }
 
 #[test]
-fn guest_drives_the_test_device_with_plain_memory() {
-    run(Memory::Plain);
+fn guest_drives_the_test_device_and_mnvme_with_plain_memory() {
+    run(Memory::Plain, Run::AllWithMsix);
 }
 
-fn run(memory: Memory) {
+#[test]
+fn guest_drives_mnvme_on_intx_without_msi() {
+    run(Memory::Shared, Run::NvmeOnIntx);
+}
+
+/// Which devices a boot has, and how their interrupts go.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    /// The test device, hello and mnvme; MSI-X.
+    AllWithMsix,
+    /// mnvme alone, the guest booted with `pci=nomsi`.
+    NvmeOnIntx,
+}
+
+fn run(memory: Memory, which: Run) {
     let env = Env::get();
-    let log_dir = umdev_tests::guest::log_dir(
-        env!("CARGO_TARGET_TMPDIR"),
-        &format!("guest-devices-{}", memory.name()),
-    );
+    let name = match which {
+        Run::AllWithMsix => format!("guest-devices-{}", memory.name()),
+        Run::NvmeOnIntx => format!("guest-mnvme-intx-{}", memory.name()),
+    };
+    let log_dir = umdev_tests::guest::log_dir(env!("CARGO_TARGET_TMPDIR"), &name);
     let sockets = env.dir_in_chroot();
     let host = tempfile::tempdir().unwrap();
     let root = host.path().join("root");
     let config = host.path().join("umdevd.toml");
+    let pool = host.path().join("pool");
     let text = format!(
-        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n",
+        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n",
         root.display().to_string(),
         sockets.path().display().to_string(),
+        pool.display().to_string(),
     );
     fs::write(&config, &text).unwrap();
     fs::write(log_dir.join("umdevd.toml"), &text).unwrap();
@@ -93,11 +148,39 @@ fn run(memory: Memory) {
     let hello_dev = root.join("sys/bus/mdev/devices").join(&hello_uuid);
     let hello_socket = PathBuf::from(read_trimmed(&hello_dev.join("vfio_user_socket")).unwrap());
 
+    // The controller, by `create` too; the host puts 64 KiB of its own at 900 MiB.
+    let nvme_uuid = read_trimmed(Path::new("/proc/sys/kernel/random/uuid")).unwrap();
+    let nvme_type = root
+        .join("sys/class/mdev_bus/nvme0/mdev_supported_types")
+        .join(NVME_TYPE);
+    fs::write(nvme_type.join("create"), format!("{nvme_uuid}\n")).unwrap();
+    let nvme_dev = root.join("sys/bus/mdev/devices").join(&nvme_uuid);
+    let nvme_socket = PathBuf::from(read_trimmed(&nvme_dev.join("vfio_user_socket")).unwrap());
+    let backing = PathBuf::from(read_trimmed(&nvme_dev.join("vendor/backing_file")).unwrap());
+    assert!(backing.starts_with(&pool), "{}", backing.display());
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .write_all_at(&pattern(900 * MIB, 65536, 3), 900 * MIB)
+        .unwrap();
+
+    let all: [&Path; 3] = [&socket, &hello_socket, &nvme_socket];
+    let (sockets_booted, append): (&[&Path], String) = match which {
+        Run::AllWithMsix => (
+            &all,
+            format!("umdev.test=devices,nvme umdev.nvme_size={NVME_SIZE}"),
+        ),
+        Run::NvmeOnIntx => (
+            &all[2..],
+            format!("pci=nomsi umdev.test=nvme umdev.nvme_size={NVME_SIZE}"),
+        ),
+    };
     let boot = Boot {
         env: &env,
         memory,
-        sockets: &[&socket, &hello_socket],
-        append: "umdev.test=devices",
+        sockets: sockets_booted,
+        append: &append,
         // Under TCG a slow guest must not hit QEMU's 5 s reply timeout.
         device_props: r#","x-msg-timeout":30000"#,
         log_dir: &log_dir,
@@ -125,7 +208,11 @@ fn run(memory: Memory) {
     }
 
     let mut problems = Vec::new();
-    for check in CHECKS {
+    let checks: Vec<&str> = match which {
+        Run::AllWithMsix => CHECKS.iter().chain(NVME_CHECKS.iter()).copied().collect(),
+        Run::NvmeOnIntx => NVME_CHECKS.to_vec(),
+    };
+    for check in checks {
         let line = console
             .lines()
             .find(|l| l.starts_with(&format!("GUEST-CHECK {check} ")));
@@ -137,6 +224,14 @@ fn run(memory: Memory) {
     }
     if !console.contains("GUEST-VERDICT: PASS") {
         problems.push("the guest's verdict is not PASS".into());
+    }
+    nvme_host_checks(&console, &nvme_dev, &backing, which, &mut problems);
+    if which == Run::NvmeOnIntx {
+        if !problems.is_empty() {
+            panic!("{}", report(&problems.join("; ")));
+        }
+        finish(&console, &name, daemon);
+        return;
     }
     // The device's view, through its vendor attributes in the tree.
     let attr = |name: &str| read_trimmed(&dev.join(name)).unwrap_or_else(|e| e);
@@ -196,6 +291,14 @@ fn run(memory: Memory) {
         !sockets.path().join(&uuid).exists(),
         "the device's directory goes with it"
     );
+    println!(
+        "host: trapped in sparse areas {in_sparse}, outside {outside}; QEMU served {reads} DMA_READ and {writes} DMA_WRITE messages"
+    );
+    finish(&console, &name, daemon);
+}
+
+/// A clean stop of the daemon, and the guest's results on the test's output.
+fn finish(console: &str, name: &str, mut daemon: HostDaemon) {
     let s = daemon.proc.stop();
     assert!(
         s.is_some_and(|s| s.success()),
@@ -203,11 +306,108 @@ fn run(memory: Memory) {
     );
     let results: Vec<&str> = console
         .lines()
-        .filter(|l| l.starts_with("GUEST-CHECK") || l.starts_with("GUEST-VERDICT"))
+        .filter(|l| {
+            l.starts_with("GUEST-CHECK")
+                || l.starts_with("GUEST-VERDICT")
+                || l.starts_with("GUEST-NVME-IRQ")
+        })
         .collect();
-    println!(
-        "guest devices test ({} memory): {}\nhost: trapped in sparse areas {in_sparse}, outside {outside}; QEMU served {reads} DMA_READ and {writes} DMA_WRITE messages",
-        memory.name(),
-        results.join("\n")
-    );
+    println!("{name}: {}", results.join("\n"));
+}
+
+/// The controller seen from the host after the guest's run: the guest's bytes at their
+/// offsets in the backing file, the identity the guest's sysfs showed, its interrupts.
+fn nvme_host_checks(
+    console: &str,
+    dev: &Path,
+    backing: &Path,
+    which: Run,
+    problems: &mut Vec<String>,
+) {
+    // The guest's kernel must not have complained about the controller: an interrupt line
+    // that stays asserted (disabled after 100000 unhandled interrupts), commands that timed
+    // out, resets.
+    for bad in [
+        "nobody cared",
+        "Disabling IRQ",
+        "timeout",
+        "resetting controller",
+        "Abort",
+        "I/O error",
+    ] {
+        if let Some(l) = console.lines().find(|l| l.contains(bad)) {
+            problems.push(format!("the guest's kernel said {:?}", l.trim()));
+        }
+    }
+    let f = fs::File::open(backing).unwrap();
+    let at = |offset: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, offset).map(|()| b)
+    };
+    // Buffered (seed 1, 64..80 MiB), the first O_DIRECT worker's 2 MiB (seed 2, 8 KiB
+    // I/Os), the discarded range (zeroes).
+    for (what, offset, len, want) in [
+        ("buffered", 64 * MIB, 16 * MIB as usize, Some(1)),
+        ("direct", 128 * MIB, 2 * MIB as usize, Some(2)),
+        ("discarded", 200 * MIB + 256 * 1024, 256 * 1024, None),
+    ] {
+        let expected = match want {
+            Some(seed) => pattern(offset, len, seed),
+            None => vec![0u8; len],
+        };
+        match at(offset, len) {
+            Ok(b) if b == expected => {}
+            Ok(_) => problems.push(format!(
+                "the backing file does not hold the guest's {what} data at {offset:#x}"
+            )),
+            Err(e) => problems.push(format!("reading the backing file: {e}")),
+        }
+    }
+    let attr = |name: &str| read_trimmed(&dev.join(name)).unwrap_or_else(|e| e);
+    for (key, name) in [("serial", "vendor/serial"), ("subnqn", "vendor/subnqn")] {
+        let want = format!("GUEST-NVME-ID {key}={}", attr(name));
+        if !console.lines().any(|l| l.trim_end() == want) {
+            problems.push(format!("the guest did not show {want:?}"));
+        }
+    }
+    // Interrupt lines: "N: counts... type ... nvme0qK[, nvme0qM]".
+    let irq_lines: Vec<(u64, &str)> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("GUEST-NVME-IRQ "))
+        .map(|l| {
+            let count = l
+                .split_once(':')
+                .map(|(_, rest)| {
+                    rest.split_whitespace()
+                        .map_while(|w| w.parse::<u64>().ok())
+                        .sum()
+                })
+                .unwrap_or(0);
+            (count, l)
+        })
+        .collect();
+    match which {
+        Run::AllWithMsix => {
+            let msix: Vec<&(u64, &str)> = irq_lines
+                .iter()
+                .filter(|(n, l)| *n > 0 && l.contains("MSI"))
+                .collect();
+            let io_queue = msix
+                .iter()
+                .any(|(_, l)| l.contains("nvme0q") && !l.trim_end().ends_with("nvme0q0"));
+            if msix.len() < 2 || !io_queue {
+                problems.push(format!(
+                    "expected the admin queue's and an I/O queue's MSI-X vectors to count: {irq_lines:?}"
+                ));
+            }
+        }
+        Run::NvmeOnIntx => {
+            let intx = irq_lines.iter().any(|(n, l)| *n > 0 && !l.contains("MSI"));
+            if !intx || irq_lines.iter().any(|(_, l)| l.contains("MSI")) {
+                problems.push(format!(
+                    "expected the controller's interrupts on INTx only: {irq_lines:?}"
+                ));
+            }
+        }
+    }
 }
