@@ -354,6 +354,41 @@ impl Client {
         }
     }
 
+    /// DEVICE_GET_REGION_IO_FDS: the region's ioeventfd sub-regions with their fds (asking
+    /// again with a larger `argsz` if the first answer says it needs one).
+    pub fn region_io_fds(
+        &mut self,
+        index: u32,
+    ) -> Result<Vec<(wire::IoFdSubRegion, OwnedFd)>, ClientError> {
+        let mut argsz = wire::argsz::<wire::RegionIoFds>();
+        loop {
+            let req = wire::RegionIoFds {
+                argsz,
+                flags: 0,
+                index,
+                count: 0,
+            };
+            let r = self.request(Command::DeviceGetRegionIoFds, &[req.as_bytes()], &[])?;
+            let (head, mut rest) = parse::<wire::RegionIoFds>(&r.body, "region io fds reply")?;
+            if head.argsz > argsz && head.count > 0 && rest.is_empty() {
+                argsz = head.argsz;
+                continue;
+            }
+            let mut fds: Vec<Option<OwnedFd>> = r.fds.into_iter().map(Some).collect();
+            let mut out = Vec::new();
+            for _ in 0..head.count {
+                let (sub, more) = parse::<wire::IoFdSubRegion>(rest, "io fd sub-region")?;
+                rest = more;
+                let fd = fds
+                    .get_mut(sub.fd_index as usize)
+                    .and_then(Option::take)
+                    .ok_or(ClientError::Unexpected("a sub-region names a missing fd"))?;
+                out.push((sub, fd));
+            }
+            return Ok(out);
+        }
+    }
+
     /// DEVICE_GET_IRQ_INFO.
     pub fn irq_info(&mut self, index: u32) -> Result<wire::IrqInfo, ClientError> {
         let req = wire::IrqInfo {

@@ -558,6 +558,10 @@ pub struct Nvme {
     posted_doorbells: bool,
     /// One eventfd per MSI-X vector (vector `q` is queue `q`'s), when interrupts are on.
     pub irqs: Vec<OwnedFd>,
+    /// Doorbell ioeventfds by BAR0 offset ([`Nvme::use_ioeventfds`]).
+    iofds: std::collections::HashMap<u64, OwnedFd>,
+    /// Doorbells rung through an ioeventfd instead of a region write.
+    pub iofd_signals: u64,
 }
 
 /// The Linux driver's test for whether a shadow doorbell update must also ring: whether
@@ -597,6 +601,8 @@ impl Nvme {
             doorbells: 0,
             posted_doorbells: false,
             irqs: Vec::new(),
+            iofds: std::collections::HashMap::new(),
+            iofd_signals: 0,
         };
         n.disable()?;
         if o.interrupts {
@@ -670,7 +676,25 @@ impl Nvme {
 
     /// A doorbell write at `off` in BAR0: posted or waited for (see
     /// [`Nvme::set_posted_doorbells`]), counted in [`Nvme::doorbells`].
+    /// Asks the controller for doorbell ioeventfds (DEVICE_GET_REGION_IO_FDS of BAR0); with
+    /// shadow doorbells, a doorbell that has one is rung by signalling it (the value is in
+    /// the shadow doorbell: an eventfd carries none). Returns how many it offered.
+    pub fn use_ioeventfds(&mut self) -> Result<usize, NvmeError> {
+        let subs = self.client.region_io_fds(0)?;
+        let n = subs.len();
+        self.iofds = subs.into_iter().map(|(sub, fd)| (sub.offset, fd)).collect();
+        Ok(n)
+    }
+
     fn write_doorbell(&mut self, off: u64, v: u32) -> Result<(), NvmeError> {
+        if self.dbbuf.is_some() {
+            if let Some(fd) = self.iofds.get(&off) {
+                rustix::io::write(fd, &1u64.to_ne_bytes())
+                    .map_err(|e| NvmeError::Memory(format!("ioeventfd: {e}")))?;
+                self.iofd_signals += 1;
+                return Ok(());
+            }
+        }
         self.doorbells += 1;
         if self.posted_doorbells {
             self.client.region_write_posted(0, off, &v.to_le_bytes())?;

@@ -212,6 +212,8 @@ pub(crate) struct Ctrl {
     pub tuning: Tuning,
     /// The INTx line's level as last set.
     intx: AtomicBool,
+    /// A doorbell ioeventfd was used without shadow doorbells (logged once).
+    warned_iofd: AtomicBool,
 }
 
 impl Ctrl {
@@ -236,6 +238,7 @@ impl Ctrl {
             stats: Stats::default(),
             tuning,
             intx: AtomicBool::new(false),
+            warned_iofd: AtomicBool::new(false),
         }
     }
 
@@ -507,6 +510,22 @@ impl Ctrl {
             sq.tail.store(value, Ordering::Release);
             self.kick();
         }
+    }
+
+    /// A submission queue's ioeventfd was signalled: the tail is in the shadow doorbell.
+    pub fn doorbell_signalled(self: &Arc<Self>) {
+        if self
+            .dbbuf
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+            && !self.warned_iofd.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "mnvme: a doorbell ioeventfd was signalled without shadow doorbells: the tail it wrote is lost"
+            );
+        }
+        self.kick();
     }
 
     /// Wakes the poller if it is not running.

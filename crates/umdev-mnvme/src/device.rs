@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use umdev_pci::{
-    BarIndex, BarKind, DeviceContext, Errno, IrqMode, MigrationSpec, PciDevice, PciDeviceSpec,
-    SpecError, StateReader, StateWriter,
+    BarIndex, BarKind, DeviceContext, Errno, IoFdSpec, IrqMode, MigrationSpec, PciDevice,
+    PciDeviceSpec, SpecError, StateReader, StateWriter,
 };
 
 use crate::ctrl::{Attached, Ctrl};
@@ -104,6 +104,26 @@ impl PciDevice for Mnvme {
     fn reset(&mut self) -> Result<(), Errno> {
         self.ctrl.reset(true);
         Ok(())
+    }
+
+    /// The I/O submission queues' tail doorbells as ioeventfds: a signal wakes the poller,
+    /// which reads the tail from the shadow doorbell (the eventfd carries no value, so a
+    /// driver uses them together with Doorbell Buffer Config).
+    fn io_fds(&mut self, bar: BarIndex) -> Vec<IoFdSpec> {
+        if bar.get() != 0 {
+            return Vec::new();
+        }
+        (1..=MAX_IO_QUEUES)
+            .map(|q| {
+                let c = Arc::clone(&self.ctrl);
+                IoFdSpec {
+                    offset: regs::DOORBELLS + 8 * u64::from(q),
+                    size: 4,
+                    datamatch: None,
+                    notify: Arc::new(move |_| c.doorbell_signalled()),
+                }
+            })
+            .collect()
     }
 
     fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {

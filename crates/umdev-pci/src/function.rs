@@ -1,6 +1,7 @@
 //! A served PCI function: the framework's config space, MSI-X table and interrupts around a
 //! device that only implements its BARs.
 
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use crate::client::ClientId;
 use crate::config::ConfigSpace;
 use crate::error::DeviceError;
 use crate::interrupts::{Interrupts, IrqData, IrqMode, IrqState, IRQ_SET_ACTION_UNMASK};
+use crate::io_fds::{IoFdArea, IoFdSpec, Watcher};
 use crate::migration::{GatedDma, Migration, MigrationSpec};
 use crate::spec::{ranges_overlap, PciDeviceSpec};
 use crate::state_format::{StateReader, StateWriter};
@@ -96,6 +98,12 @@ pub trait PciDevice: Send {
     /// validate every field first; on error the device must be as it was.
     fn load(&mut self, _version: u32, _state: &StateReader<'_>) -> Result<(), Errno> {
         Err(Errno::NOTSUP)
+    }
+    /// Spans of BAR `bar` a client may write through ioeventfds
+    /// (DEVICE_GET_REGION_IO_FDS), each with what to call when it is signalled; asked each
+    /// time a client asks. None by default. See [`crate::io_fds`].
+    fn io_fds(&mut self, _bar: BarIndex) -> Vec<IoFdSpec> {
+        Vec::new()
     }
     /// A display device's current scan-out (modelled on VFIO's
     /// `VFIO_DEVICE_QUERY_GFX_PLANE`), for screenshots and remote displays. ENOTSUP (the
@@ -226,6 +234,8 @@ pub struct PciFunction {
     guard: Option<Arc<dyn OpenGuard>>,
     /// A client is admitted (the guard acquired, the device opened).
     open: bool,
+    /// The ioeventfds handed out, by region.
+    io_fds: BTreeMap<u32, Watcher>,
 }
 
 impl std::fmt::Debug for PciFunction {
@@ -253,6 +263,7 @@ impl PciFunction {
             work,
             guard: None,
             open: false,
+            io_fds: BTreeMap::new(),
         }
     }
 
@@ -563,6 +574,47 @@ impl PciFunction {
         self.work.wait_idle();
     }
 
+    /// DEVICE_GET_REGION_IO_FDS: the device's ioeventfd spans of region `index` with a
+    /// fresh eventfd each, watched from now on (those handed out before for the region are
+    /// dropped). Empty for regions that are not BARs or that the device offers none of.
+    /// EINVAL past [`NUM_REGIONS`], or for a span the device placed outside its BAR.
+    pub fn region_io_fds(&mut self, index: u32) -> Result<Vec<IoFdArea>, DeviceError> {
+        if index >= NUM_REGIONS {
+            return Err(DeviceError::InvalidRegion(index));
+        }
+        self.io_fds.remove(&index);
+        let Some((bar, spec)) = u8::try_from(index)
+            .ok()
+            .and_then(|i| Some((BarIndex::new(i)?, self.spec.bar(i)?)))
+        else {
+            return Ok(Vec::new());
+        };
+        let specs = self.device.io_fds(bar);
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bad = specs.iter().find(|s| {
+            !matches!(s.size, 0 | 1 | 2 | 4 | 8)
+                || s.offset
+                    .checked_add(s.size)
+                    .is_none_or(|end| end > spec.size)
+        });
+        if let Some(s) = bad {
+            tracing::error!(
+                region = index,
+                ?s,
+                "the device offers an ioeventfd span outside its BAR"
+            );
+            return Err(DeviceError::Device(Errno::INVAL));
+        }
+        let n = specs.len();
+        let (watcher, areas) =
+            Watcher::start(&format!("umdev-bar{index}"), specs).map_err(DeviceError::Device)?;
+        self.io_fds.insert(index, watcher);
+        tracing::info!(region = index, spans = n, "ioeventfds handed out");
+        Ok(areas)
+    }
+
     /// A display device's current scan-out ([`PciDevice::display_plane`]).
     pub fn display_plane(&mut self) -> Result<DisplayPlane, DeviceError> {
         Ok(self.device.display_plane()?)
@@ -575,6 +627,8 @@ impl PciFunction {
             return;
         }
         self.open = false;
+        // No more notifications: the watchers stop before the work context closes.
+        self.io_fds.clear();
         self.work.close();
         let old = self.irqs.lock().close();
         if old != IrqMode::Intx {

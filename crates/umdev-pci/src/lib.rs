@@ -54,6 +54,7 @@ mod config;
 mod error;
 mod function;
 mod interrupts;
+pub mod io_fds;
 pub mod migration;
 mod msix;
 mod spec;
@@ -72,6 +73,7 @@ pub use interrupts::{
     Interrupts, IrqData, IrqMode, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
 };
+pub use io_fds::{IoFdArea, IoFdSpec, IoNotify};
 pub use migration::{MigState, MigrationError, MigrationSpec};
 pub use msix::MSIX_ENTRY_SIZE;
 pub use spec::{

@@ -161,6 +161,23 @@ wire_struct!(
     RegionIoFds { argsz: u32, flags: u32, index: u32, count: u32 }
 );
 wire_struct!(
+    /// One sub-region of a DEVICE_GET_REGION_IO_FDS reply (the ioeventfd form; the
+    /// ioregionfd form has `user_data` where this has `datamatch`).
+    IoFdSubRegion {
+        offset: u64,
+        size: u64,
+        fd_index: u32,
+        kind: u32,
+        flags: u32,
+        padding: u32,
+        datamatch: u64
+    }
+);
+/// `IoFdSubRegion::kind` of an ioeventfd.
+pub const IO_FD_TYPE_IOEVENTFD: u32 = 0;
+/// `IoFdSubRegion::flags`: signal only for writes of `datamatch` (KVM's value).
+pub const IOEVENTFD_FLAG_DATAMATCH: u32 = 1;
+wire_struct!(
     /// DEVICE_GET_IRQ_INFO request and reply.
     IrqInfo { argsz: u32, flags: u32, index: u32, count: u32 }
 );
@@ -258,6 +275,7 @@ mod tests {
         assert_eq!(size_of::<RegionInfo>(), 32);
         assert_eq!(size_of::<SparseMmap>(), 16);
         assert_eq!(size_of::<SparseMmapArea>(), 16);
+        assert_eq!(size_of::<IoFdSubRegion>(), 40);
         assert_eq!(size_of::<RegionIoFds>(), 16);
         assert_eq!(size_of::<IrqInfo>(), 16);
         assert_eq!(size_of::<IrqSet>(), 20);

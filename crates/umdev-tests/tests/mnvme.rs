@@ -577,6 +577,89 @@ fn shadow_doorbells_are_refused_on_intx_and_the_driver_rings_instead() {
     );
 }
 
+/// DEVICE_GET_REGION_IO_FDS: the I/O submission queues' tail doorbells as ioeventfds.
+/// A driver with shadow doorbells rings through them (no REGION_WRITE for a tail) and the
+/// data is right; the reply follows its argsz and the client's max_msg_fds.
+#[test]
+fn doorbell_ioeventfds_ring_the_controller_with_shadow_doorbells() {
+    let d = Daemon::start(&config(4));
+    let uuid = create(&d, "mnvme-1g");
+    // The raw protocol first: a short argsz gets the size and the count, no fds; a client
+    // that takes one fd per message cannot take sixteen.
+    let mut raw = umdev_tests::wire::Raw::negotiated(&d.socket(&uuid));
+    let req = |argsz: u32, index: u32| umdev_proto::wire::RegionIoFds {
+        argsz,
+        flags: 0,
+        index,
+        count: 0,
+    };
+    let cmd = umdev_proto::Command::DeviceGetRegionIoFds as u16;
+    use zerocopy::IntoBytes;
+    let r = raw.call(cmd, &[req(16, 0).as_bytes()], &[]);
+    assert_eq!(r.errno(), None);
+    assert_eq!(r.body.len(), 16);
+    assert!(r.fds.is_empty());
+    let argsz = u32::from_le_bytes(r.body[0..4].try_into().unwrap());
+    let count = u32::from_le_bytes(r.body[12..16].try_into().unwrap());
+    assert_eq!((argsz, count), (16 + 40 * 16, 16));
+    let r = raw.call(cmd, &[req(argsz, 0).as_bytes()], &[]);
+    assert_eq!(
+        r.errno(),
+        Some(7),
+        "E2BIG: sixteen fds for a client of max_msg_fds 1"
+    );
+    let r = raw.call(cmd, &[req(4096, 9).as_bytes()], &[]);
+    assert_eq!(r.errno(), Some(22), "EINVAL past the last region");
+    drop(raw);
+
+    let o = NvmeOptions {
+        io_queues: 2,
+        depth: 64,
+        shadow_doorbells: true,
+        interrupts: true,
+    };
+    let mut h = connect(&d, &uuid, Mem::Shared, &o);
+    assert!(h.n.shadow_doorbells());
+    let subs = h.n.client.region_io_fds(0).unwrap();
+    let offsets: Vec<(u64, u64, u32, u32)> = subs
+        .iter()
+        .map(|(s, _)| (s.offset, s.size, s.kind, s.flags))
+        .collect();
+    let want: Vec<(u64, u64, u32, u32)> = (1..=16u64).map(|q| (0x1000 + 8 * q, 4, 0, 0)).collect();
+    assert_eq!(offsets, want);
+    assert!(
+        h.n.client.region_io_fds(2).unwrap().is_empty(),
+        "BAR2 is absent"
+    );
+    assert_eq!(h.n.use_ioeventfds().unwrap(), 16);
+    // Bursts of writes and reads on both queues, every block checked.
+    let mut bufs = Vec::new();
+    for round in 0..20u64 {
+        for i in 0..16u64 {
+            let q = 1 + (i % 2) as u16;
+            let lba = (round * 16 + i) * 8;
+            let buf = h.data.alloc(4096, 4096);
+            h.data.write(buf, &blocks(lba, 8, 9)).unwrap();
+            h.n.push(q, Sqe::rw(op::WRITE, 1, lba, 8, buf, 0)).unwrap();
+            bufs.push(buf);
+        }
+        for q in 1..=2 {
+            h.n.ring(q).unwrap();
+        }
+        for q in 1..=2 {
+            while !h.n.queues[usize::from(q)].in_flight.is_empty() {
+                for c in h.n.wait(q).unwrap() {
+                    assert!(c.ok());
+                }
+            }
+        }
+    }
+    for lba in [0u64, 8 * 100, 8 * 319] {
+        assert_eq!(h.read(1, lba, 8, 0), blocks(lba, 8, 9));
+    }
+    assert!(h.n.iofd_signals > 0, "doorbells went through ioeventfds");
+}
+
 /// An unmap of the data's memory while commands are in flight on it: every command has
 /// completed (or failed with an NVMe status) by the unmap's reply, and the controller
 /// kept no pin (it goes on working on memory mapped again, which a revoked device could

@@ -52,6 +52,8 @@ impl Reply {
 /// What the client and we agreed on in VERSION.
 struct Negotiated {
     write_multiple: bool,
+    /// Most fds the client takes in one message.
+    client_max_fds: u32,
 }
 
 pub(crate) struct Session<'a> {
@@ -269,7 +271,10 @@ impl<'a> Session<'a> {
         self.space = Some(space);
         self.pinner = Some(pinner);
         let write_multiple = client.write_multiple == Some(true);
-        self.negotiated = Some(Negotiated { write_multiple });
+        self.negotiated = Some(Negotiated {
+            write_multiple,
+            client_max_fds: client.max_msg_fds_or_default(),
+        });
         let ours = Capabilities {
             max_msg_fds: Some(self.config.max_msg_fds),
             max_data_xfer_size: Some(self.config.max_data_xfer_size),

@@ -98,6 +98,10 @@ impl Session<'_> {
         Ok(Reply { body, fds })
     }
 
+    /// GET_REGION_IO_FDS: the device's ioeventfd spans of the region, an eventfd each
+    /// (the function watches them from now on). Like GET_REGION_INFO, the reply's `argsz`
+    /// says how much the whole answer takes; the sub-regions and their fds are sent only
+    /// when they fit in the caller's `argsz` (`count` says how many there are either way).
     pub(super) fn region_io_fds(&self, body: &[u8], fds: usize) -> Result<Reply, RequestError> {
         request::no_fds(fds)?;
         let (req, _) =
@@ -105,14 +109,50 @@ impl Session<'_> {
         if req.flags != 0 {
             return Err(ProtoError::UnknownFlags(req.flags).into());
         }
-        self.function().region_info(req.index)?;
-        // No region offers ioeventfds yet: the answer is an empty list.
-        Ok(Reply::of(&wire::RegionIoFds {
-            argsz: wire::argsz::<wire::RegionIoFds>(),
+        let areas = self.function().region_io_fds(req.index)?;
+        let head = wire::size_of::<wire::RegionIoFds>();
+        let entry = wire::size_of::<wire::IoFdSubRegion>();
+        let needed = u32::try_from(head + entry * areas.len())
+            .map_err(|_| refuse(Errno::OVERFLOW, "too many sub-regions"))?;
+        let count = u32::try_from(areas.len())
+            .map_err(|_| refuse(Errno::OVERFLOW, "too many sub-regions"))?;
+        let mut body = wire::RegionIoFds {
+            argsz: needed,
             flags: 0,
             index: req.index,
-            count: 0,
-        }))
+            count,
+        }
+        .as_bytes()
+        .to_vec();
+        if req.argsz < needed {
+            return Ok(Reply::bytes(body));
+        }
+        let max = self.negotiated.as_ref().map_or(0, |n| n.client_max_fds);
+        if count > max {
+            return Err(refuse(
+                Errno::TOOBIG,
+                "the region's ioeventfds exceed the client's max_msg_fds",
+            ));
+        }
+        let mut out_fds = Vec::with_capacity(areas.len());
+        for (i, a) in areas.into_iter().enumerate() {
+            let sub = wire::IoFdSubRegion {
+                offset: a.offset,
+                size: a.size,
+                fd_index: u32::try_from(i).unwrap_or(u32::MAX),
+                kind: wire::IO_FD_TYPE_IOEVENTFD,
+                flags: if a.datamatch.is_some() {
+                    wire::IOEVENTFD_FLAG_DATAMATCH
+                } else {
+                    0
+                },
+                padding: 0,
+                datamatch: a.datamatch.unwrap_or(0),
+            };
+            body.extend_from_slice(sub.as_bytes());
+            out_fds.push(a.fd);
+        }
+        Ok(Reply { body, fds: out_fds })
     }
 
     pub(super) fn region_read(&self, body: &[u8], fds: usize) -> Result<Reply, RequestError> {
