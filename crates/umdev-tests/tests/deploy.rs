@@ -51,7 +51,23 @@ fn the_example_configuration_is_valid() {
     let config = umdevd::Config::load(&deploy().join("umdevd.toml")).unwrap();
     let mut drivers = umdev_core::Drivers::default();
     drivers.add(umdev_mtty::MttyDriver);
+    drivers.add(umdev_mnvme::MnvmeDriver);
     config.check(&drivers).unwrap();
+    // The pool sits in the unit's state directory, which the unit lets it write.
+    let unit = std::fs::read_to_string(deploy().join("umdevd.service")).unwrap();
+    let pool = config
+        .parent
+        .iter()
+        .flatten()
+        .find(|p| p.driver == "mnvme")
+        .and_then(|p| p.options.get("pool"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    assert_eq!(pool.as_deref(), Some("/var/lib/umdev/nvme0"));
+    assert!(
+        unit.contains("StateDirectory=umdev")
+            && unit.contains("ReadWritePaths=/run/umdev /var/lib/umdev")
+    );
     assert_eq!(config.root, Path::new("/run/umdev"));
     assert_eq!(
         config.control_socket(),

@@ -1001,3 +1001,24 @@ fn a_controller_migrates_between_two_daemons_while_the_client_writes() {
     assert_eq!(String::from_utf8_lossy(&id[4..24]).trim_end(), serial);
     assert_eq!(attr(&b, &dst, "vendor/serial"), serial);
 }
+
+/// The README's first command (umdevd with its default parents) serves a small pool,
+/// `mnvme0`: 4 GiB under the parent's state directory, a disk created through sysfs
+/// works.
+#[test]
+fn the_default_daemon_serves_a_small_pool() {
+    let d = Daemon::start("");
+    assert_eq!(d.available("mnvme0", "mnvme-1g"), 4);
+    assert_eq!(d.available("mnvme0", "mnvme-4g"), 1);
+    let pool = std::fs::read_to_string(d.sys().join("devices/umdev/mnvme0/vendor/pool")).unwrap();
+    assert!(
+        PathBuf::from(pool.trim_end()).starts_with(d.root().join("state")),
+        "{pool}"
+    );
+    let uuid = new_uuid();
+    d.create("mnvme0", "mnvme-1g", &uuid).unwrap();
+    let mut h = connect(&d, &uuid, Mem::Shared, &NvmeOptions::default());
+    assert_eq!(h.n.blocks, GIB / 512);
+    assert_eq!(h.write(1, 100, 8, 1, 0), status::SUCCESS);
+    assert_eq!(h.read(1, 100, 8, 0), blocks(100, 8, 1));
+}
