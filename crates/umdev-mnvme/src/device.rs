@@ -144,13 +144,16 @@ impl PciDevice for Mnvme {
     }
 
     fn close(&mut self) {
-        // The work context is drained: nothing runs any more. The registers and queues stay
-        // for a client that reconnects.
+        // The client went (its work is drained): what it set up in its memory goes with it.
+        // The controller is reset, its pins given back; the namespace keeps its data and
+        // the next client finds a controller just powered on.
+        self.ctrl.reset(true);
         *self
             .ctrl
             .attached
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
+        tracing::info!("mnvme: client gone; controller reset");
     }
 
     fn intx_unmasking(&mut self) {

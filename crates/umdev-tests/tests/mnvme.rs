@@ -1022,3 +1022,40 @@ fn the_default_daemon_serves_a_small_pool() {
     assert_eq!(h.write(1, 100, 8, 1, 0), status::SUCCESS);
     assert_eq!(h.read(1, 100, 8, 0), blocks(100, 8, 1));
 }
+
+/// A client that goes away with commands in flight: the controller finishes or drops them,
+/// gives its pins back and is found reset by the next client, which works at once; what
+/// the first wrote and had acknowledged is on the disk.
+#[test]
+fn a_client_that_goes_with_commands_in_flight_leaves_a_working_controller() {
+    let d = Daemon::start(&config(4));
+    let uuid = create(&d, "mnvme-1g");
+    let o = NvmeOptions {
+        io_queues: 2,
+        depth: 128,
+        shadow_doorbells: true,
+        interrupts: true,
+    };
+    for kind in [Mem::Shared, Mem::Plain, Mem::Shared] {
+        let mut h = connect(&d, &uuid, kind, &o);
+        assert_eq!(h.write(1, 7, 8, 3, 0), status::SUCCESS);
+        for i in 0..100u64 {
+            let buf = h.data.alloc(32 << 10, 4096);
+            let (p1, p2) = h.n.prps(buf, 32 << 10).unwrap();
+            let q = 1 + (i % 2) as u16;
+            h.n.push(q, Sqe::rw(op::WRITE, 1, 1000 + i * 64, 64, p1, p2))
+                .unwrap();
+        }
+        h.n.ring(1).unwrap();
+        h.n.ring(2).unwrap();
+        drop(h);
+    }
+    let mut h = connect(&d, &uuid, Mem::Shared, &o);
+    assert_eq!(h.read(1, 7, 8, 0), blocks(7, 8, 3));
+    let e = std::fs::write(
+        d.mdev_dir(&uuid).join("vendor/backing_file"),
+        "/nonexistent/x\n",
+    )
+    .unwrap_err();
+    assert_eq!(errno(&e), 16, "EBUSY: the new client holds it");
+}
