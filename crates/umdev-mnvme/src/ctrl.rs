@@ -188,6 +188,8 @@ pub(crate) struct Tuning {
     pub poll: Duration,
     /// Whether Doorbell Buffer Config is offered.
     pub shadow_doorbells: bool,
+    /// Whether migration copies the namespace (pre-copy) instead of sharing its file.
+    pub copy_on_migrate: bool,
 }
 
 pub(crate) struct Ctrl {

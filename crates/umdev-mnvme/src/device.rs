@@ -44,6 +44,16 @@ pub fn spec() -> Result<PciDeviceSpec, SpecError> {
         .build()
 }
 
+/// Fields of a namespace chunk in the migration stream.
+mod chunk_tag {
+    /// Byte offset in the namespace.
+    pub const OFFSET: u16 = 1;
+    /// The bytes there.
+    pub const DATA: u16 = 2;
+    /// Or: that many bytes of zeroes.
+    pub const ZEROES: u16 = 3;
+}
+
 /// The device the framework serves.
 pub struct Mnvme {
     pub(crate) ctrl: Arc<Ctrl>,
@@ -148,6 +158,7 @@ impl PciDevice for Mnvme {
         // The controller is reset, its pins given back; the namespace keeps its data and
         // the next client finds a controller just powered on.
         self.ctrl.reset(true);
+        self.ctrl.ns.track_stop();
         *self
             .ctrl
             .attached
@@ -210,16 +221,83 @@ impl PciDevice for Mnvme {
             device_type: "mnvme".into(),
             version: crate::state::VERSION,
             min_version: 1,
-            flags: 0,
+            // Copying the namespace happens while the guest runs: pre-copy.
+            flags: if self.ctrl.tuning.copy_on_migrate {
+                umdev_pci::migration::PRE_COPY
+            } else {
+                0
+            },
         })
     }
 
     fn set_running(&mut self, running: bool) -> Result<(), Errno> {
         self.ctrl.running.store(running, Ordering::Release);
         if running {
+            // Running again here: a copy in progress was abandoned.
+            self.ctrl.ns.track_stop();
             self.ctrl.kick();
         }
         Ok(())
+    }
+
+    /// With `copy_on_migrate`, the namespace in 1 MiB chunks: every chunk in the first
+    /// pass, then each pass the chunks written since they were sent (holes as zero ranges).
+    fn save_chunk(
+        &mut self,
+        first: bool,
+        _budget: usize,
+        chunk: &mut StateWriter,
+    ) -> Result<bool, Errno> {
+        if !self.ctrl.tuning.copy_on_migrate {
+            return Ok(false);
+        }
+        let ns = &self.ctrl.ns;
+        if first {
+            ns.track_start();
+        }
+        let Some((offset, len)) = ns.next_changed() else {
+            return Ok(false);
+        };
+        chunk.u64(chunk_tag::OFFSET, offset);
+        if ns.is_hole(offset, len) {
+            chunk.u64(chunk_tag::ZEROES, len);
+            return Ok(true);
+        }
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Errno::INVAL)?];
+        ns.read(offset, &mut buf).map_err(|e| {
+            tracing::warn!(offset, error = %e, "mnvme: cannot read the namespace to copy it");
+            Errno::IO
+        })?;
+        chunk.bytes(chunk_tag::DATA, &buf);
+        Ok(true)
+    }
+
+    fn load_chunk(&mut self, _version: u32, chunk: &StateReader<'_>) -> Result<(), Errno> {
+        let ns = &self.ctrl.ns;
+        let offset = chunk.u64(chunk_tag::OFFSET).map_err(|_| Errno::INVAL)?;
+        let (len, data) = match chunk.get(chunk_tag::DATA) {
+            Some(d) => (d.len() as u64, Some(d)),
+            None => (
+                chunk.u64(chunk_tag::ZEROES).map_err(|_| Errno::INVAL)?,
+                None,
+            ),
+        };
+        if offset.checked_add(len).is_none_or(|end| end > ns.size()) {
+            tracing::warn!(offset, len, "mnvme: an incoming chunk past the namespace");
+            return Err(Errno::INVAL);
+        }
+        let r = match data {
+            Some(d) => ns.write(offset, d),
+            None => ns.deallocate(offset, len),
+        };
+        r.map_err(|e| {
+            tracing::warn!(offset, error = %e, "mnvme: cannot store an incoming chunk");
+            Errno::IO
+        })
+    }
+
+    fn data_pending(&self) -> u64 {
+        self.ctrl.ns.changed_bytes()
     }
 
     fn save(&mut self, state: &mut StateWriter) -> Result<(), Errno> {

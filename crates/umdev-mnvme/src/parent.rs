@@ -66,6 +66,11 @@ impl ParentDriver for MnvmeDriver {
                 true,
                 "offer Doorbell Buffer Config (shadow doorbells and EventIdx)",
             ),
+            OptionSpec::bool(
+                "copy_on_migrate",
+                false,
+                "migration copies the namespace during pre-copy (default: the destination shares the backing file)",
+            ),
         ]
     }
 
@@ -95,6 +100,7 @@ impl ParentDriver for MnvmeDriver {
                         .unwrap_or(50),
                 ),
                 shadow_doorbells: o.bool("shadow_doorbells").unwrap_or(true),
+                copy_on_migrate: o.bool("copy_on_migrate").unwrap_or(false),
             },
         }))
     }

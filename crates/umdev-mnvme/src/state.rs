@@ -2,7 +2,9 @@
 //! tails and phases), shadow doorbell buffers and held Asynchronous Event Requests, saved
 //! at STOP_COPY (commands in flight have finished: the framework drained the work context
 //! before the stop). The namespace's data stays in its backing file (shared storage): the
-//! destination must use the same file (its `vendor/backing_file`), or the state is refused.
+//! destination must use the same file (its `vendor/backing_file`), or the state is refused;
+//! unless the parent copies it (`copy_on_migrate`: the chunks of `device.rs` came first and
+//! the destination keeps its own file).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -54,6 +56,9 @@ struct Saved {
     dbbuf: Option<(u64, u64)>,
     aers: (Vec<u16>, Vec<u32>),
     backing_file: String,
+    /// The namespace's data came in the stream's chunks (the destination keeps its file).
+    #[serde(default)]
+    data_copied: bool,
     size: u64,
 }
 
@@ -133,6 +138,7 @@ pub(crate) fn save(c: &Ctrl, w: &mut StateWriter) -> Result<(), Errno> {
         dbbuf,
         aers: (aers.0.clone(), aers.1.iter().copied().collect()),
         backing_file: c.ns.path().display().to_string(),
+        data_copied: c.tuning.copy_on_migrate,
         size: c.ns.size(),
     };
     let bytes = serde_json::to_vec(&saved).map_err(|_| Errno::INVAL)?;
@@ -155,7 +161,7 @@ pub(crate) fn load(c: &Arc<Ctrl>, _version: u32, r: &StateReader<'_>) -> Result<
         return Err(Errno::INVAL);
     }
     let ours = c.ns.path().display().to_string();
-    if saved.backing_file != ours {
+    if !saved.data_copied && saved.backing_file != ours {
         tracing::warn!(
             theirs = saved.backing_file,
             ours,

@@ -93,6 +93,28 @@ pub trait PciDevice: Send {
     fn save(&mut self, _state: &mut StateWriter) -> Result<(), Errno> {
         Err(Errno::NOTSUP)
     }
+    /// A device with bulk data (a disk's blocks) streams it in chunks: asked while saving
+    /// (PRE_COPY and STOP_COPY) whenever the stream runs dry, it writes one chunk of about
+    /// `budget` bytes into `chunk` and returns `true`, or `false` when it has nothing more
+    /// for now (at STOP_COPY: for good; the final state follows). `first` starts a saving
+    /// session: send everything again and track what changes from here. None by default.
+    fn save_chunk(
+        &mut self,
+        _first: bool,
+        _budget: usize,
+        _chunk: &mut StateWriter,
+    ) -> Result<bool, Errno> {
+        Ok(false)
+    }
+    /// A chunk `save_chunk` wrote, on the destination (RESUMING), as it arrives. The final
+    /// state comes after the last chunk.
+    fn load_chunk(&mut self, _version: u32, _chunk: &StateReader<'_>) -> Result<(), Errno> {
+        Err(Errno::NOTSUP)
+    }
+    /// Bytes of bulk data still to send (for pre-copy sizing).
+    fn data_pending(&self) -> u64 {
+        0
+    }
     /// Replaces the device's state by one `save` wrote with state `version` (between the
     /// spec's `min_version` and `version`; the stream is already checked). All or nothing:
     /// validate every field first; on error the device must be as it was.

@@ -28,7 +28,7 @@ use umdev_proto::wire;
 use crate::error::DeviceError;
 use crate::function::PciFunction;
 use crate::state_format::{
-    check_prefix, decode_stream, encode_record, StateReader, StateWriter, StreamError,
+    decode_stream, encode_record, next_record, RecordKind, StateReader, StateWriter, StreamError,
 };
 
 /// A migration state, numbered as the kernel's `enum vfio_device_mig_state`.
@@ -290,8 +290,17 @@ pub(crate) struct Migration {
     out_pos: usize,
     /// Size of the last state saved: the pre-copy estimate of what is still to come.
     last_save: usize,
-    /// Resuming: what MIG_DATA_WRITE brought so far.
+    /// Saving: the final record, handed out once the device has no chunk left.
+    final_record: Option<Vec<u8>>,
+    /// Saving: the next chunk asked of the device is the session's first.
+    first_chunk: bool,
+    /// Resuming: the records kept for the load (every kind but chunks, which the device
+    /// took as they came).
     input: Vec<u8>,
+    /// Resuming: the start of a record still arriving.
+    partial: Vec<u8>,
+    /// Resuming: chunks the device took.
+    chunks_loaded: u64,
     /// Set while the device is stopped: its DMA writes are refused.
     stopped: Arc<AtomicBool>,
 }
@@ -308,7 +317,11 @@ impl Migration {
             out: Vec::new(),
             out_pos: 0,
             last_save: 0,
+            final_record: None,
+            first_chunk: true,
             input: Vec::new(),
+            partial: Vec::new(),
+            chunks_loaded: 0,
             stopped: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -334,7 +347,11 @@ impl Migration {
     fn end_sessions(&mut self) {
         self.out = Vec::new();
         self.out_pos = 0;
+        self.final_record = None;
+        self.first_chunk = true;
         self.input = Vec::new();
+        self.partial = Vec::new();
+        self.chunks_loaded = 0;
     }
 }
 
@@ -425,19 +442,25 @@ impl PciFunction {
         }
         match (from, to) {
             (MigState::Resuming, MigState::Stop) => self.mig_load()?,
-            (_, MigState::Resuming) => self.mig.input.clear(),
+            (_, MigState::Resuming) => self.mig.end_sessions(),
             (
                 MigState::Running | MigState::RunningP2p,
                 MigState::PreCopy | MigState::PreCopyP2p,
-            )
-            | (MigState::Stop | MigState::PreCopy | MigState::PreCopyP2p, MigState::StopCopy) => {
-                let is_final = to == MigState::StopCopy;
-                match self.mig_save(is_final) {
-                    Ok(record) => {
-                        self.mig.out.drain(..self.mig.out_pos);
-                        self.mig.out_pos = 0;
-                        self.mig.out.extend_from_slice(&record);
-                    }
+            ) => match self.mig_save(RecordKind::PreCopy) {
+                Ok(record) => {
+                    self.mig.end_sessions();
+                    self.mig.out = record;
+                }
+                Err(e) => return Err(fail(self, e)),
+            },
+            (MigState::Stop | MigState::PreCopy | MigState::PreCopyP2p, MigState::StopCopy) => {
+                if from == MigState::Stop {
+                    self.mig.end_sessions();
+                }
+                // The state is final now (the device is stopped); it goes out after the
+                // device's last chunks.
+                match self.mig_save(RecordKind::Final) {
+                    Ok(record) => self.mig.final_record = Some(record),
                     Err(e) => return Err(fail(self, e)),
                 }
             }
@@ -460,7 +483,7 @@ impl PciFunction {
         Ok(())
     }
 
-    fn mig_save(&mut self, is_final: bool) -> Result<Vec<u8>, DeviceError> {
+    fn mig_save(&mut self, kind: RecordKind) -> Result<Vec<u8>, DeviceError> {
         let mut w = StateWriter::new();
         self.device.save(&mut w)?;
         let payload = w.into_payload();
@@ -468,9 +491,32 @@ impl PciFunction {
             return Err(MigrationError::TooLarge(crate::state_format::MAX_PAYLOAD).into());
         }
         let spec = self.mig_spec()?;
-        let record = encode_record(spec, is_final, &payload);
+        let record = encode_record(spec, kind, &payload);
         self.mig.last_save = record.len();
         Ok(record)
+    }
+
+    /// Appends the device's next chunk to the outgoing stream, or at STOP_COPY the final
+    /// record once the device has no chunk left; `false` when there is nothing more now.
+    fn mig_produce(&mut self, budget: usize) -> Result<bool, DeviceError> {
+        let first = std::mem::replace(&mut self.mig.first_chunk, false);
+        let mut w = StateWriter::new();
+        if self.device.save_chunk(first, budget, &mut w)? {
+            let payload = w.into_payload();
+            if payload.len() > crate::state_format::MAX_PAYLOAD {
+                return Err(MigrationError::TooLarge(crate::state_format::MAX_PAYLOAD).into());
+            }
+            let record = encode_record(self.mig_spec()?, RecordKind::Chunk, &payload);
+            self.mig.out.extend_from_slice(&record);
+            return Ok(true);
+        }
+        match self.mig.final_record.take() {
+            Some(record) => {
+                self.mig.out.extend_from_slice(&record);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// RESUMING -> STOP: checks the whole stream, then hands the final state to the device.
@@ -478,7 +524,13 @@ impl PciFunction {
     /// whose stream was refused can leave RESUMING and run on as it was).
     fn mig_load(&mut self) -> Result<(), DeviceError> {
         let input = std::mem::take(&mut self.mig.input);
-        if input.is_empty() {
+        let partial = std::mem::take(&mut self.mig.partial);
+        let chunks = std::mem::take(&mut self.mig.chunks_loaded);
+        if !partial.is_empty() {
+            tracing::warn!("incoming device state ends inside a record; the device is unchanged");
+            return Err(DeviceError::from(StreamError::Truncated));
+        }
+        if input.is_empty() && chunks == 0 {
             return Ok(());
         }
         let spec = self.mig_spec()?.clone();
@@ -507,14 +559,34 @@ impl PciFunction {
             }
             .into());
         }
+        if self.mig.out_pos > 0 && self.mig.out_pos == self.mig.out.len() {
+            self.mig.out.clear();
+            self.mig.out_pos = 0;
+        }
+        while self.mig.out.len() - self.mig.out_pos < max {
+            let more = match self.mig_produce(max) {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the device failed to save its data: migration ends in ERROR");
+                    self.mig.state = MigState::Error;
+                    self.mig.end_sessions();
+                    return Err(e);
+                }
+            };
+            if !more {
+                break;
+            }
+        }
         let start = self.mig.out_pos;
         let end = start.saturating_add(max).min(self.mig.out.len());
         self.mig.out_pos = end;
         Ok(self.mig.out[start..end].to_vec())
     }
 
-    /// MIG_DATA_WRITE: appends to the incoming stream; a stream whose first header names
-    /// another device or an unloadable version is refused at once (and discarded).
+    /// MIG_DATA_WRITE: takes the next bytes of the incoming stream. Each record is checked
+    /// as soon as it is whole (a stream for another device or an unloadable version is
+    /// refused at its first header, and discarded); chunk records go to the device at once,
+    /// the others are kept for the load at RESUMING -> STOP.
     pub fn mig_data_write(&mut self, data: &[u8]) -> Result<(), DeviceError> {
         let spec = self.mig_spec()?.clone();
         if self.mig.state != MigState::Resuming {
@@ -524,19 +596,51 @@ impl PciFunction {
             }
             .into());
         }
-        if self.mig.input.len().saturating_add(data.len()) > MAX_STREAM {
-            self.mig.input = Vec::new();
+        let kept = self.mig.input.len() + self.mig.partial.len();
+        if kept.saturating_add(data.len()) > MAX_STREAM {
+            self.mig.end_sessions();
             return Err(MigrationError::TooLarge(MAX_STREAM).into());
         }
-        let had = self.mig.input.len();
-        self.mig.input.extend_from_slice(data);
-        if had < crate::state_format::HEADER_LEN + 255 {
-            if let Err(e) = check_prefix(&self.mig.input, &spec) {
-                tracing::warn!(error = %e, "incoming device state refused");
-                self.mig.input = Vec::new();
-                return Err(e.into());
+        let mut buf = std::mem::take(&mut self.mig.partial);
+        buf.extend_from_slice(data);
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            let record = match next_record(rest, &spec) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "incoming device state refused");
+                    self.mig.end_sessions();
+                    return Err(e.into());
+                }
+            };
+            let Some((kind, version, payload, len)) = record else {
+                // A record still arriving: its header is checked once it is in.
+                if rest.len() >= crate::state_format::HEADER_LEN {
+                    if let Err(e) = crate::state_format::check_prefix(rest, &spec) {
+                        tracing::warn!(error = %e, "incoming device state refused");
+                        self.mig.end_sessions();
+                        return Err(e.into());
+                    }
+                }
+                break;
+            };
+            if kind == RecordKind::Chunk {
+                let loaded = StateReader::parse(payload)
+                    .map_err(DeviceError::from)
+                    .and_then(|r| Ok(self.device.load_chunk(version, &r)?));
+                if let Err(e) = loaded {
+                    tracing::warn!(error = %e, "the device refused a chunk of incoming data");
+                    self.mig.end_sessions();
+                    return Err(e);
+                }
+                self.mig.chunks_loaded += 1;
+            } else {
+                self.mig.input.extend_from_slice(&rest[..len]);
             }
+            at += len;
         }
+        self.mig.partial = buf.split_off(at);
         Ok(())
     }
 
@@ -554,7 +658,10 @@ impl PciFunction {
         }
         let initial = self.mig.out.len().saturating_sub(self.mig.out_pos);
         let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        Ok((as_u64(initial), as_u64(self.mig.last_save)))
+        Ok((
+            as_u64(initial).saturating_add(self.device.data_pending()),
+            as_u64(self.mig.last_save),
+        ))
     }
 
     /// After a device reset: RUNNING, sessions ended, gates open.

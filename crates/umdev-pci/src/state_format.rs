@@ -7,7 +7,7 @@
 //! ```text
 //!  0  magic           "UMDV"
 //!  4  format          u16   FORMAT_VERSION (the layout of this header and of the fields)
-//!  6  kind            u16   1 = pre-copy snapshot, 2 = final state
+//!  6  kind            u16   1 = pre-copy snapshot, 2 = final state, 3 = data chunk
 //!  8  device version  u32   the parent driver's own state version
 //! 12  type length     u16   at most 255
 //! 14  reserved        u16   0
@@ -19,8 +19,11 @@
 //!
 //! A saving device writes one snapshot record when PRE_COPY begins and one final record at
 //! STOP_COPY; the loader checks every record and loads the last, which must be final. A
-//! device reads its fields by tag, so fields it does not know (written by a newer version)
-//! are skipped and fields an older version did not write can take defaults.
+//! device with bulk data (a disk's blocks) also streams chunk records, during PRE_COPY and
+//! at STOP_COPY before the final record; the loader hands each to the device as it arrives
+//! (nothing of it is buffered) and they do not count as the last record. A device reads its
+//! fields by tag, so fields it does not know (written by a newer version) are skipped and
+//! fields an older version did not write can take defaults.
 
 use crate::migration::MigrationSpec;
 
@@ -34,6 +37,18 @@ pub const MAX_PAYLOAD: usize = 64 << 20;
 pub const HEADER_LEN: usize = 20;
 const KIND_PRECOPY: u16 = 1;
 const KIND_FINAL: u16 = 2;
+const KIND_CHUNK: u16 = 3;
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RecordKind {
+    /// The state when PRE_COPY began (not loaded).
+    PreCopy,
+    /// The state at STOP_COPY: what the destination loads.
+    Final,
+    /// A piece of the device's bulk data, loaded as it arrives.
+    Chunk,
+}
 
 /// Why a stream (or a device's fields) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -260,13 +275,17 @@ impl<'a> StateReader<'a> {
 }
 
 /// Builds a record of `payload` for the device described by `spec`.
-pub(crate) fn encode_record(spec: &MigrationSpec, is_final: bool, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_record(spec: &MigrationSpec, kind: RecordKind, payload: &[u8]) -> Vec<u8> {
     let ty = spec.device_type.as_bytes();
     let ty = &ty[..ty.len().min(255)];
     let mut out = Vec::with_capacity(HEADER_LEN + ty.len() + payload.len() + 4);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    let kind = if is_final { KIND_FINAL } else { KIND_PRECOPY };
+    let kind = match kind {
+        RecordKind::PreCopy => KIND_PRECOPY,
+        RecordKind::Final => KIND_FINAL,
+        RecordKind::Chunk => KIND_CHUNK,
+    };
     out.extend_from_slice(&kind.to_le_bytes());
     out.extend_from_slice(&spec.version.to_le_bytes());
     out.extend_from_slice(&u16::try_from(ty.len()).unwrap_or(255).to_le_bytes());
@@ -285,7 +304,7 @@ pub(crate) fn encode_record(spec: &MigrationSpec, is_final: bool, payload: &[u8]
 
 /// A record header, checked against the loading device.
 struct Header {
-    is_final: bool,
+    kind: RecordKind,
     version: u32,
     type_len: usize,
     payload_len: usize,
@@ -309,9 +328,10 @@ fn check_header(data: &[u8], spec: &MigrationSpec) -> Result<Header, StreamError
     if format != FORMAT_VERSION {
         return Err(StreamError::UnsupportedFormat(format));
     }
-    let is_final = match le16(data, 6) {
-        KIND_PRECOPY => false,
-        KIND_FINAL => true,
+    let kind = match le16(data, 6) {
+        KIND_PRECOPY => RecordKind::PreCopy,
+        KIND_FINAL => RecordKind::Final,
+        KIND_CHUNK => RecordKind::Chunk,
         k => return Err(StreamError::UnknownKind(k)),
     };
     let version = le32(data, 8);
@@ -344,7 +364,7 @@ fn check_header(data: &[u8], spec: &MigrationSpec) -> Result<Header, StreamError
         });
     }
     Ok(Header {
-        is_final,
+        kind,
         version,
         type_len,
         payload_len,
@@ -364,35 +384,57 @@ pub(crate) fn check_prefix(data: &[u8], spec: &MigrationSpec) -> Result<(), Stre
     check_header(data, spec).map(|_| ())
 }
 
-/// Checks every record of a whole stream and returns the final state: its version and
-/// payload.
+/// A record as found in a stream: its kind, the device state version, its payload and its
+/// length in the stream.
+pub(crate) type Record<'a> = (RecordKind, u32, &'a [u8], usize);
+
+/// A whole record at the start of `data`, checked (header and CRC). `None` while it is not
+/// all there.
+pub(crate) fn next_record<'a>(
+    data: &'a [u8],
+    spec: &MigrationSpec,
+) -> Result<Option<Record<'a>>, StreamError> {
+    if data.len() < HEADER_LEN {
+        return if MAGIC.starts_with(&data[..data.len().min(4)]) {
+            Ok(None)
+        } else {
+            Err(StreamError::BadMagic)
+        };
+    }
+    let h = check_header(data, spec)?;
+    let body_end = HEADER_LEN + h.type_len + h.payload_len;
+    let Some(crc) = data.get(body_end..body_end + 4) else {
+        return Ok(None);
+    };
+    if crc32(&data[..body_end]) != le32(crc, 0) {
+        return Err(StreamError::Checksum);
+    }
+    Ok(Some((
+        h.kind,
+        h.version,
+        &data[HEADER_LEN + h.type_len..body_end],
+        body_end + 4,
+    )))
+}
+
+/// Checks every record of a whole stream (chunks excepted: they are loaded as they arrive)
+/// and returns the final state: its version and payload.
 pub(crate) fn decode_stream<'a>(
     mut data: &'a [u8],
     spec: &MigrationSpec,
 ) -> Result<(u32, &'a [u8]), StreamError> {
     let mut last = None;
     while !data.is_empty() {
-        if data.len() < HEADER_LEN {
-            return Err(if MAGIC.starts_with(&data[..data.len().min(4)]) {
-                StreamError::Truncated
-            } else {
-                StreamError::BadMagic
-            });
-        }
-        let h = check_header(data, spec)?;
-        let body_end = HEADER_LEN + h.type_len + h.payload_len;
-        let Some(crc) = data.get(body_end..body_end + 4) else {
+        let Some((kind, version, payload, len)) = next_record(data, spec)? else {
             return Err(StreamError::Truncated);
         };
-        if crc32(&data[..body_end]) != le32(crc, 0) {
-            return Err(StreamError::Checksum);
+        if kind != RecordKind::Chunk {
+            last = Some((kind, version, payload));
         }
-        let payload = &data[HEADER_LEN + h.type_len..body_end];
-        last = Some((h.is_final, h.version, payload));
-        data = &data[body_end + 4..];
+        data = &data[len..];
     }
     match last {
-        Some((true, version, payload)) => Ok((version, payload)),
+        Some((RecordKind::Final, version, payload)) => Ok((version, payload)),
         _ => Err(StreamError::NoFinal),
     }
 }
@@ -408,6 +450,28 @@ mod tests {
             min_version: 1,
             flags: 0,
         }
+    }
+
+    #[test]
+    fn records_arrive_in_pieces_and_chunks_are_not_the_last_record() {
+        let s = spec(1);
+        let mut stream = encode_record(&s, RecordKind::Chunk, b"chunk-1");
+        stream.extend(encode_record(&s, RecordKind::Final, &payload()));
+        stream.extend(encode_record(&s, RecordKind::Chunk, b"chunk-2"));
+        let first = encode_record(&s, RecordKind::Chunk, b"chunk-1").len();
+        for cut in 0..first {
+            assert_eq!(next_record(&stream[..cut], &s), Ok(None), "cut at {cut}");
+        }
+        let (kind, version, data, len) = next_record(&stream, &s).unwrap().unwrap();
+        assert_eq!((kind, version, len), (RecordKind::Chunk, 1, first));
+        assert_eq!(data, b"chunk-1");
+        // The final record stays the state loaded even with a chunk after it.
+        assert_eq!(decode_stream(&stream, &s).unwrap().1, &payload()[..]);
+        let only_chunks = encode_record(&s, RecordKind::Chunk, b"x");
+        assert_eq!(decode_stream(&only_chunks, &s), Err(StreamError::NoFinal));
+        let mut bad = stream.clone();
+        bad[HEADER_LEN + 12] ^= 1;
+        assert_eq!(next_record(&bad, &s), Err(StreamError::Checksum));
     }
 
     fn payload() -> Vec<u8> {
@@ -427,8 +491,8 @@ mod tests {
     #[test]
     fn round_trip_loads_the_last_final_record() {
         let s = spec(2);
-        let mut stream = encode_record(&s, false, b"");
-        stream.extend(encode_record(&s, true, &payload()));
+        let mut stream = encode_record(&s, RecordKind::PreCopy, b"");
+        stream.extend(encode_record(&s, RecordKind::Final, &payload()));
         let (v, p) = decode_stream(&stream, &s).unwrap();
         assert_eq!(v, 2);
         let r = StateReader::parse(p).unwrap();
@@ -443,7 +507,7 @@ mod tests {
     #[test]
     fn every_truncation_and_every_flipped_byte_is_refused() {
         let s = spec(1);
-        let stream = encode_record(&s, true, &payload());
+        let stream = encode_record(&s, RecordKind::Final, &payload());
         for cut in 0..stream.len() {
             assert!(decode_stream(&stream[..cut], &s).is_err(), "cut at {cut}");
         }
@@ -456,9 +520,9 @@ mod tests {
 
     #[test]
     fn older_versions_load_newer_and_other_devices_are_refused() {
-        let old = encode_record(&spec(1), true, &payload());
+        let old = encode_record(&spec(1), RecordKind::Final, &payload());
         assert_eq!(decode_stream(&old, &spec(3)).unwrap().0, 1);
-        let new = encode_record(&spec(4), true, &payload());
+        let new = encode_record(&spec(4), RecordKind::Final, &payload());
         assert_eq!(
             decode_stream(&new, &spec(3)),
             Err(StreamError::VersionTooNew {
@@ -468,10 +532,11 @@ mod tests {
         );
         let mut other = spec(1);
         other.device_type = "umdev-mtty-1".into();
-        let err = check_prefix(&encode_record(&other, true, b""), &spec(1)).unwrap_err();
+        let err =
+            check_prefix(&encode_record(&other, RecordKind::Final, b""), &spec(1)).unwrap_err();
         assert!(matches!(err, StreamError::WrongDevice { .. }));
         assert_eq!(
-            decode_stream(&encode_record(&spec(1), false, b""), &spec(1)),
+            decode_stream(&encode_record(&spec(1), RecordKind::PreCopy, b""), &spec(1)),
             Err(StreamError::NoFinal)
         );
     }

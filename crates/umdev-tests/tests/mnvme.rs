@@ -860,17 +860,45 @@ fn mdevctl_stop_and_start_of_a_defined_device_keep_the_disk() {
 
 #[test]
 fn a_controller_migrates_between_two_daemons_while_the_client_writes() {
-    let a = Daemon::start(&config(4));
-    let b = Daemon::start(&config(4));
+    migrate_while_writing(false);
+}
+
+/// The same with `copy_on_migrate`: each daemon has its own disk; the namespace travels in
+/// the migration stream (every chunk during pre-copy, then what was written since), and the
+/// destination's own backing file ends with the data.
+#[test]
+fn a_controller_and_its_data_migrate_between_two_daemons_while_the_client_writes() {
+    migrate_while_writing(true);
+}
+
+fn migrate_while_writing(copy: bool) {
+    let conf = if copy {
+        "release_timeout_ms = 300\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\n\
+         options = { capacity_gib = 4, copy_on_migrate = true }\n"
+            .to_owned()
+    } else {
+        config(4)
+    };
+    let a = Daemon::start(&conf);
+    let b = Daemon::start(&conf);
     let src = create(&a, "mnvme-1g");
     let dst = create(&b, "mnvme-1g");
-    // Shared storage: the destination uses the source's backing file.
     let file = attr(&a, &src, "vendor/backing_file");
-    std::fs::write(
-        b.mdev_dir(&dst).join("vendor/backing_file"),
-        format!("{file}\n"),
-    )
-    .unwrap();
+    if !copy {
+        // Shared storage: the destination uses the source's backing file.
+        std::fs::write(
+            b.mdev_dir(&dst).join("vendor/backing_file"),
+            format!("{file}\n"),
+        )
+        .unwrap();
+    }
+    // Something the source's disk held before the client came.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .write_all_at(&blocks(999_000, 16, 77), 999_000 * 512)
+        .unwrap();
     let serial = attr(&a, &src, "vendor/serial");
     assert_ne!(serial, attr(&b, &dst, "vendor/serial"));
 
@@ -1000,6 +1028,19 @@ fn a_controller_migrates_between_two_daemons_while_the_client_writes() {
     h.n.mem.read(page, &mut id).unwrap();
     assert_eq!(String::from_utf8_lossy(&id[4..24]).trim_end(), serial);
     assert_eq!(attr(&b, &dst, "vendor/serial"), serial);
+    assert_eq!(h.read(1, 999_000, 16, 0), blocks(999_000, 16, 77));
+    let dst_file = attr(&b, &dst, "vendor/backing_file");
+    assert_eq!(copy, dst_file != file, "copy: each side keeps its own file");
+    if copy {
+        let f = std::fs::File::open(&dst_file).unwrap();
+        let mut got = vec![0u8; 16 * 512];
+        f.read_exact_at(&mut got, 999_000 * 512).unwrap();
+        assert!(
+            got == blocks(999_000, 16, 77),
+            "the destination's file has the data"
+        );
+        assert!(report.rounds[0].device_bytes > 1 << 20, "{report}");
+    }
 }
 
 /// The README's first command (umdevd with its default parents) serves a small pool,
