@@ -121,6 +121,13 @@ pub trait PciDevice: Send {
     fn load(&mut self, _version: u32, _state: &StateReader<'_>) -> Result<(), Errno> {
         Err(Errno::NOTSUP)
     }
+    /// The memory a client maps for BAR `bar` (declared mmap-able in the spec), if not the
+    /// spec's: a device that gives each client a memory object of its own (so a client
+    /// that has gone, still holding its mapping, cannot reach the next one's) returns the
+    /// current one. Asked at every GET_REGION_INFO; `None` (the default) keeps the spec's.
+    fn bar_memory(&self, _bar: BarIndex) -> Option<Arc<OwnedFd>> {
+        None
+    }
     /// Spans of BAR `bar` a client may write through ioeventfds
     /// (DEVICE_GET_REGION_IO_FDS), each with what to call when it is signalled; asked each
     /// time a client asks. None by default. See [`crate::io_fds`].
@@ -351,8 +358,10 @@ impl PciFunction {
                 let Some(bar) = u8::try_from(i).ok().and_then(|i| self.spec.bar(i)) else {
                     return Ok(absent);
                 };
+                let own = BarIndex::new(u8::try_from(i).unwrap_or(u8::MAX))
+                    .and_then(|b| self.device.bar_memory(b));
                 let mmap = bar.mmap.as_ref().map(|m| RegionMmap {
-                    fd: Arc::clone(&m.fd),
+                    fd: own.unwrap_or_else(|| Arc::clone(&m.fd)),
                     offset: m.offset,
                     areas: m.areas.clone(),
                 });

@@ -97,7 +97,9 @@ fn bad_driver_options_are_refused_with_the_keys_name() {
     assert!(e.contains("option pool: expected an integer"), "{e}");
     let e = Daemon::test_daemon_refuses("[[parent]]\nname = \"t\"\ndriver = \"nvme9\"\n");
     assert!(
-        e.contains("no parent driver nvme9 (drivers: mtty, hello, mnvme, umdevtest, probe)"),
+        e.contains(
+            "no parent driver nvme9 (drivers: mtty, hello, mnvme, mbochs, umdevtest, probe)"
+        ),
         "{e}"
     );
     // At run time, through umdevctl, the same checks.

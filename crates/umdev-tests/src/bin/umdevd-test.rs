@@ -7,6 +7,7 @@ fn main() -> std::process::ExitCode {
         .driver(umdev_mtty::MttyDriver)
         .driver(umdev_hello::HelloDriver)
         .driver(umdev_mnvme::MnvmeDriver)
+        .driver(umdev_mbochs::MbochsDriver)
         .driver(umdev_tests::drivers::TestDriver)
         .driver(umdev_tests::drivers::ProbeDriver)
         .main()
