@@ -2,10 +2,11 @@
 # make-initramfs.sh <out.cpio.gz>
 #
 # Pack the guest's initramfs: busybox (static, from the cached chroot), tests/guest/init as /init,
-# devcheck and nvmecheck (tests/guest/*.c, built here with the host's `gcc -static`: the guest
-# programs that drive umdev's test device and an mnvme controller's block device), and the
-# driver modules the checks need (serial for mtty, uio_pci_generic for the test device's INTx,
-# nvme for mnvme) if the cached kernel builds them as modules.
+# devcheck, nvmecheck and fbcheck (tests/guest/*.c, built here with the host's `gcc -static`:
+# the guest programs that drive umdev's test device, an mnvme controller's block device and
+# an mbochs display), and the driver modules the checks need (serial for mtty,
+# uio_pci_generic for the test device's INTx, nvme for mnvme, bochs for mbochs) if the cached
+# kernel builds them as modules.
 # Needs the chroot that setup.sh builds (it calls this script itself); the packing tools (cpio,
 # modprobe) run inside that chroot so the host needs nothing extra.
 set -euo pipefail
@@ -15,7 +16,7 @@ CACHE=${UMDEV_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/umdev-guest}
 ROOT=$CACHE/root
 # The guest drivers the test needs. Whichever the kernel builds as modules go into the image,
 # with their dependencies, in load order.
-WANT_MODULES="8250 8250_pci uio_pci_generic nvme"
+WANT_MODULES="8250 8250_pci uio_pci_generic nvme bochs"
 
 die() {
     echo "make-initramfs.sh: error: $*" >&2
@@ -35,7 +36,7 @@ mkdir -p "$STAGE"/{bin,dev,proc,sys,tmp,lib/modules}
 cp "$ROOT/bin/busybox" "$STAGE/bin/busybox"
 install -m 0755 "$HERE/init" "$STAGE/init"
 command -v gcc >/dev/null || die "gcc is needed to build devcheck (apt-get install gcc libc6-dev)"
-for prog in devcheck nvmecheck; do
+for prog in devcheck nvmecheck fbcheck; do
     gcc -static -O2 -Wall -Werror -pthread -o "$STAGE/bin/$prog" "$HERE/$prog.c" ||
         die "building $prog.c with gcc -static failed (libc6-dev provides the static libc)"
 done

@@ -323,6 +323,9 @@ impl Guest {
         args.extend(
             [
                 "-nographic",
+                // No display of QEMU's own: a guest's bochs driver must find ours.
+                "-vga",
+                "none",
                 "-no-reboot",
                 "-nic",
                 "none",

@@ -49,6 +49,150 @@ const NVME_CHECKS: [&str; 8] = [
     "nvme-discard",
     "nvme-irqs",
 ];
+/// What fbcheck checks in the guest.
+const DISPLAY_CHECKS: [&str; 4] = [
+    "display-bound",
+    "display-fbcon",
+    "display-drm32",
+    "display-raw16",
+];
+/// Seconds the guest shows each picture for the host's screenshot.
+const SCREEN_HOLD: u32 = 8;
+
+/// The test picture's RGB at (x, y) of a framebuffer for generation `g` (fbcheck.c's).
+fn picture(x: u32, y: u32, g: u32) -> [u8; 3] {
+    [
+        (x * 3 + g) as u8,
+        (y * 5 + g * 7) as u8,
+        (x ^ y).wrapping_add(g * 13) as u8,
+    ]
+}
+
+/// The host's side of fbcheck: a screenshot through `umdevctl` whenever the guest shows a
+/// picture, compared with what it drew (kept as PNGs in the log directory).
+struct Screens {
+    uuid: String,
+    control: PathBuf,
+    dir: PathBuf,
+    /// Screens judged: name, and what was seen or why it is wrong.
+    done: Vec<(String, Result<String, String>)>,
+}
+
+impl Screens {
+    fn poll(&mut self, console: &str) {
+        for line in console.lines() {
+            let Some(rest) = line.trim_end().strip_prefix("GUEST-SCREEN ") else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap_or("").to_owned();
+            if self.done.iter().any(|d| d.0 == name) {
+                continue;
+            }
+            let params: std::collections::HashMap<&str, u32> = words
+                .filter_map(|w| w.split_once('='))
+                .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+                .collect();
+            let verdict = self.judge(&name, &params);
+            self.done.push((name, verdict));
+        }
+    }
+
+    fn shot(&self, name: &str) -> Result<(u32, u32, Vec<u8>), String> {
+        let out = self.dir.join(format!("screen-{name}.png"));
+        let o = std::process::Command::new(umdev_tests::prereq::binary("umdevctl"))
+            .args(["screenshot", &self.uuid, out.to_str().unwrap_or("")])
+            .env("UMDEV_CONTROL", &self.control)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).trim().to_owned());
+        }
+        let file = fs::File::open(&out).map_err(|e| e.to_string())?;
+        let mut r = png::Decoder::new(file)
+            .read_info()
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; r.output_buffer_size()];
+        let info = r.next_frame(&mut buf).map_err(|e| e.to_string())?;
+        buf.truncate(info.buffer_size());
+        Ok((info.width, info.height, buf))
+    }
+
+    /// Screenshots until the picture is right or the guest's hold is nearly over.
+    fn judge(
+        &self,
+        name: &str,
+        p: &std::collections::HashMap<&str, u32>,
+    ) -> Result<String, String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(u64::from(SCREEN_HOLD) - 2);
+        let mut last = String::from("no screenshot");
+        while std::time::Instant::now() < deadline {
+            match self.shot(name).and_then(|img| self.compare(name, p, &img)) {
+                Ok(what) => {
+                    return Ok(format!(
+                        "{what}; {}",
+                        self.dir.join(format!("screen-{name}.png")).display()
+                    ))
+                }
+                Err(why) => last = why,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last)
+    }
+
+    fn compare(
+        &self,
+        name: &str,
+        p: &std::collections::HashMap<&str, u32>,
+        (w, h, img): &(u32, u32, Vec<u8>),
+    ) -> Result<String, String> {
+        if name == "fbcon" {
+            // Text on the console: a background and glyphs in another colour.
+            let bg = &img[..3];
+            let ink = img.chunks_exact(3).filter(|px| *px != bg).count();
+            return if ink >= 500 {
+                Ok(format!("{w}x{h}, {ink} pixels of text"))
+            } else {
+                Err(format!(
+                    "{w}x{h} with {ink} pixels off the background: no text yet"
+                ))
+            };
+        }
+        let get = |k: &str| p.get(k).copied().ok_or(format!("no {k} in the marker"));
+        let (ew, eh, yoff, g) = (get("width")?, get("height")?, get("yoffset")?, get("g")?);
+        if (*w, *h) != (ew, eh) {
+            return Err(format!("{w}x{h}, expected {ew}x{eh}"));
+        }
+        let mut wrong = 0u64;
+        let mut first = None;
+        for y in 0..eh {
+            for x in 0..ew {
+                let [r, gr, b] = picture(x, y + yoff, g);
+                let want = if name == "raw16" {
+                    let (r5, g6, b5) = (r >> 3, gr >> 2, b >> 3);
+                    [
+                        (r5 << 3) | (r5 >> 2),
+                        (g6 << 2) | (g6 >> 4),
+                        (b5 << 3) | (b5 >> 2),
+                    ]
+                } else {
+                    [r, gr, b]
+                };
+                let at = ((y * ew + x) * 3) as usize;
+                if img[at..at + 3] != want {
+                    wrong += 1;
+                    first.get_or_insert((x, y));
+                }
+            }
+        }
+        match first {
+            None => Ok(format!("{ew}x{eh} from line {yoff}, every pixel as drawn")),
+            Some((x, y)) => Err(format!("{wrong} pixels differ, the first at ({x}, {y})")),
+        }
+    }
+}
+
 /// The controller's type and size.
 const NVME_TYPE: &str = "mnvme-1g";
 const NVME_SIZE: u64 = 1 << 30;
@@ -118,7 +262,7 @@ fn run(memory: Memory, which: Run) {
     let config = host.path().join("umdevd.toml");
     let pool = host.path().join("pool");
     let text = format!(
-        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n",
+        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n\n[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
         root.display().to_string(),
         sockets.path().display().to_string(),
         pool.display().to_string(),
@@ -165,10 +309,33 @@ fn run(memory: Memory, which: Run) {
         .write_all_at(&pattern(900 * MIB, 65536, 3), 900 * MIB)
         .unwrap();
 
-    let all: [&Path; 3] = [&socket, &hello_socket, &nvme_socket];
+    // A display, in the shared-memory boot (its VRAM is the device's memory either way).
+    let vga_uuid = read_trimmed(Path::new("/proc/sys/kernel/random/uuid")).unwrap();
+    fs::write(
+        root.join("sys/class/mdev_bus/vga0/mdev_supported_types/mbochs-16m/create"),
+        format!("{vga_uuid}\n"),
+    )
+    .unwrap();
+    let vga_socket = PathBuf::from(
+        read_trimmed(
+            &root
+                .join("sys/bus/mdev/devices")
+                .join(&vga_uuid)
+                .join("vfio_user_socket"),
+        )
+        .unwrap(),
+    );
+    let display = which == Run::AllWithMsix && memory == Memory::Shared;
+    let all: [&Path; 4] = [&socket, &hello_socket, &nvme_socket, &vga_socket];
     let (sockets_booted, append): (&[&Path], String) = match which {
-        Run::AllWithMsix => (
+        Run::AllWithMsix if display => (
             &all,
+            format!(
+                "umdev.test=devices,nvme,display umdev.nvme_size={NVME_SIZE} umdev.screen_hold={SCREEN_HOLD}"
+            ),
+        ),
+        Run::AllWithMsix => (
+            &all[..3],
             format!("umdev.test=devices,nvme umdev.nvme_size={NVME_SIZE}"),
         ),
         Run::NvmeOnIntx => (
@@ -186,9 +353,21 @@ fn run(memory: Memory, which: Run) {
         log_dir: &log_dir,
     };
     let mut guest = Guest::boot(&boot).unwrap_or_else(|e| panic!("{e}"));
-    let status = guest.wait(GUEST_TIMEOUT, || match daemon.proc.exited() {
-        Some(s) => Err(format!("the daemon exited during the guest run: {s}")),
-        None => Ok(()),
+    let mut screens = Screens {
+        uuid: vga_uuid.clone(),
+        control: root.join("state/control.sock"),
+        dir: log_dir.clone(),
+        done: Vec::new(),
+    };
+    let console_sink = guest.console.clone();
+    let status = guest.wait(GUEST_TIMEOUT, || {
+        if let Some(s) = daemon.proc.exited() {
+            return Err(format!("the daemon exited during the guest run: {s}"));
+        }
+        if display {
+            screens.poll(&sink_text(&console_sink));
+        }
+        Ok(())
     });
     let console = sink_text(&guest.console);
     fs::write(log_dir.join("console.log"), &console).unwrap();
@@ -209,6 +388,12 @@ fn run(memory: Memory, which: Run) {
 
     let mut problems = Vec::new();
     let checks: Vec<&str> = match which {
+        Run::AllWithMsix if display => CHECKS
+            .iter()
+            .chain(NVME_CHECKS.iter())
+            .chain(DISPLAY_CHECKS.iter())
+            .copied()
+            .collect(),
         Run::AllWithMsix => CHECKS.iter().chain(NVME_CHECKS.iter()).copied().collect(),
         Run::NvmeOnIntx => NVME_CHECKS.to_vec(),
     };
