@@ -78,10 +78,11 @@ pub fn spec(vram: &Vram) -> Result<PciDeviceSpec, SpecError> {
         .bar(0, BarKind::Mem32 { prefetchable: true }, vram.size())
         .bar_mmap(
             0,
+            // One sparse area over the whole BAR: the client maps all of VRAM.
             BarMmap {
                 fd: vram.fd(),
                 offset: 0,
-                areas: Vec::new(),
+                areas: vec![(0, vram.size())],
             },
         )
         .bar(

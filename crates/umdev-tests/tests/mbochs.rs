@@ -263,6 +263,45 @@ fn modes_are_fixed_up_to_fit_vram_and_screenshots_are_exact() {
         }
     }
 
+    // --watch rewrites the picture at its rate, and follows the guest's changes.
+    let watched = dir.path().join("watched.png");
+    let mut watch = std::process::Command::new(umdev_tests::prereq::binary("umdevctl"))
+        .args([
+            "screenshot",
+            &uuid,
+            watched.to_str().unwrap(),
+            "--watch",
+            "0.2",
+        ])
+        .env("UMDEV_CONTROL", d.control())
+        .spawn()
+        .unwrap();
+    let decode = |p: &Path| {
+        let mut r = png::Decoder::new(File::open(p).ok()?).read_info().ok()?;
+        let mut buf = vec![0u8; r.output_buffer_size()];
+        let info = r.next_frame(&mut buf).ok()?;
+        buf.truncate(info.buffer_size());
+        Some(buf)
+    };
+    let until = |want: [u8; 3]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if decode(&watched).is_some_and(|b| b[..3] == want) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(until(shown(16, 0, 37, 2)), "the first picture");
+    draw(&s, 16, 800, 1200, 3);
+    assert!(
+        until(shown(16, 0, 37, 3)),
+        "the watch follows the new picture"
+    );
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
     // A mode past 4 MiB: the registers read back what is shown, all inside VRAM.
     s.set_mode(32, 20000, 20000, 65535, 65535, 65535);
     let mode: Vec<u16> = [
