@@ -674,8 +674,6 @@ impl Nvme {
         self.posted_doorbells
     }
 
-    /// A doorbell write at `off` in BAR0: posted or waited for (see
-    /// [`Nvme::set_posted_doorbells`]), counted in [`Nvme::doorbells`].
     /// Asks the controller for doorbell ioeventfds (DEVICE_GET_REGION_IO_FDS of BAR0); with
     /// shadow doorbells, a doorbell that has one is rung by signalling it (the value is in
     /// the shadow doorbell: an eventfd carries none). Returns how many it offered.
@@ -686,6 +684,9 @@ impl Nvme {
         Ok(n)
     }
 
+    /// A doorbell write at `off` in BAR0: with shadow doorbells, a signal of its ioeventfd
+    /// if it has one (counted in [`Nvme::iofd_signals`]); else a region write, posted or
+    /// waited for (see [`Nvme::set_posted_doorbells`]), counted in [`Nvme::doorbells`].
     fn write_doorbell(&mut self, off: u64, v: u32) -> Result<(), NvmeError> {
         if self.dbbuf.is_some() {
             if let Some(fd) = self.iofds.get(&off) {
