@@ -726,13 +726,21 @@ impl Ctrl {
         }
     }
 
-    /// While polling, the EventIdx of `sq` far behind its tail: the driver does not ring.
+    /// While polling, the EventIdx of `sq` (and of its completion queue) far from where the
+    /// driver is: it does not ring for submissions nor for the heads it consumes.
     pub fn quiet_eventidx(&self, g: &Guest, sq: &Sq, tail: u32) {
         if let Some(d) = &*self.dbbuf.read().unwrap_or_else(|e| e.into_inner()) {
             let far = (tail + sq.size / 2) % sq.size;
             let _ = d
                 .eventidx
                 .write(g, u64::from(sq.id) * 8, &far.to_le_bytes());
+            if let Some(cq) = self.cq(sq.cqid) {
+                let head = self.cq_head(g, &cq);
+                let far = (head + cq.size / 2) % cq.size;
+                let _ = d
+                    .eventidx
+                    .write(g, u64::from(cq.id) * 8 + 4, &far.to_le_bytes());
+            }
         }
     }
 

@@ -199,26 +199,45 @@ impl Ctrl {
         from_guest: impl FnOnce(&mut [u8]) -> Result<(), umdev_dma::DmaError>,
         to_guest: impl FnOnce(&[u8]) -> Result<(), umdev_dma::DmaError>,
     ) -> Result<(), Status> {
-        let len = t.segs.len();
-        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| regs::INVALID_FIELD)?];
+        let len = usize::try_from(t.segs.len()).map_err(|_| regs::INVALID_FIELD)?;
+        // One bounce buffer per thread, grown to the largest transfer seen (MDTS at most).
+        thread_local! {
+            static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BOUNCE.with_borrow_mut(|bounce| {
+            if bounce.len() < len {
+                bounce.resize(len, 0);
+            }
+            self.move_through(t, &mut bounce[..len], from_guest, to_guest)
+        })
+    }
+
+    fn move_through(
+        &self,
+        t: &Transfer,
+        buf: &mut [u8],
+        from_guest: impl FnOnce(&mut [u8]) -> Result<(), umdev_dma::DmaError>,
+        to_guest: impl FnOnce(&[u8]) -> Result<(), umdev_dma::DmaError>,
+    ) -> Result<(), Status> {
+        let len = buf.len() as u64;
         let s = &self.stats;
         if t.write {
-            from_guest(&mut buf).map_err(|e| {
+            from_guest(buf).map_err(|e| {
                 tracing::debug!(error = %e, "mnvme: write's data cannot be read");
                 regs::DATA_TRANSFER_ERROR
             })?;
-            self.ns.write(t.offset, &buf).map_err(|e| {
+            self.ns.write(t.offset, buf).map_err(|e| {
                 tracing::warn!(error = %e, "mnvme: backing file write failed");
                 regs::INTERNAL_ERROR
             })?;
             s.write_cmds.fetch_add(1, Ordering::Relaxed);
             s.write_bytes.fetch_add(len, Ordering::Relaxed);
         } else {
-            self.ns.read(t.offset, &mut buf).map_err(|e| {
+            self.ns.read(t.offset, buf).map_err(|e| {
                 tracing::warn!(error = %e, "mnvme: backing file read failed");
                 regs::INTERNAL_ERROR
             })?;
-            to_guest(&buf).map_err(|e| {
+            to_guest(buf).map_err(|e| {
                 tracing::debug!(error = %e, "mnvme: read's data cannot be written");
                 regs::DATA_TRANSFER_ERROR
             })?;

@@ -58,7 +58,7 @@ impl ParentDriver for MnvmeDriver {
                 "poll_us",
                 0,
                 100_000,
-                50,
+                200,
                 "how long the controller keeps polling its queues once idle before it sleeps",
             ),
             OptionSpec::bool(
@@ -97,7 +97,7 @@ impl ParentDriver for MnvmeDriver {
                 poll: std::time::Duration::from_micros(
                     o.integer("poll_us")
                         .and_then(|v| u64::try_from(v).ok())
-                        .unwrap_or(50),
+                        .unwrap_or(200),
                 ),
                 shadow_doorbells: o.bool("shadow_doorbells").unwrap_or(true),
                 copy_on_migrate: o.bool("copy_on_migrate").unwrap_or(false),
