@@ -10,7 +10,7 @@
 //!
 //! Memory shared with the server (a memfd) is read and written in place; plain memory
 //! (no fd: every byte goes through DMA_READ/DMA_WRITE messages) is answered by this
-//! client's [`DmaHandler`] while the driver waits, since waiting reads CSTS (a round trip
+//! client's [`DmaHandler`](crate::DmaHandler) while the driver waits, since waiting reads CSTS (a round trip
 //! that serves the server's requests queued before its reply).
 //!
 //! ```no_run
