@@ -210,6 +210,16 @@ mod tests {
     }
 
     #[test]
+    fn floats_passed_on_round_trip_exactly() {
+        // Found by the codec fuzz target: without exact float parsing the last digit moved.
+        let c = Capabilities::parse(&wire(
+            r#"{"capabilities":{"twin_socket":{"supp2":-3.3333333333333334e48}}}"#,
+        ))
+        .unwrap();
+        assert_eq!(Capabilities::parse(&c.to_wire()).unwrap(), c);
+    }
+
+    #[test]
     fn empty_version_data_means_defaults() {
         let c = Capabilities::parse(&[]).unwrap();
         assert_eq!(c, Capabilities::default());
