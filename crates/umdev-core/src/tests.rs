@@ -181,8 +181,13 @@ impl Fixture {
         self.functions.lock().unwrap()[uuid].clone()
     }
 
+    /// Opens the device; ENODEV (19) once it has gone (its server stopped).
     fn open(&self, uuid: &MdevUuid, client: ClientId) -> Result<(), i32> {
-        self.open_function(&self.function(uuid), client)
+        let f = self.functions.lock().unwrap().get(uuid).cloned();
+        match f {
+            Some(f) => self.open_function(&f, client),
+            None => Err(19),
+        }
     }
 
     fn open_function(&self, f: &Mutex<PciFunction>, client: ClientId) -> Result<(), i32> {

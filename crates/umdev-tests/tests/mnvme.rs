@@ -1045,11 +1045,13 @@ fn migrate_while_writing(copy: bool) {
 
 /// The README's first command (umdevd with its default parents) serves a small pool,
 /// `mnvme0`: 4 GiB under the parent's state directory, a disk created through sysfs
-/// works.
+/// works; and `mbochs0`, displays from 256 MiB of VRAM.
 #[test]
 fn the_default_daemon_serves_a_small_pool() {
     let d = Daemon::start("");
     assert_eq!(d.available("mnvme0", "mnvme-1g"), 4);
+    // The display parent is there too: 256 MiB of VRAM.
+    assert_eq!(d.available("mbochs0", "mbochs-16m"), 16);
     assert_eq!(d.available("mnvme0", "mnvme-4g"), 1);
     let pool = std::fs::read_to_string(d.sys().join("devices/umdev/mnvme0/vendor/pool")).unwrap();
     assert!(
