@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod device;
 pub mod drivers;
 pub mod guest;
+pub mod kubelet;
 pub mod prereq;
 pub mod wire;
 

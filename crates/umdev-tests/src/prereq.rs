@@ -72,6 +72,24 @@ pub fn mdevctl() -> PathBuf {
     path
 }
 
+/// A Python 3 with `grpcio-tools` (from PyPI: Debian's is too old for the kubelet's
+/// proto), for the independent kubelet of the device plugin's tests.
+pub fn python_grpc() -> PathBuf {
+    for py in ["python3", "python"] {
+        let ok = std::process::Command::new(py)
+            .args(["-c", "import grpc, grpc_tools.protoc"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return PathBuf::from(py);
+        }
+    }
+    missing(
+        "Python 3 with grpcio-tools",
+        "python3 -m pip install grpcio-tools",
+    );
+}
+
 /// The cached guest environment (a Debian chroot with QEMU 11 and a kernel) that
 /// `tests/guest/setup.sh` builds; returns the cache directory.
 pub fn guest_cache() -> PathBuf {

@@ -21,7 +21,10 @@
 //! flight through Linux AIO, discard and write-zeroes, data the host wrote into the backing
 //! file; the host then finds the guest's bytes at their offsets in the backing file and
 //! the identity it shows in the guest's sysfs, and the MSI-X vectors of its queues counting.
-//! A third run boots with `pci=nomsi`: the controller alone, on INTx.
+//! A third run boots with `pci=nomsi`: the controller alone, on INTx, and allocated the way
+//! a Kubernetes pod's VMM gets it: the device plugin (umdev-k8s) answers a stub kubelet's
+//! Allocate, the mount it returns is bound at its container path inside the chroot, and QEMU
+//! opens the socket the environment variable names, a path only the "container" has.
 //!
 //! Needs root, `/dev/fuse` and the guest cache (`tests/guest/setup.sh`); logs of each run
 //! stay in `$CARGO_TARGET_TMPDIR/guest-devices-<memory>/`.
@@ -35,6 +38,7 @@ use std::time::Duration;
 use umdev_tests::guest::{
     is_socket, read_trimmed, sink_text, tail, Boot, Env, Guest, HostDaemon, Memory,
 };
+use umdev_tests::kubelet::{Kubelet, Plugin};
 
 /// A whole guest run; about 10 s under TCG here, CI machines may be slower.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -292,14 +296,26 @@ fn run(memory: Memory, which: Run) {
     let hello_dev = root.join("sys/bus/mdev/devices").join(&hello_uuid);
     let hello_socket = PathBuf::from(read_trimmed(&hello_dev.join("vfio_user_socket")).unwrap());
 
-    // The controller, by `create` too; the host puts 64 KiB of its own at 900 MiB.
-    let nvme_uuid = read_trimmed(Path::new("/proc/sys/kernel/random/uuid")).unwrap();
-    let nvme_type = root
-        .join("sys/class/mdev_bus/nvme0/mdev_supported_types")
-        .join(NVME_TYPE);
-    fs::write(nvme_type.join("create"), format!("{nvme_uuid}\n")).unwrap();
+    // The controller, by `create` too; or, in the INTx boot, from the device plugin
+    // (umdev-k8s) as a pod's VMM gets it: QEMU sees only the container's path. The host puts
+    // 64 KiB of its own at 900 MiB.
+    let pod = (which == Run::NvmeOnIntx).then(|| Pod::allocate(&env, &root, host.path()));
+    let nvme_uuid = match &pod {
+        Some(p) => p.uuid.clone(),
+        None => {
+            let uuid = read_trimmed(Path::new("/proc/sys/kernel/random/uuid")).unwrap();
+            let nvme_type = root
+                .join("sys/class/mdev_bus/nvme0/mdev_supported_types")
+                .join(NVME_TYPE);
+            fs::write(nvme_type.join("create"), format!("{uuid}\n")).unwrap();
+            uuid
+        }
+    };
     let nvme_dev = root.join("sys/bus/mdev/devices").join(&nvme_uuid);
-    let nvme_socket = PathBuf::from(read_trimmed(&nvme_dev.join("vfio_user_socket")).unwrap());
+    let nvme_socket = match &pod {
+        Some(p) => p.socket.clone(),
+        None => PathBuf::from(read_trimmed(&nvme_dev.join("vfio_user_socket")).unwrap()),
+    };
     let backing = PathBuf::from(read_trimmed(&nvme_dev.join("vendor/backing_file")).unwrap());
     assert!(backing.starts_with(&pool), "{}", backing.display());
     fs::OpenOptions::new()
@@ -412,9 +428,14 @@ fn run(memory: Memory, which: Run) {
     }
     nvme_host_checks(&console, &nvme_dev, &backing, which, &mut problems);
     if which == Run::NvmeOnIntx {
+        let qemu_args = fs::read_to_string(log_dir.join("qemu.cmdline")).unwrap_or_default();
+        if !qemu_args.contains(r#""path":"/run/umdev/0/vfio-user.sock""#) {
+            problems.push("QEMU was not given the container's socket path".into());
+        }
         if !problems.is_empty() {
             panic!("{}", report(&problems.join("; ")));
         }
+        drop(pod);
         finish(&console, &name, daemon);
         return;
     }
@@ -480,6 +501,67 @@ fn run(memory: Memory, which: Run) {
         "host: trapped in sparse areas {in_sparse}, outside {outside}; QEMU served {reads} DMA_READ and {writes} DMA_WRITE messages"
     );
     finish(&console, &name, daemon);
+}
+
+/// A device as a pod's VMM gets it from the device plugin: umdev-k8s (beside the daemon)
+/// allocates it to a stub kubelet, the mount it answers is bound at its container path
+/// inside the chroot (QEMU's container here), and QEMU is given the socket the environment
+/// variable names, a path that exists only inside the container.
+struct Pod {
+    uuid: String,
+    /// The socket as the host sees the container's path (inside the chroot).
+    socket: PathBuf,
+    mountpoint: PathBuf,
+    _plugin: Plugin,
+    _kubelet: Kubelet,
+}
+
+impl Pod {
+    fn allocate(env: &Env, root: &Path, scratch: &Path) -> Pod {
+        let kubelet = Kubelet::start(&scratch.join("device-plugins"));
+        let plugin = Plugin::start(
+            root,
+            &kubelet,
+            &scratch.join("umdev-k8s"),
+            &["--owner", "0:0", "--container-dir", "/run/umdev"],
+        );
+        let resource = format!("umdev.io/{NVME_TYPE}");
+        let slot = format!("{NVME_TYPE}-0");
+        kubelet
+            .wait_registered(&resource, 0, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{resource} never registered: {:?}", kubelet.refused()));
+        let r = kubelet
+            .allocate(&resource, &[&slot])
+            .unwrap_or_else(|e| panic!("Allocate {slot}: {e}"));
+        // The pod holds it for the whole boot: no clean-up may take it.
+        kubelet.set_held(vec![(resource, vec![slot])]);
+        let c = &r.container_responses[0];
+        let m = &c.mounts[0];
+        let socket = &c.envs["UMDEV_DEVICE_0_SOCKET"];
+        assert!(
+            Path::new(socket).starts_with(&m.container_path),
+            "{socket} is not under {}",
+            m.container_path
+        );
+        let mountpoint = env.root.join(m.container_path.trim_start_matches('/'));
+        fs::create_dir_all(&mountpoint).unwrap();
+        rustix::mount::mount_bind(Path::new(&m.host_path), &mountpoint)
+            .unwrap_or_else(|e| panic!("bind {} at {}: {e}", m.host_path, mountpoint.display()));
+        Pod {
+            uuid: c.envs["UMDEV_DEVICE_0_UUID"].clone(),
+            socket: env.root.join(socket.trim_start_matches('/')),
+            mountpoint,
+            _plugin: plugin,
+            _kubelet: kubelet,
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        let _ = fs::remove_dir(&self.mountpoint);
+    }
 }
 
 /// A clean stop of the daemon, and the guest's results on the test's output.
