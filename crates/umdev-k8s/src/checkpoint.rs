@@ -1,5 +1,5 @@
 //! What the plugin has handed out, kept in a file so that a restarted plugin offers the same
-//! device IDs and loses no instance: for each allocated slot (a device ID), the mdev it
+//! device IDs and loses no instance: for each allocated slot (a device ID), the mdevs it
 //! created for it, and since when no pod has held it.
 
 use std::collections::BTreeMap;
@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 /// One allocated slot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
-    /// The mdev created for it.
-    pub uuid: String,
+    /// The mdevs created for it: one, or a bundle's devices sharing an IOMMU group.
+    pub uuids: Vec<String>,
     /// The type (`mnvme-1g`) and its parent.
     pub type_id: String,
     /// The parent.

@@ -44,9 +44,29 @@ struct Args {
     /// Seconds an instance no pod holds is kept before it is removed.
     #[arg(long, default_value_t = 60)]
     grace_secs: u64,
+    /// Offer a type in bundles: `<type-id>=<n>` makes each slot `n` devices of one parent
+    /// sharing an IOMMU group (the type's parent must share peer-to-peer resources).
+    #[arg(long, value_name = "TYPE=N", value_parser = parse_bundle)]
+    bundle: Vec<(String, u32)>,
     /// How often sockets and pods are looked at, in milliseconds.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
+}
+
+/// `<type-id>=<n>`, `n` at least 2.
+fn parse_bundle(s: &str) -> Result<(String, u32), String> {
+    let (t, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected <type-id>=<n>"))?;
+    let n: u32 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: {n:?} is not a number of devices"))?;
+    if t.is_empty() || n < 2 {
+        return Err(format!(
+            "{s:?}: a bundle is a type id and at least 2 devices"
+        ));
+    }
+    Ok((t.to_owned(), n))
 }
 
 fn main() -> Result<()> {
@@ -66,6 +86,7 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| a.root.join("state/control.sock")),
         cdi_kind: a.cdi_kind,
         socket_timeout: Duration::from_secs(10),
+        bundles: a.bundle.into_iter().collect(),
     };
     let shared = Shared::new(Tree::new(&a.root), checkpoint, options);
     let kubelet = Kubelet {

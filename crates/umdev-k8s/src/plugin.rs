@@ -7,6 +7,11 @@
 //! pod's VMM user (the control API's `access`), waits for the socket, and answers with a
 //! mount of that device's own directory, environment variables naming the UUIDs and
 //! sockets, and CDI names when asked; a failure removes what the call created.
+//!
+//! A type can be offered in bundles (`--bundle <type>=<n>`): each slot is then `n` devices
+//! of one parent sharing an IOMMU group (a fresh `peer_to_peer_resource_uuid` written into
+//! each), so the kubelet, whose preferred allocation is only advisory, can never split a
+//! group between pods.
 
 // tonic's `Status` is the error of every gRPC call, large or not.
 #![allow(clippy::result_large_err)]
@@ -17,6 +22,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -46,6 +52,21 @@ pub struct Options {
     pub cdi_kind: Option<String>,
     /// How long `Allocate` waits for a device's socket.
     pub socket_timeout: Duration,
+    /// Types offered in bundles: the number of devices, sharing one IOMMU group, per slot.
+    pub bundles: BTreeMap<String, u32>,
+}
+
+impl Options {
+    /// Devices per slot of `type_id` (1 unless it is bundled).
+    pub fn bundle(&self, type_id: &str) -> u32 {
+        self.bundles.get(type_id).copied().unwrap_or(1).max(1)
+    }
+}
+
+/// An instance made for a slot.
+struct Made {
+    uuid: String,
+    socket: PathBuf,
 }
 
 /// What every resource's plugin shares.
@@ -89,8 +110,8 @@ impl Shared {
     }
 
     /// The slots of `type_id` and their health: the allocated ones (healthy while their
-    /// parent is there) and as many free ones as the parents offering it have room for
-    /// (healthy while one of them is there).
+    /// parent and every instance made for them are there) and as many free ones as the
+    /// parents offering it have room for (healthy while one of them is there).
     pub fn slots(&self, type_id: &str) -> Vec<Device> {
         let parents: Vec<TypeEntry> = self
             .tree
@@ -98,7 +119,11 @@ impl Shared {
             .into_iter()
             .filter(|t| t.type_id == type_id)
             .collect();
-        let free: u32 = parents.iter().map(|t| self.tree.available(t)).sum();
+        let per_slot = self.options.bundle(type_id);
+        let free: u32 = parents
+            .iter()
+            .map(|t| self.tree.available(t) / per_slot)
+            .sum();
         let owned: BTreeMap<usize, Allocation> = self
             .checkpoint()
             .slots
@@ -108,7 +133,11 @@ impl Shared {
             .collect();
         let mut out: Vec<Device> = owned
             .iter()
-            .map(|(i, a)| device(type_id, *i, self.tree.parent_exists(&a.parent)))
+            .map(|(i, a)| {
+                let healthy = self.tree.parent_exists(&a.parent)
+                    && a.uuids.iter().all(|u| self.tree.exists(u));
+                device(type_id, *i, healthy)
+            })
             .collect();
         let healthy = !parents.is_empty();
         let mut i = 0;
@@ -124,73 +153,103 @@ impl Shared {
         out
     }
 
-    /// Creates a fresh mdev of `type_id` for slot `id` (replacing an instance an earlier
-    /// allocation of the slot left), gives its socket to the configured owner and waits
-    /// for it; records it. Returns the UUID and the socket.
-    fn allocate_slot(&self, type_id: &str, id: &str) -> anyhow::Result<(String, PathBuf)> {
+    /// Creates fresh mdevs of `type_id` for slot `id` (one, or a bundle sharing an IOMMU
+    /// group; replacing the instances an earlier allocation of the slot left), gives their
+    /// sockets to the configured owner and waits for them; records them.
+    fn allocate_slot(&self, type_id: &str, id: &str) -> anyhow::Result<Vec<Made>> {
         if slot_index(type_id, id).is_none() {
             anyhow::bail!("{id} is not a device of {}", self.resource(type_id));
         }
-        let old = self.checkpoint().slots.get(id).cloned();
-        if let Some(old) = old {
+        if self.checkpoint().slots.contains_key(id) {
             tracing::info!(
                 slot = id,
-                uuid = old.uuid,
-                "umdev-k8s: slot allocated again: its old instance goes"
+                "umdev-k8s: slot allocated again: its old instances go"
             );
-            self.tree.remove(&old.uuid)?;
-            let mut c = self.checkpoint();
-            c.slots.remove(id);
-            c.save()?;
+            self.release_slot(id)?;
         }
+        let n = self.options.bundle(type_id);
         let parent = self
             .tree
             .types()
             .into_iter()
-            .find(|t| t.type_id == type_id && self.tree.available(t) > 0)
-            .ok_or_else(|| anyhow::anyhow!("no parent has room for a {type_id}"))?;
-        let uuid = new_uuid()?;
-        self.tree.create(&parent, &uuid)?;
+            .find(|t| t.type_id == type_id && self.tree.available(t) >= n)
+            .ok_or_else(|| {
+                anyhow::anyhow!("no parent has room for {n} device(s) of type {type_id}")
+            })?;
+        let mut made: Vec<Made> = Vec::new();
         let done = (|| {
-            let socket = self.tree.wait_socket(&uuid, self.options.socket_timeout)?;
-            if let Some(owner) = &self.options.owner {
-                let client = umdev_api::Client::new(&self.options.control);
-                let resp = client.call(&umdev_api::Request::Access {
+            let group = if n > 1 { Some(new_uuid()?) } else { None };
+            for _ in 0..n {
+                let uuid = new_uuid()?;
+                self.tree.create(&parent, &uuid)?;
+                made.push(Made {
                     uuid: uuid.clone(),
-                    owner: Some(owner.clone()),
-                    mode: Some("0660".into()),
-                })?;
-                if let umdev_api::Response::Error { message, .. } = resp {
-                    anyhow::bail!("giving {uuid} to {owner}: {message}");
+                    socket: PathBuf::new(),
+                });
+                if let Some(group) = &group {
+                    self.tree
+                        .set_attr(&uuid, "peer_to_peer_resource_uuid", group)
+                        .with_context(|| {
+                            format!(
+                                "bundling {type_id} of parent {}: does it share peer-to-peer resources?",
+                                parent.parent
+                            )
+                        })?;
                 }
+            }
+            for m in &mut made {
+                m.socket = self
+                    .tree
+                    .wait_socket(&m.uuid, self.options.socket_timeout)?;
+                self.give(&m.uuid)?;
             }
             let mut c = self.checkpoint();
             c.slots.insert(
                 id.to_owned(),
                 Allocation {
-                    uuid: uuid.clone(),
+                    uuids: made.iter().map(|m| m.uuid.clone()).collect(),
                     type_id: type_id.to_owned(),
                     parent: parent.parent.clone(),
                     unheld_since_ms: None,
                 },
             );
-            c.save()?;
-            Ok(socket)
+            c.save()
         })();
         match done {
-            Ok(socket) => Ok((uuid, socket)),
+            Ok(()) => Ok(made),
             Err(e) => {
-                let _ = self.tree.remove(&uuid);
+                for m in &made {
+                    let _ = self.tree.remove(&m.uuid);
+                }
                 Err(e)
             }
         }
     }
 
-    /// Frees slot `id`: removes its instance and forgets it.
+    /// Gives device `uuid`'s socket to the configured owner (the control API's `access`).
+    fn give(&self, uuid: &str) -> anyhow::Result<()> {
+        let Some(owner) = &self.options.owner else {
+            return Ok(());
+        };
+        let client = umdev_api::Client::new(&self.options.control);
+        let resp = client.call(&umdev_api::Request::Access {
+            uuid: uuid.to_owned(),
+            owner: Some(owner.clone()),
+            mode: Some("0660".into()),
+        })?;
+        if let umdev_api::Response::Error { message, .. } = resp {
+            anyhow::bail!("giving {uuid} to {owner}: {message}");
+        }
+        Ok(())
+    }
+
+    /// Frees slot `id`: removes its instances and forgets it.
     pub fn release_slot(&self, id: &str) -> anyhow::Result<()> {
         let a = self.checkpoint().slots.get(id).cloned();
         if let Some(a) = a {
-            self.tree.remove(&a.uuid)?;
+            for uuid in &a.uuids {
+                self.tree.remove(uuid)?;
+            }
             let mut c = self.checkpoint();
             c.slots.remove(id);
             c.save()?;
@@ -335,8 +394,8 @@ fn allocate(
         let mut mounts = Vec::new();
         let mut cdi = Vec::new();
         let mut uuids = Vec::new();
-        for (n, id) in c.devices_i_ds.iter().enumerate() {
-            let (uuid, socket) = match shared.allocate_slot(type_id, id) {
+        for id in &c.devices_i_ds {
+            let devices = match shared.allocate_slot(type_id, id) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(slot = id.as_str(), error = %format!("{e:#}"), "umdev-k8s: allocation failed; undoing it");
@@ -347,34 +406,35 @@ fn allocate(
                 }
             };
             made.push(id.clone());
-            let host_dir = socket.parent().unwrap_or(Path::new("/")).to_owned();
-            let in_container = shared.options.container_dir.join(n.to_string());
-            let sock_name = socket.file_name().map_or_else(
-                || "vfio-user.sock".into(),
-                |f| f.to_string_lossy().into_owned(),
-            );
-            envs.insert(format!("UMDEV_DEVICE_{n}_UUID"), uuid.clone());
-            envs.insert(
-                format!("UMDEV_DEVICE_{n}_SOCKET"),
-                in_container.join(&sock_name).display().to_string(),
-            );
-            envs.insert(format!("UMDEV_DEVICE_{n}_TYPE"), type_id.to_owned());
-            mounts.push(Mount {
-                container_path: in_container.display().to_string(),
-                host_path: host_dir.display().to_string(),
-                read_only: false,
-            });
-            if let Some(kind) = &shared.options.cdi_kind {
-                cdi.push(CdiDevice {
-                    name: format!("{kind}={uuid}"),
+            for d in devices {
+                // The n-th device of the container, counted over all its slots.
+                let n = uuids.len();
+                let host_dir = d.socket.parent().unwrap_or(Path::new("/")).to_owned();
+                let in_container = shared.options.container_dir.join(n.to_string());
+                let sock_name = d.socket.file_name().map_or_else(
+                    || "vfio-user.sock".into(),
+                    |f| f.to_string_lossy().into_owned(),
+                );
+                envs.insert(format!("UMDEV_DEVICE_{n}_UUID"), d.uuid.clone());
+                envs.insert(
+                    format!("UMDEV_DEVICE_{n}_SOCKET"),
+                    in_container.join(&sock_name).display().to_string(),
+                );
+                envs.insert(format!("UMDEV_DEVICE_{n}_TYPE"), type_id.to_owned());
+                envs.insert(format!("UMDEV_DEVICE_{n}_SLOT"), id.clone());
+                mounts.push(Mount {
+                    container_path: in_container.display().to_string(),
+                    host_path: host_dir.display().to_string(),
+                    read_only: false,
                 });
+                if let Some(kind) = &shared.options.cdi_kind {
+                    cdi.push(CdiDevice {
+                        name: format!("{kind}={}", d.uuid),
+                    });
+                }
+                tracing::info!(slot = id.as_str(), uuid = d.uuid, "umdev-k8s: allocated");
+                uuids.push(d.uuid);
             }
-            uuids.push(uuid);
-            tracing::info!(
-                slot = id.as_str(),
-                uuid = uuids.last().map(String::as_str),
-                "umdev-k8s: allocated"
-            );
         }
         envs.insert("UMDEV_DEVICES".into(), uuids.join(","));
         responses.push(ContainerAllocateResponse {

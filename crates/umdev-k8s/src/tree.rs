@@ -1,6 +1,6 @@
 //! umdev's sysfs ABI as umdev-k8s uses it (the FUSE tree under `<root>/sys`, the same paths
 //! the kernel's mdev has): parents and their types, `available_instances`, `create`,
-//! `remove`, and a device's `vfio_user_socket`.
+//! `remove`, and a device's `vfio_user_socket` and `peer_to_peer_resource_uuid`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -85,6 +85,12 @@ impl Tree {
     pub fn create(&self, t: &TypeEntry, uuid: &str) -> Result<()> {
         let f = self.type_dir(t).join("create");
         std::fs::write(&f, format!("{uuid}\n")).with_context(|| format!("writing {}", f.display()))
+    }
+
+    /// Writes `value` into device `uuid`'s attribute `name`.
+    pub fn set_attr(&self, uuid: &str, name: &str, value: &str) -> Result<()> {
+        let f = self.device_dir(uuid).join(name);
+        std::fs::write(&f, format!("{value}\n")).with_context(|| format!("writing {}", f.display()))
     }
 
     /// Whether device `uuid` exists.
