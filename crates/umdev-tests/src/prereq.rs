@@ -75,9 +75,19 @@ pub fn mdevctl() -> PathBuf {
 /// A Python 3 with `grpcio-tools` (from PyPI: Debian's is too old for the kubelet's
 /// proto), for the independent kubelet of the device plugin's tests.
 pub fn python_grpc() -> PathBuf {
+    python_with("import grpc, grpc_tools.protoc", "grpcio-tools")
+}
+
+/// A Python 3 with PyYAML (the Kubernetes manifests' check parses them with it).
+pub fn python_yaml() -> PathBuf {
+    python_with("import yaml", "pyyaml")
+}
+
+/// A Python 3 for which `import` succeeds, else a failure naming the PyPI package.
+fn python_with(import: &str, package: &str) -> PathBuf {
     for py in ["python3", "python"] {
         let ok = std::process::Command::new(py)
-            .args(["-c", "import grpc, grpc_tools.protoc"])
+            .args(["-c", import])
             .output()
             .is_ok_and(|o| o.status.success());
         if ok {
@@ -85,8 +95,8 @@ pub fn python_grpc() -> PathBuf {
         }
     }
     missing(
-        "Python 3 with grpcio-tools",
-        "python3 -m pip install grpcio-tools",
+        &format!("Python 3 with {package}"),
+        &format!("python3 -m pip install {package}"),
     );
 }
 
