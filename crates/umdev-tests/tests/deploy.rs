@@ -17,25 +17,50 @@ fn deploy() -> &'static Path {
 }
 
 #[test]
-fn the_systemd_unit_verifies() {
+fn the_systemd_units_verify() {
+    verify_unit(
+        "umdevd.service",
+        "umdevd",
+        "--config /etc/umdev/umdevd.toml",
+    );
+    verify_unit(
+        "umdev-k8s.service",
+        "umdev-k8s",
+        "--root /run/umdev --owner 107:107 --grace-secs 60",
+    );
+}
+
+/// `systemd-analyze verify` of `deploy/<unit>`, its `ExecStart` pointed at the built
+/// `binary` (run with `args`, which it must take: `--help` after them shows they parse).
+fn verify_unit(unit_name: &str, binary: &str, args: &str) {
     let analyze = Path::new("/usr/bin/systemd-analyze");
     assert!(
         analyze.exists(),
         "prerequisite missing: systemd-analyze. Provide it with: apt-get install systemd"
     );
-    let umdevd = umdev_tests::prereq::binary("umdevd");
+    let built = umdev_tests::prereq::binary(binary);
     assert!(
-        umdevd.exists(),
+        built.exists(),
         "prerequisite missing: {} (cargo build --workspace --bins)",
-        umdevd.display()
+        built.display()
     );
-    let unit = std::fs::read_to_string(deploy().join("umdevd.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/local/bin/umdevd --config /etc/umdev/umdevd.toml"));
+    let installed = format!("/usr/local/bin/{binary}");
+    let unit = std::fs::read_to_string(deploy().join(unit_name)).unwrap();
+    assert!(
+        unit.contains(&format!("ExecStart={installed} {args}\n")),
+        "{unit_name}"
+    );
+    let parsed = Command::new(&built)
+        .args(args.split(' '))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(parsed.status.success(), "{binary} {args}: {parsed:?}");
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("umdevd.service");
+    let path = dir.path().join(unit_name);
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/umdevd", &umdevd.display().to_string()),
+        unit.replace(&installed, &built.display().to_string()),
     )
     .unwrap();
     let out = Command::new(analyze)
@@ -48,7 +73,10 @@ fn the_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "{unit_name}: {text}"
+    );
 }
 
 #[test]
