@@ -18,26 +18,44 @@ fn deploy() -> &'static Path {
 
 #[test]
 fn the_systemd_units_verify() {
-    verify_unit(
-        "umdevd.service",
-        "umdevd",
-        "--config /etc/umdev/umdevd.toml",
-    );
-    verify_unit(
-        "umdev-k8s.service",
-        "umdev-k8s",
-        "--root /run/umdev --owner 107:107 --grace-secs 60",
-    );
-}
-
-/// `systemd-analyze verify` of `deploy/<unit>`, its `ExecStart` pointed at the built
-/// `binary` (run with `args`, which it must take: `--help` after them shows they parse).
-fn verify_unit(unit_name: &str, binary: &str, args: &str) {
     let analyze = Path::new("/usr/bin/systemd-analyze");
     assert!(
         analyze.exists(),
         "prerequisite missing: systemd-analyze. Provide it with: apt-get install systemd"
     );
+    // Both in one directory: the plugin's unit requires the daemon's.
+    let dir = tempfile::tempdir().unwrap();
+    let units = [
+        unit_to_verify(
+            dir.path(),
+            "umdevd.service",
+            "umdevd",
+            "--config /etc/umdev/umdevd.toml",
+        ),
+        unit_to_verify(
+            dir.path(),
+            "umdev-k8s.service",
+            "umdev-k8s",
+            "--root /run/umdev --owner 107:107 --grace-secs 60",
+        ),
+    ];
+    let out = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .args(units)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+}
+
+/// `deploy/<unit_name>` copied into `dir` with its `ExecStart` pointed at the built `binary`,
+/// after checking that it runs it with `args` and that the binary takes them (`--help`
+/// after them shows they parse).
+fn unit_to_verify(dir: &Path, unit_name: &str, binary: &str, args: &str) -> std::path::PathBuf {
     let built = umdev_tests::prereq::binary(binary);
     assert!(
         built.exists(),
@@ -56,27 +74,13 @@ fn verify_unit(unit_name: &str, binary: &str, args: &str) {
         .output()
         .unwrap();
     assert!(parsed.status.success(), "{binary} {args}: {parsed:?}");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(unit_name);
+    let path = dir.join(unit_name);
     std::fs::write(
         &path,
         unit.replace(&installed, &built.display().to_string()),
     )
     .unwrap();
-    let out = Command::new(analyze)
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.trim().is_empty(),
-        "{unit_name}: {text}"
-    );
+    path
 }
 
 #[test]
