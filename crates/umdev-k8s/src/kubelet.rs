@@ -166,8 +166,11 @@ impl Kubelet {
                     .get(t)
                     .is_none_or(|s| ino(&s.socket) != Some(s.ino) || s.task.is_finished());
                 if gone || restarted {
+                    // The old server winds down in the background: its socket's path is
+                    // already the new server's, and its callers (a kubelet that went) wait
+                    // on nothing of ours.
                     if let Some(old) = served.remove(t) {
-                        old.stop().await;
+                        tokio::spawn(old.stop());
                     }
                     match self.serve(&shared, t).await {
                         Ok(s) => {
@@ -182,7 +185,7 @@ impl Kubelet {
                         if let Err(e) = self.register(&shared, t).await {
                             tracing::warn!(type_id = t.as_str(), error = %format!("{e:#}"), "umdev-k8s: registration failed; trying again");
                             if let Some(s) = served.remove(t) {
-                                s.stop().await;
+                                tokio::spawn(s.stop());
                             }
                             continue;
                         }
@@ -208,10 +211,13 @@ impl Kubelet {
                 () = tokio::time::sleep(self.interval) => {}
             }
         }
+        let mut stopping = Vec::new();
         for (_, s) in served {
-            let socket = s.socket.clone();
-            s.stop().await;
-            let _ = std::fs::remove_file(&socket);
+            let _ = std::fs::remove_file(&s.socket);
+            stopping.push(tokio::spawn(s.stop()));
+        }
+        for s in stopping {
+            let _ = s.await;
         }
     }
 
