@@ -139,6 +139,24 @@ impl PodResourcesLister for Pods {
     }
 }
 
+/// Serves `router` on `listener` until `stop` turns true.
+fn spawn_until(
+    router: tonic::transport::server::Router,
+    listener: UnixListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let _ = router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                },
+            )
+            .await;
+    });
+}
+
 /// The stub: its runtime, its sockets and what it saw.
 pub struct Kubelet {
     /// The device-plugin directory.
@@ -191,31 +209,17 @@ impl Kubelet {
         let pod_sock = self.pod_resources.clone();
         self.rt.block_on(async {
             let l = UnixListener::bind(&sock).unwrap();
-            let mut r1 = rx.clone();
-            tokio::spawn(async move {
-                let _ = Server::builder()
-                    .add_service(RegistrationServer::new(reg))
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
-                        async move {
-                            let _ = r1.wait_for(|v| *v).await;
-                        },
-                    )
-                    .await;
-            });
+            spawn_until(
+                Server::builder().add_service(RegistrationServer::new(reg)),
+                l,
+                rx.clone(),
+            );
             let l = UnixListener::bind(&pod_sock).unwrap();
-            let mut r2 = rx;
-            tokio::spawn(async move {
-                let _ = Server::builder()
-                    .add_service(PodResourcesListerServer::new(pods))
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
-                        async move {
-                            let _ = r2.wait_for(|v| *v).await;
-                        },
-                    )
-                    .await;
-            });
+            spawn_until(
+                Server::builder().add_service(PodResourcesListerServer::new(pods)),
+                l,
+                rx,
+            );
         });
     }
 
