@@ -88,7 +88,9 @@ pub use error::CoreError;
 pub use parent::{
     AttrSpec, DeviceDescription, MdevParts, Parent, TypeSpec, VendorAttrs, DEVICE_API_VFIO_PCI,
 };
-pub use registry::{Core, CoreConfig, GroupInfo, MdevInfo, Serve, Served, TypeInfo, P2P_ATTR};
+pub use registry::{
+    Core, CoreConfig, Described, GroupInfo, MdevInfo, Remote, Serve, Served, TypeInfo, P2P_ATTR,
+};
 /// The errno every author-facing hook returns (re-exported from `umdev_pci`).
 pub use umdev_pci::Errno;
 pub use uuid::{MdevUuid, UuidParseError, UUID_STRING_LEN};

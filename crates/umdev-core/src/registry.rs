@@ -30,8 +30,37 @@ pub trait Serve: Send + Sync {
     }
     /// Starts serving `function`, the new device of `env`.
     fn start(&self, env: &DeviceEnv, function: PciFunction) -> std::io::Result<Box<dyn Served>>;
+    /// Builds and serves the new device itself, from its description (in another process:
+    /// a worker), instead of the core building it here with the parent's `build` and
+    /// handing it to [`Serve::start`]. `None` (the default): the core builds it.
+    fn start_described(&self, _device: Described<'_>) -> Option<std::io::Result<Remote>> {
+        None
+    }
     /// Removes what `env` made, once the device is stopped (or was never served).
     fn release(&self, _env: &DeviceEnv) {}
+}
+
+/// A new device for a front-end that builds devices itself ([`Serve::start_described`]).
+pub struct Described<'a> {
+    /// Its parent's name.
+    pub parent: &'a str,
+    /// Its UUID.
+    pub uuid: MdevUuid,
+    /// What the parent's `create` made of it.
+    pub description: &'a DeviceDescription,
+    /// Its environment ([`Serve::env`]).
+    pub env: &'a DeviceEnv,
+    /// The core's checks around every open and close (one client per IOMMU group): the
+    /// front-end runs them around the device's own hooks, wherever it serves it.
+    pub guard: Arc<dyn OpenGuard>,
+}
+
+/// A device a front-end built and serves itself.
+pub struct Remote {
+    /// The serving, which also carries the REQ interrupt ([`Served::signal_req`]).
+    pub served: Box<dyn Served>,
+    /// Its vendor attributes, if it has any.
+    pub attrs: Option<Arc<dyn VendorAttrs>>,
 }
 
 /// A device being served.
@@ -47,6 +76,9 @@ pub trait Served: Send {
     fn display_plane(&self) -> Result<DisplayPlane, Errno> {
         Err(Errno::NOTSUP)
     }
+    /// Asks the client to release the device (the REQ interrupt), for a device the core
+    /// did not build (whose interrupts it does not hold).
+    fn signal_req(&self) {}
 }
 
 /// Tunables of the core.
@@ -144,7 +176,8 @@ struct MdevEntry {
     p2p: Option<MdevUuid>,
     removing: bool,
     held_by: Option<ClientId>,
-    irqs: Interrupts,
+    /// The device's interrupts, when the core built it (else its `Served` raises REQ).
+    irqs: Option<Interrupts>,
     served: Option<Box<dyn Served>>,
     socket: Option<PathBuf>,
     attr_specs: Vec<AttrSpec>,
@@ -555,32 +588,49 @@ impl Core {
                 return Err(CoreError::Serve { uuid, source });
             }
         };
-        let parts = match driver.build(&uuid, &description, &env) {
-            Ok(parts) => parts,
-            Err(e) => {
-                self.inner.serve.release(&env);
-                undo_create(&e);
-                return Err(driver_error(e, "building"));
-            }
-        };
         let type_name = t.name.clone();
         let peer_to_peer = t.peer_to_peer;
         let mut attr_specs = t.attrs.clone();
         if peer_to_peer {
             attr_specs.push(AttrSpec::writable(P2P_ATTR));
         }
-        let guard = GroupGuard {
+        let guard = Arc::new(GroupGuard {
             core: Arc::downgrade(&self.inner),
             uuid,
+        });
+        let described = Described {
+            parent,
+            uuid,
+            description: &description,
+            env: &env,
+            guard: guard.clone(),
         };
-        let function = PciFunction::new(parts.spec, parts.device).with_guard(Arc::new(guard));
-        let irqs = function.interrupts();
-        let served = match self.inner.serve.start(&env, function) {
-            Ok(s) => s,
-            Err(source) => {
+        let (served, irqs, attrs) = match self.inner.serve.start_described(described) {
+            Some(Ok(remote)) => (remote.served, None, remote.attrs),
+            Some(Err(source)) => {
                 self.inner.serve.release(&env);
                 undo_create(&source);
                 return Err(CoreError::Serve { uuid, source });
+            }
+            None => {
+                let parts = match driver.build(&uuid, &description, &env) {
+                    Ok(parts) => parts,
+                    Err(e) => {
+                        self.inner.serve.release(&env);
+                        undo_create(&e);
+                        return Err(driver_error(e, "building"));
+                    }
+                };
+                let function = PciFunction::new(parts.spec, parts.device).with_guard(guard);
+                let irqs = function.interrupts();
+                match self.inner.serve.start(&env, function) {
+                    Ok(s) => (s, Some(irqs), parts.attrs.map(Arc::from)),
+                    Err(source) => {
+                        self.inner.serve.release(&env);
+                        undo_create(&source);
+                        return Err(CoreError::Serve { uuid, source });
+                    }
+                }
             }
         };
         // Peer-to-peer devices start with a fresh resource UUID: alone, until moved.
@@ -606,7 +656,7 @@ impl Core {
                 socket: served.socket().map(Path::to_path_buf),
                 served: Some(served),
                 attr_specs,
-                attrs: parts.attrs.map(Arc::from),
+                attrs,
                 description,
                 env,
             },
@@ -632,7 +682,11 @@ impl Core {
         m.removing = true;
         if m.held_by.is_some() && !force {
             tracing::info!(%uuid, "asking the client to release the device (REQ)");
-            m.irqs.signal_req();
+            match (&m.irqs, &m.served) {
+                (Some(irqs), _) => irqs.signal_req(),
+                (None, Some(served)) => served.signal_req(),
+                (None, None) => {}
+            }
             let deadline = Instant::now() + self.inner.config.release_timeout;
             loop {
                 let held = st.mdevs.get(uuid).is_some_and(|m| m.held_by.is_some());

@@ -9,6 +9,7 @@
 //! socket_mode = "0600"                # each device's sockets (its directory gets x bits)
 //! socket_owner = "qemu:kvm"           # user[:group], names or numbers; default: the daemon's
 //! release_timeout_ms = 2000           # how long `remove` waits for a client after REQ
+//! isolation = "thread"                # "worker": each IOMMU group in a process of its own
 //!
 //! [server]                            # every device's vfio-user server
 //! spin_us = 0                         # poll the socket this long before sleeping
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use umdev_core::Drivers;
 use umdev_server::ServerConfig;
@@ -59,12 +60,29 @@ pub struct Config {
     /// The vfio-user servers' tunables.
     #[serde(default)]
     pub server: ServerSection,
+    /// Where devices run: threads of the daemon, or a worker process per IOMMU group.
+    #[serde(default)]
+    pub isolation: Isolation,
     /// The parents to host (absent: the daemon's defaults).
     pub parent: Option<Vec<ParentConfig>>,
 }
 
+/// Where devices run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A server thread (and a session thread) per device in the daemon: for tests and small
+    /// setups; a device's fault is the daemon's.
+    #[default]
+    Thread,
+    /// A worker process per IOMMU group (the daemon's own binary, `umdevd worker`), started
+    /// and supervised by the daemon: a worker that dies takes down only its group's
+    /// devices, and is started again.
+    Worker,
+}
+
 /// `[server]`: every device's vfio-user server.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Poll the socket this long before sleeping (0: never poll).
@@ -184,6 +202,7 @@ impl Default for Config {
             socket_owner: None,
             release_timeout_ms: default_release_timeout(),
             server: ServerSection::default(),
+            isolation: Isolation::default(),
             parent: None,
         }
     }

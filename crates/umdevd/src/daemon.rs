@@ -15,9 +15,10 @@ use umdev_api::{DefinitionStore, Start};
 use umdev_core::{Core, CoreConfig, Drivers, MdevUuid, Parent, ParentContext};
 use umdev_sysfs::SysfsMount;
 
-use crate::config::{Config, ParentConfig};
+use crate::config::{Config, Isolation, ParentConfig};
 use crate::control::ControlServer;
 use crate::serve::DirServe;
+use crate::worker::WorkerServe;
 
 /// The directories mdevctl's self-check wants under its root, besides the sysfs tree.
 const MDEVCTL_DIRS: [&str; 3] = [
@@ -26,12 +27,17 @@ const MDEVCTL_DIRS: [&str; 3] = [
     "usr/lib/mdevctl/scripts.d/notifiers",
 ];
 
+/// How a parent was built: its driver and options.
+pub type Recipe = (String, Map<String, Value>);
+
 /// What the daemon's parts share: the drivers, the device layout and the configuration.
 pub struct Shared {
     /// The parent drivers.
     pub drivers: Drivers,
     /// The configuration the daemon runs with.
     pub config: Config,
+    /// How each parent was built (driver, options): a worker builds it again the same way.
+    pub recipes: Mutex<std::collections::BTreeMap<String, Recipe>>,
 }
 
 impl Shared {
@@ -46,9 +52,24 @@ impl Shared {
             name: name.to_owned(),
             state_dir: Some(self.config.state_dir().join("parents").join(name)),
         };
-        self.drivers
+        let parent = self
+            .drivers
             .build(driver, &ctx, options)
-            .with_context(|| format!("building parent {name}"))
+            .with_context(|| format!("building parent {name}"))?;
+        self.recipes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned(), (driver.to_owned(), options.clone()));
+        Ok(parent)
+    }
+
+    /// How parent `name` was built: its driver and options.
+    pub fn parent_recipe(&self, name: &str) -> Option<Recipe> {
+        self.recipes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
     }
 }
 
@@ -174,24 +195,42 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         tracing::info!(entries = n, "removed stale sockets and device directories");
     }
 
-    let serve = Arc::new(DirServe {
+    let shared = Arc::new(Shared {
+        drivers,
+        config: config.clone(),
+        recipes: Mutex::new(Default::default()),
+    });
+    let dirs = Arc::new(DirServe {
         dir: sockets.clone(),
         policy: config.policy()?,
         parent_policies: Mutex::new(Default::default()),
         server: config.server.server_config()?,
     });
+    let serve: Arc<dyn umdev_core::Serve> = match config.isolation {
+        Isolation::Thread => dirs.clone(),
+        Isolation::Worker => {
+            let links = state.join("workers");
+            std::fs::create_dir_all(&links)
+                .with_context(|| format!("creating {}", links.display()))?;
+            let exe = std::env::current_exe().context("the daemon's own binary (for workers)")?;
+            tracing::info!(exe = %exe.display(), "devices run in a worker process per IOMMU group");
+            Arc::new(WorkerServe::new(
+                dirs.clone(),
+                shared.clone(),
+                config.server.clone(),
+                links,
+                exe,
+            ))
+        }
+    };
     let core = Core::new(
         CoreConfig {
             release_timeout: Duration::from_millis(config.release_timeout_ms),
         },
-        serve.clone(),
+        serve,
     );
-    let shared = Arc::new(Shared {
-        drivers,
-        config: config.clone(),
-    });
     for p in config.parent.iter().flatten() {
-        serve.set_parent_policy(&p.name, config.parent_policy(p)?);
+        dirs.set_parent_policy(&p.name, config.parent_policy(p)?);
         let parent = shared.build_parent(&p.name, &p.driver, &p.options)?;
         core.register_parent(&p.name, parent)
             .with_context(|| format!("registering parent {}", p.name))?;

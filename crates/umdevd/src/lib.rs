@@ -39,6 +39,7 @@ mod control;
 mod daemon;
 mod serve;
 mod single;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,8 @@ pub use daemon::Running;
 #[derive(Debug, Parser)]
 #[command(name = "umdevd", version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file (TOML); without it, the daemon's default parents under `--root`.
     #[arg(long, conflicts_with = "socket")]
     config: Option<PathBuf>,
@@ -83,6 +86,19 @@ struct Args {
     /// One-device mode: file mode of the sockets (octal, default 600).
     #[arg(long, value_parser = parse_mode, requires = "socket")]
     socket_mode: Option<u32>,
+}
+
+/// What else the binary can be.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A worker process serving one IOMMU group's devices (`isolation = "worker"`): started
+    /// by the daemon, never by hand.
+    #[command(hide = true)]
+    Worker {
+        /// The daemon's link socket to connect to.
+        #[arg(long)]
+        link: PathBuf,
+    },
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -154,6 +170,9 @@ impl DaemonBuilder {
     }
 
     fn run_args(self, args: Args) -> Result<()> {
+        if let Some(Command::Worker { link }) = &args.command {
+            return worker::process::run(self.drivers, link);
+        }
         if let (Some(socket), Some(type_id)) = (args.socket, args.device_type) {
             let uuid = args
                 .uuid

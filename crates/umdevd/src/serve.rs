@@ -30,7 +30,7 @@ struct SocketServed {
 }
 
 /// Starts a server for `function` on `listener` (bound at `path`) in a thread of its own.
-fn serve_on(
+pub(crate) fn serve_on(
     uuid: &MdevUuid,
     path: PathBuf,
     listener: UnixListener,

@@ -85,7 +85,14 @@ impl Daemon {
         require();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("umdevd.toml");
-        let text = format!("root = \"{}\"\n{config}", dir.path().join("root").display());
+        let mut text = format!("root = \"{}\"\n", dir.path().join("root").display());
+        // UMDEV_TEST_ISOLATION=worker runs a suite's daemons with a worker per group.
+        if let Ok(isolation) = std::env::var("UMDEV_TEST_ISOLATION") {
+            if !config.contains("isolation") {
+                text.push_str(&format!("isolation = \"{isolation}\"\n"));
+            }
+        }
+        text.push_str(config);
         std::fs::write(&path, text).unwrap();
         let mut d = Daemon {
             dir,

@@ -1,0 +1,485 @@
+//! Worker isolation (`isolation = "worker"`): each IOMMU group's devices are served by a
+//! process of their own, the daemon's binary run as `umdevd worker --link PATH`.
+//!
+//! The daemon keeps the registry, the tree, the control API and the group rules; a worker
+//! builds its devices from the descriptions their parents' `create` returned (with the same
+//! drivers and options), serves their sockets, and asks the daemon over its link around
+//! every open and close. A supervisor thread per worker watches it: when it dies, the daemon
+//! logs how, releases the group it held, starts a new process and gives it the same
+//! devices again (their clients must reconnect; other groups never notice).
+//!
+//! A new device is alone in its group, so it gets a worker of its own.
+
+mod link;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use umdev_core::{Described, DeviceEnv, Errno, MdevUuid, Remote, Serve, Served, VendorAttrs};
+use umdev_pci::{DisplayPlane, OpenGuard, PciFunction};
+
+use crate::config::ServerSection;
+use crate::daemon::Shared;
+use crate::serve::DirServe;
+use link::{Call, Link, Reply, StartDevice};
+
+/// How long a new worker has to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before a worker that died is started again.
+const RESTART_DELAY: Duration = Duration::from_millis(100);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn io_err(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// The daemon's layout ([`DirServe`]) with each device in a worker process.
+pub struct WorkerServe {
+    /// Directories and socket policies, as in thread mode.
+    pub dirs: Arc<DirServe>,
+    /// How each parent was built.
+    pub shared: Arc<Shared>,
+    /// The servers' tunables.
+    pub server: ServerSection,
+    /// Where link sockets go while a worker connects.
+    pub links_dir: PathBuf,
+    /// The worker binary (the daemon's own).
+    pub exe: PathBuf,
+    next: AtomicU64,
+}
+
+impl WorkerServe {
+    /// Workers of `exe`, link sockets under `links_dir`.
+    pub fn new(
+        dirs: Arc<DirServe>,
+        shared: Arc<Shared>,
+        server: ServerSection,
+        links_dir: PathBuf,
+        exe: PathBuf,
+    ) -> WorkerServe {
+        WorkerServe {
+            dirs,
+            shared,
+            server,
+            links_dir,
+            exe,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn start_worker(&self, d: &Described<'_>) -> std::io::Result<Remote> {
+        let (driver, options) = self.shared.parent_recipe(d.parent).ok_or_else(|| {
+            std::io::Error::other(format!("parent {} was not built by this daemon", d.parent))
+        })?;
+        let dir = d
+            .env
+            .dir()
+            .ok_or_else(|| std::io::Error::other("a worker's device needs a directory"))?;
+        let policy = d.env.policy();
+        let start = StartDevice {
+            uuid: d.uuid.to_string(),
+            parent: d.parent.to_owned(),
+            driver,
+            options,
+            state_dir: Some(
+                self.shared
+                    .config
+                    .state_dir()
+                    .join("parents")
+                    .join(d.parent),
+            ),
+            description: d.description.clone(),
+            dir: dir.to_owned(),
+            mode: policy.mode,
+            owner: policy.owner,
+            server: self.server.clone(),
+        };
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let worker = Arc::new(Worker {
+            name: format!("worker-{n}"),
+            exe: self.exe.clone(),
+            link_path: self.links_dir.join(format!("worker-{n}.sock")),
+            devices: Mutex::new(BTreeMap::new()),
+            link: Mutex::new(None),
+            child: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            supervisor: Mutex::new(None),
+        });
+        let link = worker.spawn()?;
+        let uuid = start.uuid.clone();
+        let first = start.clone_for_restart();
+        lock(&worker.devices).insert(
+            uuid.clone(),
+            Entry {
+                start,
+                guard: d.guard.clone(),
+                held: false,
+            },
+        );
+        // The link's reader runs before the first call: the reply needs it.
+        if let Err(e) = Worker::supervise(&worker, link.clone()) {
+            worker.stopping.store(true, Ordering::Release);
+            link.shut();
+            worker.reap(true);
+            return Err(e);
+        }
+        if let Err(e) = link.call(Call::Start(Box::new(first))) {
+            worker.stop_device(&uuid);
+            return Err(io_err(e));
+        }
+        let socket = dir.join(umdev_core::VFIO_USER_SOCKET);
+        Ok(Remote {
+            served: Box::new(WorkerServed {
+                worker: worker.clone(),
+                uuid: uuid.clone(),
+                socket,
+            }),
+            attrs: Some(Arc::new(WorkerAttrs { worker, uuid })),
+        })
+    }
+}
+
+impl Serve for WorkerServe {
+    fn env(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
+        self.dirs.env(parent, uuid)
+    }
+
+    fn start(&self, env: &DeviceEnv, function: PciFunction) -> std::io::Result<Box<dyn Served>> {
+        self.dirs.start(env, function)
+    }
+
+    fn start_described(&self, d: Described<'_>) -> Option<std::io::Result<Remote>> {
+        Some(self.start_worker(&d))
+    }
+
+    fn release(&self, env: &DeviceEnv) {
+        self.dirs.release(env);
+    }
+}
+
+impl StartDevice {
+    fn clone_for_restart(&self) -> StartDevice {
+        StartDevice {
+            uuid: self.uuid.clone(),
+            parent: self.parent.clone(),
+            driver: self.driver.clone(),
+            options: self.options.clone(),
+            state_dir: self.state_dir.clone(),
+            description: self.description.clone(),
+            dir: self.dir.clone(),
+            mode: self.mode,
+            owner: self.owner,
+            server: self.server.clone(),
+        }
+    }
+}
+
+/// A device of a worker, as the daemon keeps it.
+struct Entry {
+    /// How to build it again.
+    start: StartDevice,
+    /// The core's group rules for it.
+    guard: Arc<dyn OpenGuard>,
+    /// Whether a client of it was admitted (released if the worker dies).
+    held: bool,
+}
+
+/// One worker process and what it serves.
+struct Worker {
+    name: String,
+    exe: PathBuf,
+    link_path: PathBuf,
+    devices: Mutex<BTreeMap<String, Entry>>,
+    link: Mutex<Option<Arc<Link>>>,
+    child: Mutex<Option<Child>>,
+    stopping: AtomicBool,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Worker {
+    /// Starts the process and waits for it to connect.
+    fn spawn(&self) -> std::io::Result<Arc<Link>> {
+        let listener: OwnedFd = link::listen(&self.link_path)?;
+        // A process group of its own: a signal meant for the daemon's (a terminal's ^C, a
+        // `timeout`) is not the worker's; the daemon decides when it stops.
+        let child = Command::new(&self.exe)
+            .process_group(0)
+            .arg("worker")
+            .arg("--link")
+            .arg(&self.link_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.link_path);
+                return Err(e);
+            }
+        };
+        let pid = child.id();
+        *lock(&self.child) = Some(child);
+        let link = link::accept(&listener, CONNECT_TIMEOUT);
+        let _ = std::fs::remove_file(&self.link_path);
+        let link = match link {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                self.reap(true);
+                return Err(e);
+            }
+        };
+        tracing::info!(worker = self.name, pid, "worker started");
+        *lock(&self.link) = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Waits for the process (killing it first if `kill`); returns how it ended.
+    fn reap(&self, kill: bool) -> Option<std::process::ExitStatus> {
+        let mut child = lock(&self.child).take()?;
+        if kill {
+            let _ = child.kill();
+        }
+        child.wait().ok()
+    }
+
+    fn link(&self) -> Result<Arc<Link>, Errno> {
+        lock(&self.link).clone().ok_or(Errno::NODEV)
+    }
+
+    /// Serves the worker's calls on `link` in a supervisor thread, which starts the worker
+    /// again whenever it dies, until the worker is stopped.
+    fn supervise(this: &Arc<Worker>, link: Arc<Link>) -> std::io::Result<()> {
+        let w = this.clone();
+        let t = std::thread::Builder::new()
+            .name(this.name.clone())
+            .spawn(move || w.watch(link, false))?;
+        *lock(&this.supervisor) = Some(t);
+        Ok(())
+    }
+
+    fn watch(self: Arc<Self>, mut link: Arc<Link>, mut replay: bool) {
+        loop {
+            if replay {
+                // Its devices again, from another thread: their replies need this one.
+                let (w, l) = (self.clone(), link.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("{}-replay", self.name))
+                    .spawn(move || w.replay(&l));
+                if let Err(e) = spawned {
+                    tracing::error!(worker = self.name, error = %e, "cannot give a restarted worker its devices");
+                }
+            }
+            let w = self.clone();
+            let l = link.clone();
+            if let Err(e) = link.serve(&self.name, move |id, call| w.handle(&l, id, call)) {
+                tracing::warn!(worker = self.name, error = %e, "cannot read a worker's link");
+            }
+            *lock(&self.link) = None;
+            if self.stopping.load(Ordering::Acquire) {
+                self.reap(false);
+                return;
+            }
+            let status = self.reap(true);
+            let uuids: Vec<String> = lock(&self.devices).keys().cloned().collect();
+            tracing::error!(worker = self.name, status = ?status, devices = ?uuids,
+                "a worker died: its group's clients are gone; starting it again");
+            // The clients it served are gone: their group is free again.
+            for e in lock(&self.devices).values_mut() {
+                if std::mem::take(&mut e.held) {
+                    e.guard.release();
+                }
+            }
+            loop {
+                std::thread::sleep(RESTART_DELAY);
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                match self.spawn() {
+                    Ok(l) => {
+                        link = l;
+                        replay = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(worker = self.name, error = %e, "cannot start a worker again; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives a restarted worker (on `link`) the same devices.
+    fn replay(&self, link: &Link) {
+        let starts: Vec<StartDevice> = lock(&self.devices)
+            .values()
+            .map(|e| e.start.clone_for_restart())
+            .collect();
+        for s in starts {
+            let uuid = s.uuid.clone();
+            if let Err(e) = link.call(Call::Start(Box::new(s))) {
+                tracing::error!(worker = self.name, uuid, error = %e, "a restarted worker could not serve a device");
+                return;
+            }
+        }
+        tracing::info!(worker = self.name, "worker serving again");
+    }
+
+    /// A call from the worker: the group rules.
+    fn handle(&self, link: &Link, id: u64, call: Call) {
+        let answer = match call {
+            Call::Acquire {
+                uuid,
+                connection,
+                peer,
+            } => {
+                let guard = lock(&self.devices).get(&uuid).map(|e| e.guard.clone());
+                match guard {
+                    Some(g) => {
+                        let r = g.acquire(&process::client_id(connection, peer));
+                        if r.is_ok() {
+                            if let Some(e) = lock(&self.devices).get_mut(&uuid) {
+                                e.held = true;
+                            }
+                        }
+                        r.map(|()| Reply::Done)
+                    }
+                    None => Err(Errno::NODEV),
+                }
+            }
+            Call::Release { uuid } => {
+                let guard = lock(&self.devices)
+                    .get_mut(&uuid)
+                    .and_then(|e| std::mem::take(&mut e.held).then(|| e.guard.clone()));
+                if let Some(g) = guard {
+                    g.release();
+                }
+                Ok(Reply::Done)
+            }
+            _ => Err(Errno::NOTSUP),
+        };
+        link.reply(id, answer, None);
+    }
+
+    /// Stops device `uuid`; the last one stops the worker.
+    fn stop_device(&self, uuid: &str) {
+        if let Ok(link) = self.link() {
+            if let Err(e) = link.call(Call::Stop {
+                uuid: uuid.to_owned(),
+            }) {
+                tracing::warn!(worker = self.name, uuid, error = %e, "a worker did not stop a device");
+            }
+        }
+        let last = {
+            let mut devices = lock(&self.devices);
+            if let Some(e) = devices.remove(uuid) {
+                if e.held {
+                    e.guard.release();
+                }
+            }
+            devices.is_empty()
+        };
+        if last {
+            self.stopping.store(true, Ordering::Release);
+            if let Ok(link) = self.link() {
+                link.shut();
+            }
+            let t = lock(&self.supervisor).take();
+            if let Some(t) = t {
+                let _ = t.join();
+            }
+            tracing::info!(worker = self.name, "worker stopped");
+        }
+    }
+}
+
+/// A device served by a worker.
+struct WorkerServed {
+    worker: Arc<Worker>,
+    uuid: String,
+    socket: PathBuf,
+}
+
+impl Served for WorkerServed {
+    fn socket(&self) -> Option<&Path> {
+        Some(&self.socket)
+    }
+
+    fn stop(self: Box<Self>) {
+        self.worker.stop_device(&self.uuid);
+    }
+
+    fn display_plane(&self) -> Result<DisplayPlane, Errno> {
+        let (reply, fd) = self.worker.link()?.call(Call::Plane {
+            uuid: self.uuid.clone(),
+        })?;
+        match (reply, fd) {
+            (
+                Reply::Plane {
+                    fourcc,
+                    width,
+                    height,
+                    stride,
+                    offset,
+                },
+                Some(fd),
+            ) => Ok(DisplayPlane {
+                fourcc,
+                width,
+                height,
+                stride,
+                offset,
+                memory: Arc::new(fd),
+            }),
+            _ => Err(Errno::PROTO),
+        }
+    }
+
+    fn signal_req(&self) {
+        if let Ok(link) = self.worker.link() {
+            let _ = link.cast(Call::Req {
+                uuid: self.uuid.clone(),
+            });
+        }
+    }
+}
+
+/// A worker's device's vendor attributes, asked over the link.
+struct WorkerAttrs {
+    worker: Arc<Worker>,
+    uuid: String,
+}
+
+impl VendorAttrs for WorkerAttrs {
+    fn show(&self, name: &str) -> Result<String, Errno> {
+        match self.worker.link()?.call(Call::Show {
+            uuid: self.uuid.clone(),
+            name: name.to_owned(),
+        })? {
+            (Reply::Text(t), _) => Ok(t),
+            _ => Err(Errno::PROTO),
+        }
+    }
+
+    fn store(&self, name: &str, value: &str) -> Result<(), Errno> {
+        self.worker
+            .link()?
+            .call(Call::Store {
+                uuid: self.uuid.clone(),
+                name: name.to_owned(),
+                value: value.to_owned(),
+            })
+            .map(|_| ())
+    }
+}
