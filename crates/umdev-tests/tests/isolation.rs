@@ -1,0 +1,176 @@
+#![allow(clippy::unwrap_used)]
+//! Worker isolation (`isolation = "worker"`) through a real daemon and devices created by
+//! sysfs `create`: each group in a process of its own, a child of the daemon, serving the
+//! device's socket; killing one worker with SIGKILL while clients use devices in two groups
+//! leaves the other group's client answered throughout, the daemon restarts the worker and
+//! the killed group's device takes a new client; removing a device ends its worker and the
+//! daemon's stop leaves no worker behind.
+
+mod mdev;
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mdev::{new_uuid, Daemon};
+use umdev_client::{Client, ClientOptions};
+use umdev_tests::drivers::ATTR_TRAPPED_BAR2;
+
+const CONFIG: &str = r#"
+isolation = "worker"
+release_timeout_ms = 300
+
+[[parent]]
+name = "test0"
+driver = "umdevtest"
+options = { pool = 2 }
+
+[[parent]]
+name = "mtty0"
+driver = "mtty"
+options = { ports = 2, console = "none" }
+"#;
+
+/// A client of `socket`, and the pid of the process serving it (the socket's listener).
+fn try_connect(socket: &Path) -> Result<(Client, u32), String> {
+    let stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    let cred = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| e.to_string())?;
+    let pid = u32::try_from(cred.pid.as_raw_nonzero().get()).map_err(|e| e.to_string())?;
+    let t = umdev_transport::UnixTransport::new(stream);
+    let mut c = Client::unnegotiated(Arc::new(t));
+    c.negotiate(&ClientOptions::default())
+        .map_err(|e| e.to_string())?;
+    Ok((c, pid))
+}
+
+fn connect(socket: &Path) -> (Client, u32) {
+    try_connect(socket).unwrap()
+}
+
+/// The parent pid of process `pid`, if it is alive.
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split(' ');
+    let state = f.next()?;
+    if state == "Z" {
+        return None;
+    }
+    f.next()?.parse().ok()
+}
+
+/// Every live process whose parent is `parent` and whose command line has `worker`.
+fn workers(parent: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| ppid(*p) == Some(parent))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"worker"))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_worker_takes_down_only_its_group_and_comes_back() {
+    let mut d = Daemon::start_test_daemon(CONFIG);
+    let daemon = d.child.as_ref().unwrap().id();
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("mtty0", "mtty-1", &b).unwrap();
+    let (mut ca, pa) = connect(&d.socket(&a));
+    let (mut cb, pb) = connect(&d.socket(&b));
+    assert_ne!(pa, pb, "two groups, two processes");
+    assert!(
+        pa != daemon && pb != daemon,
+        "no device is served by the daemon"
+    );
+    assert_eq!(workers(daemon), {
+        let mut v = vec![pa, pb];
+        v.sort_unstable();
+        v
+    });
+    // Vendor attributes come from the worker through the daemon's tree.
+    let attr_path = d.mdev_dir(&a).join(ATTR_TRAPPED_BAR2);
+    let attr = || std::fs::read_to_string(&attr_path).unwrap();
+    assert_eq!(attr().trim(), "0");
+
+    // Device a's client keeps asking while b's worker is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let hammer = std::thread::spawn(move || {
+        let (mut n, mut worst) = (0u64, Duration::ZERO);
+        while !s.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            ca.region_write(0, 0, &n.to_le_bytes()).unwrap();
+            let mut back = [0u8; 8];
+            ca.region_read(0, 0, &mut back).unwrap();
+            assert_eq!(back, n.to_le_bytes(), "request {n}");
+            worst = worst.max(t.elapsed());
+            n += 1;
+        }
+        (n, worst, ca)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let killed_at = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pb).unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // b's client finds its server gone.
+    assert!(cb.device_info().is_err(), "a killed worker still answered");
+    // The daemon starts b's worker again: a new client gets the device.
+    let mut back = None;
+    wait_until("b never took a new client", || {
+        back = try_connect(&d.socket(&b)).ok();
+        back.is_some()
+    });
+    let restarted = killed_at.elapsed();
+    let (mut cb2, pb2) = back.unwrap();
+    assert_ne!(pb2, pb);
+    assert_eq!(ppid(pb2), Some(daemon), "the daemon started it");
+    assert_eq!(cb2.device_info().unwrap().num_regions, 9);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (n, worst, mut ca) = hammer.join().unwrap();
+    assert!(n > 0);
+    eprintln!(
+        "group a: {n} write+read pairs across the kill, slowest {worst:?}; b served again after {restarted:?}"
+    );
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    assert!(ca.device_info().is_ok());
+    assert_eq!(attr().trim(), "0");
+    drop(cb2);
+
+    // Removing b ends its worker; the daemon's stop ends a's.
+    std::fs::write(d.mdev_dir(&b).join("remove"), "1\n").unwrap();
+    wait_until("b's worker outlived its device", || ppid(pb2).is_none());
+    assert_eq!(workers(daemon), vec![pa]);
+    drop(ca);
+    let child = d.child.as_ref().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = d.child.as_mut().unwrap().wait().unwrap();
+    assert!(status.success(), "{status}");
+    wait_until("a worker outlived the daemon", || {
+        std::fs::metadata(format!("/proc/{pa}")).is_err() || ppid(pa).is_none()
+    });
+}
