@@ -89,7 +89,8 @@ pub use parent::{
     AttrSpec, DeviceDescription, MdevParts, Parent, TypeSpec, VendorAttrs, DEVICE_API_VFIO_PCI,
 };
 pub use registry::{
-    Core, CoreConfig, Described, GroupInfo, MdevInfo, Remote, Serve, Served, TypeInfo, P2P_ATTR,
+    Core, CoreConfig, Described, GroupInfo, MdevInfo, Remote, Serve, Served, ServedState, TypeInfo,
+    P2P_ATTR,
 };
 /// The errno every author-facing hook returns (re-exported from `umdev_pci`).
 pub use umdev_pci::Errno;

@@ -79,6 +79,29 @@ pub trait Served: Send {
     /// Asks the client to release the device (the REQ interrupt), for a device the core
     /// did not build (whose interrupts it does not hold).
     fn signal_req(&self) {}
+    /// Whether it is being served now (the `state` attribute).
+    fn state(&self) -> ServedState {
+        ServedState::Running
+    }
+}
+
+/// Whether a device is being served (its `state` attribute in the tree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServedState {
+    /// Served: a client may attach.
+    Running,
+    /// Its worker process died; the daemon is starting it again (its clients are gone).
+    WorkerDied,
+}
+
+impl ServedState {
+    /// The attribute's text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedState::Running => "running",
+            ServedState::WorkerDied => "worker-died",
+        }
+    }
 }
 
 /// Tunables of the core.
@@ -130,6 +153,8 @@ pub struct MdevInfo {
     pub held_by: Option<ClientId>,
     /// Its attribute files (vendor attributes and `peer_to_peer_resource_uuid`).
     pub attrs: Vec<AttrSpec>,
+    /// Whether it is served now.
+    pub state: ServedState,
 }
 
 /// An IOMMU group.
@@ -971,6 +996,10 @@ fn mdev_info(uuid: &MdevUuid, m: &MdevEntry) -> MdevInfo {
         socket: m.socket.clone(),
         held_by: m.held_by,
         attrs: m.attr_specs.clone(),
+        state: m
+            .served
+            .as_ref()
+            .map_or(ServedState::Running, |s| s.state()),
     }
 }
 

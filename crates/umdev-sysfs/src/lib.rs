@@ -8,7 +8,7 @@
 //!         create (WO) name description available_instances device_api (RO)
 //!         devices/<uuid>                        -> ../../../<uuid>
 //! devices/umdev/<parent>/<uuid>/
-//!         remove (WO) vfio_user_socket (RO) <vendor attributes>
+//!         remove (WO) vfio_user_socket state (RO) <vendor attributes>
 //!         mdev_type                             -> ../mdev_supported_types/<type>
 //!         iommu_group                           -> ../../../../kernel/iommu_groups/<n>
 //! bus/mdev/devices/<uuid>                       -> ../../../devices/umdev/<parent>/<uuid>

@@ -41,6 +41,8 @@ pub(crate) enum File {
     },
     Remove(MdevUuid),
     Socket(MdevUuid),
+    /// Whether the device is served now (`running`, `worker-died`): umdev's own.
+    State(MdevUuid),
     Attr {
         uuid: MdevUuid,
         name: String,
@@ -158,6 +160,7 @@ pub(crate) fn resolve(core: &Core, path: &[&str]) -> Option<Entry> {
             match *f {
                 "remove" => Entry::File(File::Remove(m.uuid)),
                 "vfio_user_socket" => Entry::File(File::Socket(m.uuid)),
+                "state" => Entry::File(File::State(m.uuid)),
                 "mdev_type" => Link(format!("../{TYPES}/{}", m.type_id)),
                 "iommu_group" => Link(format!("../../../../kernel/iommu_groups/{}", m.iommu_group)),
                 _ => {
@@ -287,7 +290,13 @@ pub(crate) fn children(core: &Core, path: &[&str]) -> Option<Vec<String>> {
             .collect(),
         ["devices", "umdev", p, u] if mdev_in(core, p, u).is_some() => {
             let m = mdev_in(core, p, u)?;
-            let mut v = names(&["iommu_group", "mdev_type", "remove", "vfio_user_socket"]);
+            let mut v = names(&[
+                "iommu_group",
+                "mdev_type",
+                "remove",
+                "state",
+                "vfio_user_socket",
+            ]);
             for a in &m.attrs {
                 let top = a.name.split('/').next().unwrap_or(&a.name).to_owned();
                 if !v.contains(&top) {
@@ -354,6 +363,7 @@ pub(crate) fn read(core: &Core, f: &File) -> Result<String, Errno> {
                     .unwrap_or_default()
             )
         }
+        File::State(u) => format!("{}\n", core.mdev(u).ok_or(Errno::NODEV)?.state.as_str()),
         File::Attr { uuid, name, .. } => core.read_attr(uuid, name).map_err(|e| errno_of(&e))?,
         File::ParentAttr { parent, name, .. } => core
             .read_parent_attr(parent, name)

@@ -104,6 +104,13 @@ fn a_killed_worker_takes_down_only_its_group_and_comes_back() {
         v.sort_unstable();
         v
     });
+    let state = |u: &str| {
+        std::fs::read_to_string(d.mdev_dir(u).join("state"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!((state(&a), state(&b)), ("running".into(), "running".into()));
     // Vendor attributes come from the worker through the daemon's tree.
     let attr_path = d.mdev_dir(&a).join(ATTR_TRAPPED_BAR2);
     let attr = || std::fs::read_to_string(&attr_path).unwrap();
@@ -132,8 +139,12 @@ fn a_killed_worker_takes_down_only_its_group_and_comes_back() {
         rustix::process::Signal::KILL,
     )
     .unwrap();
-    // b's client finds its server gone.
+    // b's client finds its server gone; the tree says so until it is back (the worker is
+    // started again 100 ms after its death, so the state can be read in between).
     assert!(cb.device_info().is_err(), "a killed worker still answered");
+    wait_until("the tree never said b's worker died", || {
+        state(&b) == "worker-died"
+    });
     // The daemon starts b's worker again: a new client gets the device.
     let mut back = None;
     wait_until("b never took a new client", || {
@@ -141,6 +152,10 @@ fn a_killed_worker_takes_down_only_its_group_and_comes_back() {
         back.is_some()
     });
     let restarted = killed_at.elapsed();
+    wait_until("b's state never came back to running", || {
+        state(&b) == "running"
+    });
+    assert_eq!(state(&a), "running");
     let (mut cb2, pb2) = back.unwrap();
     assert_ne!(pb2, pb);
     assert_eq!(ppid(pb2), Some(daemon), "the daemon started it");

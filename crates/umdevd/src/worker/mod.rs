@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use umdev_core::{Described, DeviceEnv, Errno, MdevUuid, Remote, Serve, Served, VendorAttrs};
+use umdev_core::{
+    Described, DeviceEnv, Errno, MdevUuid, Remote, Serve, Served, ServedState, VendorAttrs,
+};
 use umdev_pci::{DisplayPlane, OpenGuard, PciFunction};
 
 use crate::config::ServerSection;
@@ -114,6 +116,7 @@ impl WorkerServe {
             link: Mutex::new(None),
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            down: AtomicBool::new(false),
             supervisor: Mutex::new(None),
         });
         let link = worker.spawn()?;
@@ -204,6 +207,8 @@ struct Worker {
     link: Mutex<Option<Arc<Link>>>,
     child: Mutex<Option<Child>>,
     stopping: AtomicBool,
+    /// Between its death and its devices served again.
+    down: AtomicBool,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -291,6 +296,7 @@ impl Worker {
                 self.reap(false);
                 return;
             }
+            self.down.store(true, Ordering::Release);
             let status = self.reap(true);
             let uuids: Vec<String> = lock(&self.devices).keys().cloned().collect();
             tracing::error!(worker = self.name, status = ?status, devices = ?uuids,
@@ -333,6 +339,7 @@ impl Worker {
                 return;
             }
         }
+        self.down.store(false, Ordering::Release);
         tracing::info!(worker = self.name, "worker serving again");
     }
 
@@ -443,6 +450,14 @@ impl Served for WorkerServed {
                 memory: Arc::new(fd),
             }),
             _ => Err(Errno::PROTO),
+        }
+    }
+
+    fn state(&self) -> ServedState {
+        if self.worker.down.load(Ordering::Acquire) {
+            ServedState::WorkerDied
+        } else {
+            ServedState::Running
         }
     }
 
