@@ -177,6 +177,10 @@ pub struct DeviceEntry {
     pub socket: Option<String>,
     /// The IOMMU group, when active.
     pub iommu_group: Option<u32>,
+    /// `running` or `worker-died` (its worker process died and is being started again),
+    /// when active.
+    #[serde(default)]
+    pub state: Option<String>,
 }
 
 /// Who holds a group.

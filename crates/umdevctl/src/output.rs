@@ -119,6 +119,10 @@ pub fn list_text(devices: &[DeviceEntry], defined: bool, verbose: bool) -> Strin
         } else if !defined && d.defined {
             s.push_str(" (defined)");
         }
+        // mdevctl's layout, unless a device is not served (umdev's own: its worker died).
+        if let Some(state) = d.state.as_deref().filter(|s| *s != "running") {
+            s.push_str(&format!(" [{state}]"));
+        }
         s.push('\n');
         if verbose && !d.attrs.is_empty() {
             s.push_str("  Attrs:\n");
@@ -213,10 +217,19 @@ mod tests {
             attrs: vec![("k".into(), "v".into())],
             socket: None,
             iommu_group: None,
+            state: Some("running".into()),
         };
         assert_eq!(
             list_text(std::slice::from_ref(&d), false, false),
             "u p t auto (defined)\n"
+        );
+        let died = DeviceEntry {
+            state: Some("worker-died".into()),
+            ..d.clone()
+        };
+        assert_eq!(
+            list_text(std::slice::from_ref(&died), false, false),
+            "u p t auto (defined) [worker-died]\n"
         );
         assert_eq!(
             list_text(std::slice::from_ref(&d), true, true),

@@ -266,6 +266,7 @@ impl Handler {
                     socket: active
                         .as_ref()
                         .and_then(|m| m.socket.as_ref().map(|s| s.display().to_string())),
+                    state: active.as_ref().map(|m| m.state.as_str().to_owned()),
                     iommu_group: active.map(|m| m.iommu_group),
                 });
             }
@@ -287,6 +288,7 @@ impl Handler {
                     attrs: Vec::new(),
                     socket: m.socket.map(|s| s.display().to_string()),
                     iommu_group: Some(m.iommu_group),
+                    state: Some(m.state.as_str().to_owned()),
                 });
             }
         }
