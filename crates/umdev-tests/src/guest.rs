@@ -148,6 +148,11 @@ impl Proc {
         }
     }
 
+    /// The process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The exit status if the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {

@@ -26,6 +26,11 @@
 //! Allocate, the mount it returns is bound at its container path inside the chroot, and QEMU
 //! opens the socket the environment variable names, a path only the "container" has.
 //!
+//! The plain-memory boot runs the daemon with `isolation = "worker"` (each group in a worker
+//! process): QEMU meets every region kind, DMA path and interrupt through workers, and a
+//! device of another group, its client attached, has its worker killed (SIGKILL) while the
+//! guest runs: the guest never notices, the daemon logs it and serves the device again.
+//!
 //! Needs root, `/dev/fuse` and the guest cache (`tests/guest/setup.sh`); logs of each run
 //! stay in `$CARGO_TARGET_TMPDIR/guest-devices-<memory>/`.
 
@@ -265,8 +270,14 @@ fn run(memory: Memory, which: Run) {
     let root = host.path().join("root");
     let config = host.path().join("umdevd.toml");
     let pool = host.path().join("pool");
+    // The plain-memory boot runs the daemon with a worker process per IOMMU group.
+    let isolation = if memory == Memory::Plain && which == Run::AllWithMsix {
+        "worker"
+    } else {
+        "thread"
+    };
     let text = format!(
-        "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n\n[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
+        "root = {:?}\nsockets_dir = {:?}\nisolation = \"{isolation}\"\n\n[[parent]]\nname = \"spare0\"\ndriver = \"mtty\"\noptions = {{ ports = 1, console = \"none\" }}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n\n[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
         root.display().to_string(),
         sockets.path().display().to_string(),
         pool.display().to_string(),
@@ -368,6 +379,22 @@ fn run(memory: Memory, which: Run) {
         device_props: r#","x-msg-timeout":30000"#,
         log_dir: &log_dir,
     };
+    // A device of another group, its client attached; in worker mode its worker is killed
+    // while the guest runs, which the guest's devices must never notice.
+    let spare_uuid = read_trimmed(Path::new("/proc/sys/kernel/random/uuid")).unwrap();
+    fs::write(
+        root.join("sys/class/mdev_bus/spare0/mdev_supported_types/mtty-1/create"),
+        format!("{spare_uuid}\n"),
+    )
+    .unwrap();
+    let spare_dev = root.join("sys/bus/mdev/devices").join(&spare_uuid);
+    let spare_socket = PathBuf::from(read_trimmed(&spare_dev.join("vfio_user_socket")).unwrap());
+    let (mut spare, spare_pid) = served_client(&spare_socket).unwrap();
+    let kill_spare = isolation == "worker";
+    if kill_spare {
+        assert_ne!(spare_pid, daemon.proc.pid(), "a worker serves it");
+    }
+    let mut killed = false;
     let mut guest = Guest::boot(&boot).unwrap_or_else(|e| panic!("{e}"));
     let mut screens = Screens {
         uuid: vga_uuid.clone(),
@@ -380,8 +407,15 @@ fn run(memory: Memory, which: Run) {
         if let Some(s) = daemon.proc.exited() {
             return Err(format!("the daemon exited during the guest run: {s}"));
         }
+        let text = sink_text(&console_sink);
         if display {
-            screens.poll(&sink_text(&console_sink));
+            screens.poll(&text);
+        }
+        if kill_spare && !killed && text.contains("GUEST-CHECK") {
+            let pid = rustix::process::Pid::from_raw(i32::try_from(spare_pid).unwrap()).unwrap();
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                .map_err(|e| format!("killing the spare device's worker: {e}"))?;
+            killed = true;
         }
         Ok(())
     });
@@ -480,6 +514,35 @@ fn run(memory: Memory, which: Run) {
         )),
         _ => {}
     }
+    if kill_spare {
+        if !killed {
+            problems.push("the spare device's worker was never killed".into());
+        }
+        if spare.device_info().is_ok() {
+            problems.push("a killed worker's client was still answered".into());
+        }
+        // The daemon started it again: the device takes a new client, in a new process.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match served_client(&spare_socket) {
+                Ok((_, pid)) if pid != spare_pid => break,
+                _ if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => {
+                    problems.push(format!(
+                        "the spare device never took a new client: {:?}",
+                        r.map(|(_, pid)| pid)
+                    ));
+                    break;
+                }
+            }
+        }
+        let log = fs::read_to_string(log_dir.join("daemon.stderr")).unwrap_or_default();
+        if !log.contains("a worker died") {
+            problems.push("the daemon did not log the worker's death".into());
+        }
+    }
     let requests = read_trimmed(&hello_dev.join("vendor/requests")).unwrap_or_default();
     if requests != "1" {
         problems.push(format!(
@@ -562,6 +625,18 @@ impl Drop for Pod {
         let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
         let _ = fs::remove_dir(&self.mountpoint);
     }
+}
+
+/// A client of `socket` and the pid of the process serving it (the socket's listener).
+fn served_client(socket: &Path) -> Result<(umdev_client::Client, u32), String> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    let cred = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| e.to_string())?;
+    let pid = u32::try_from(cred.pid.as_raw_nonzero().get()).map_err(|e| e.to_string())?;
+    let t = umdev_transport::UnixTransport::new(stream);
+    let mut c = umdev_client::Client::unnegotiated(std::sync::Arc::new(t));
+    c.negotiate(&umdev_client::ClientOptions::default())
+        .map_err(|e| e.to_string())?;
+    Ok((c, pid))
 }
 
 /// A clean stop of the daemon, and the guest's results on the test's output.
