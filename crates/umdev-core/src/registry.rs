@@ -38,6 +38,13 @@ pub trait Serve: Send + Sync {
     }
     /// Removes what `env` made, once the device is stopped (or was never served).
     fn release(&self, _env: &DeviceEnv) {}
+    /// Device `uuid` has moved to another IOMMU group, whose other devices are `peers`
+    /// (none: it is alone there). A front-end that serves each group in a process of its
+    /// own moves it to the process of its new group. Called with the registry lock held,
+    /// while no client holds either group.
+    fn regroup(&self, _uuid: &MdevUuid, _peers: &[MdevUuid]) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A new device for a front-end that builds devices itself ([`Serve::start_described`]).
@@ -844,7 +851,24 @@ impl Core {
             if name == P2P_ATTR {
                 let v = value.strip_suffix('\n').unwrap_or(value);
                 let target = MdevUuid::parse(v).map_err(|e| CoreError::Invalid(e.to_string()))?;
-                return move_p2p(&mut st, uuid, target);
+                let moved = move_p2p(&mut st, uuid, target)?;
+                if !moved {
+                    return Ok(());
+                }
+                let peers: Vec<MdevUuid> = st
+                    .mdevs
+                    .get(uuid)
+                    .and_then(|m| st.groups.get(&m.group))
+                    .map(|g| g.devices.iter().filter(|d| *d != uuid).copied().collect())
+                    .unwrap_or_default();
+                return self
+                    .inner
+                    .serve
+                    .regroup(uuid, &peers)
+                    .map_err(|source| CoreError::Serve {
+                        uuid: *uuid,
+                        source,
+                    });
             }
             m.attrs.clone()
         };
@@ -941,12 +965,13 @@ impl Core {
     }
 }
 
-fn move_p2p(st: &mut State, uuid: &MdevUuid, target: MdevUuid) -> Result<(), CoreError> {
+/// Moves `uuid` to the group of resource `target`; whether it moved (false: it was there).
+fn move_p2p(st: &mut State, uuid: &MdevUuid, target: MdevUuid) -> Result<bool, CoreError> {
     let Some(m) = st.mdevs.get(uuid) else {
         return Err(CoreError::NoDevice(*uuid));
     };
     if m.p2p == Some(target) {
-        return Ok(());
+        return Ok(false);
     }
     let old = m.group;
     let new = st.p2p.get(&target).copied();
@@ -968,7 +993,7 @@ fn move_p2p(st: &mut State, uuid: &MdevUuid, target: MdevUuid) -> Result<(), Cor
         m.p2p = Some(target);
     }
     tracing::info!(%uuid, from = old, to = id, "mdev moved to another IOMMU group");
-    Ok(())
+    Ok(true)
 }
 
 fn type_info(st: &State, p: &ParentEntry, t: &TypeSpec, in_use: &[&str]) -> TypeInfo {

@@ -31,6 +31,11 @@ options = { pool = 2 }
 name = "mtty0"
 driver = "mtty"
 options = { ports = 2, console = "none" }
+
+[[parent]]
+name = "p2p0"
+driver = "mtty"
+options = { ports = 3, console = "none", peer_to_peer = true }
 "#;
 
 /// A client of `socket`, and the pid of the process serving it (the socket's listener).
@@ -188,4 +193,43 @@ fn a_killed_worker_takes_down_only_its_group_and_comes_back() {
     wait_until("a worker outlived the daemon", || {
         std::fs::metadata(format!("/proc/{pa}")).is_err() || ppid(pa).is_none()
     });
+}
+
+#[test]
+fn devices_that_share_a_group_share_a_worker() {
+    let d = Daemon::start_test_daemon(CONFIG);
+    let daemon = d.child.as_ref().unwrap().id();
+    let (a, b, c) = (new_uuid(), new_uuid(), new_uuid());
+    for u in [&a, &b, &c] {
+        d.create("p2p0", "mtty-1", u).unwrap();
+    }
+    let p2p = |u: &str| d.mdev_dir(u).join("peer_to_peer_resource_uuid");
+    let server = |u: &str| connect(&d.socket(u)).1;
+    let (sa, sb, sc) = (server(&a), server(&b), server(&c));
+    assert!(
+        sa != sb && sb != sc && sa != sc,
+        "three groups, three workers"
+    );
+    // b joins a's group: it is served by a's worker now, and b's worker is gone.
+    let resource = std::fs::read_to_string(p2p(&a)).unwrap();
+    std::fs::write(p2p(&b), &resource).unwrap();
+    assert_eq!(server(&b), sa);
+    wait_until("b's old worker outlived its group", || ppid(sb).is_none());
+    // One client per group, across the devices of one worker: another process holding a
+    // refuses this one on b.
+    let group = |u: &str| std::fs::read_link(d.mdev_dir(u).join("iommu_group")).unwrap();
+    assert_eq!(group(&a), group(&b));
+    // c joins too, then leaves for a group of its own: a new worker again.
+    std::fs::write(p2p(&c), &resource).unwrap();
+    assert_eq!(server(&c), sa);
+    assert_eq!(workers(daemon).len(), 1);
+    std::fs::write(p2p(&c), format!("{}\n", new_uuid())).unwrap();
+    let sc2 = server(&c);
+    assert!(sc2 != sa && sc2 != sc);
+    assert_eq!(workers(daemon).len(), 2);
+    // While a client holds a (the worker asked the daemon's group rules when it opened),
+    // its group cannot change.
+    let (_held, _) = connect(&d.socket(&a));
+    let e = std::fs::write(p2p(&b), format!("{}\n", new_uuid())).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(16), "EBUSY: {e}");
 }

@@ -8,7 +8,10 @@
 //! logs how, releases the group it held, starts a new process and gives it the same
 //! devices again (their clients must reconnect; other groups never notice).
 //!
-//! A new device is alone in its group, so it gets a worker of its own.
+//! A new device is alone in its group, so it gets a worker of its own; a device that moves
+//! to another group (`peer_to_peer_resource_uuid`, only while neither group is open) is
+//! stopped in its worker and built again in its new group's (the last device of a worker
+//! ends it).
 
 mod link;
 pub mod process;
@@ -59,6 +62,22 @@ pub struct WorkerServe {
     /// The worker binary (the daemon's own).
     pub exe: PathBuf,
     next: AtomicU64,
+    /// Which worker serves each device (by UUID): a device moves with its group.
+    placements: Placements,
+}
+
+/// Where each device is served.
+type Placements = Arc<Mutex<BTreeMap<String, Arc<Placement>>>>;
+
+/// The worker serving one device; changed when the device moves to another group.
+struct Placement {
+    worker: Mutex<Arc<Worker>>,
+}
+
+impl Placement {
+    fn get(&self) -> Arc<Worker> {
+        lock(&self.worker).clone()
+    }
 }
 
 impl WorkerServe {
@@ -77,7 +96,33 @@ impl WorkerServe {
             links_dir,
             exe,
             next: AtomicU64::new(0),
+            placements: Arc::default(),
         }
+    }
+
+    /// A new worker process, connected and supervised, serving nothing yet.
+    fn new_worker(&self) -> std::io::Result<Arc<Worker>> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let worker = Arc::new(Worker {
+            name: format!("worker-{n}"),
+            exe: self.exe.clone(),
+            link_path: self.links_dir.join(format!("worker-{n}.sock")),
+            devices: Mutex::new(BTreeMap::new()),
+            link: Mutex::new(None),
+            child: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            supervisor: Mutex::new(None),
+        });
+        let link = worker.spawn()?;
+        // The link's reader runs before the first call: every reply needs it.
+        if let Err(e) = Worker::supervise(&worker, link.clone()) {
+            worker.stopping.store(true, Ordering::Release);
+            link.shut();
+            worker.reap(true);
+            return Err(e);
+        }
+        Ok(worker)
     }
 
     fn start_worker(&self, d: &Described<'_>) -> std::io::Result<Remote> {
@@ -107,49 +152,69 @@ impl WorkerServe {
             owner: policy.owner,
             server: self.server.clone(),
         };
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let worker = Arc::new(Worker {
-            name: format!("worker-{n}"),
-            exe: self.exe.clone(),
-            link_path: self.links_dir.join(format!("worker-{n}.sock")),
-            devices: Mutex::new(BTreeMap::new()),
-            link: Mutex::new(None),
-            child: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            down: AtomicBool::new(false),
-            supervisor: Mutex::new(None),
-        });
-        let link = worker.spawn()?;
         let uuid = start.uuid.clone();
-        let first = start.clone_for_restart();
-        lock(&worker.devices).insert(
-            uuid.clone(),
-            Entry {
-                start,
-                guard: d.guard.clone(),
-                held: false,
-            },
-        );
-        // The link's reader runs before the first call: the reply needs it.
-        if let Err(e) = Worker::supervise(&worker, link.clone()) {
-            worker.stopping.store(true, Ordering::Release);
-            link.shut();
-            worker.reap(true);
-            return Err(e);
-        }
-        if let Err(e) = link.call(Call::Start(Box::new(first))) {
-            worker.stop_device(&uuid);
-            return Err(io_err(e));
-        }
+        let worker = self.new_worker()?;
+        worker.add(Entry {
+            start,
+            guard: d.guard.clone(),
+            held: false,
+        })?;
+        let placement = Arc::new(Placement {
+            worker: Mutex::new(worker),
+        });
+        lock(&self.placements).insert(uuid.clone(), placement.clone());
         let socket = dir.join(umdev_core::VFIO_USER_SOCKET);
         Ok(Remote {
             served: Box::new(WorkerServed {
-                worker: worker.clone(),
+                placement: placement.clone(),
+                placements: self.placements.clone(),
                 uuid: uuid.clone(),
                 socket,
             }),
-            attrs: Some(Arc::new(WorkerAttrs { worker, uuid })),
+            attrs: Some(Arc::new(WorkerAttrs { placement, uuid })),
         })
+    }
+
+    /// Moves device `uuid` to the worker of `peers` (a new worker if it has none).
+    fn move_device(&self, uuid: &MdevUuid, peers: &[MdevUuid]) -> std::io::Result<()> {
+        let uuid = uuid.to_string();
+        let (me, target) = {
+            let placements = lock(&self.placements);
+            let Some(me) = placements.get(&uuid).cloned() else {
+                return Ok(());
+            };
+            let target = peers
+                .iter()
+                .find_map(|p| placements.get(&p.to_string()))
+                .map(|p| p.get());
+            (me, target)
+        };
+        let old = me.get();
+        match &target {
+            Some(t) if Arc::ptr_eq(t, &old) => return Ok(()),
+            None if lock(&old.devices).len() == 1 => return Ok(()),
+            _ => {}
+        }
+        let entry = old
+            .remove_device(&uuid)
+            .ok_or_else(|| std::io::Error::other(format!("{uuid} has no worker")))?;
+        let new = match target {
+            Some(t) => t,
+            None => self.new_worker().inspect_err(|e| {
+                tracing::error!(uuid, error = %e, "a device moved to a new group has no worker now");
+            })?,
+        };
+        new.add(entry).inspect_err(|e| {
+            tracing::error!(uuid, worker = new.name, error = %e, "a device moved to another group is not served");
+        })?;
+        tracing::info!(
+            uuid,
+            from = old.name,
+            to = new.name,
+            "device moved to its new group's worker"
+        );
+        *lock(&me.worker) = new;
+        Ok(())
     }
 }
 
@@ -164,6 +229,10 @@ impl Serve for WorkerServe {
 
     fn start_described(&self, d: Described<'_>) -> Option<std::io::Result<Remote>> {
         Some(self.start_worker(&d))
+    }
+
+    fn regroup(&self, uuid: &MdevUuid, peers: &[MdevUuid]) -> std::io::Result<()> {
+        self.move_device(uuid, peers)
     }
 
     fn release(&self, env: &DeviceEnv) {
@@ -379,8 +448,24 @@ impl Worker {
         link.reply(id, answer, None);
     }
 
-    /// Stops device `uuid`; the last one stops the worker.
-    fn stop_device(&self, uuid: &str) {
+    /// Builds and serves `entry`'s device here.
+    fn add(&self, entry: Entry) -> std::io::Result<()> {
+        let uuid = entry.start.uuid.clone();
+        let start = entry.start.clone_for_restart();
+        lock(&self.devices).insert(uuid.clone(), entry);
+        let r = self
+            .link()
+            .and_then(|l| l.call(Call::Start(Box::new(start))));
+        if let Err(e) = r {
+            self.stop_device(&uuid);
+            return Err(io_err(e));
+        }
+        Ok(())
+    }
+
+    /// Stops serving device `uuid` and gives back what the daemon kept of it; the last
+    /// device stops the worker.
+    fn remove_device(&self, uuid: &str) -> Option<Entry> {
         if let Ok(link) = self.link() {
             if let Err(e) = link.call(Call::Stop {
                 uuid: uuid.to_owned(),
@@ -388,14 +473,10 @@ impl Worker {
                 tracing::warn!(worker = self.name, uuid, error = %e, "a worker did not stop a device");
             }
         }
-        let last = {
+        let (entry, last) = {
             let mut devices = lock(&self.devices);
-            if let Some(e) = devices.remove(uuid) {
-                if e.held {
-                    e.guard.release();
-                }
-            }
-            devices.is_empty()
+            let e = devices.remove(uuid);
+            (e, devices.is_empty())
         };
         if last {
             self.stopping.store(true, Ordering::Release);
@@ -408,12 +489,23 @@ impl Worker {
             }
             tracing::info!(worker = self.name, "worker stopped");
         }
+        entry
+    }
+
+    /// Stops device `uuid` for good.
+    fn stop_device(&self, uuid: &str) {
+        if let Some(e) = self.remove_device(uuid) {
+            if e.held {
+                e.guard.release();
+            }
+        }
     }
 }
 
 /// A device served by a worker.
 struct WorkerServed {
-    worker: Arc<Worker>,
+    placement: Arc<Placement>,
+    placements: Placements,
     uuid: String,
     socket: PathBuf,
 }
@@ -424,11 +516,12 @@ impl Served for WorkerServed {
     }
 
     fn stop(self: Box<Self>) {
-        self.worker.stop_device(&self.uuid);
+        self.placement.get().stop_device(&self.uuid);
+        lock(&self.placements).remove(&self.uuid);
     }
 
     fn display_plane(&self) -> Result<DisplayPlane, Errno> {
-        let (reply, fd) = self.worker.link()?.call(Call::Plane {
+        let (reply, fd) = self.placement.get().link()?.call(Call::Plane {
             uuid: self.uuid.clone(),
         })?;
         match (reply, fd) {
@@ -454,7 +547,7 @@ impl Served for WorkerServed {
     }
 
     fn state(&self) -> ServedState {
-        if self.worker.down.load(Ordering::Acquire) {
+        if self.placement.get().down.load(Ordering::Acquire) {
             ServedState::WorkerDied
         } else {
             ServedState::Running
@@ -462,7 +555,7 @@ impl Served for WorkerServed {
     }
 
     fn signal_req(&self) {
-        if let Ok(link) = self.worker.link() {
+        if let Ok(link) = self.placement.get().link() {
             let _ = link.cast(Call::Req {
                 uuid: self.uuid.clone(),
             });
@@ -472,13 +565,13 @@ impl Served for WorkerServed {
 
 /// A worker's device's vendor attributes, asked over the link.
 struct WorkerAttrs {
-    worker: Arc<Worker>,
+    placement: Arc<Placement>,
     uuid: String,
 }
 
 impl VendorAttrs for WorkerAttrs {
     fn show(&self, name: &str) -> Result<String, Errno> {
-        match self.worker.link()?.call(Call::Show {
+        match self.placement.get().link()?.call(Call::Show {
             uuid: self.uuid.clone(),
             name: name.to_owned(),
         })? {
@@ -488,7 +581,8 @@ impl VendorAttrs for WorkerAttrs {
     }
 
     fn store(&self, name: &str, value: &str) -> Result<(), Errno> {
-        self.worker
+        self.placement
+            .get()
             .link()?
             .call(Call::Store {
                 uuid: self.uuid.clone(),
