@@ -86,7 +86,8 @@ pub use driver::{
 pub use env::{DeviceEnv, VFIO_USER_SOCKET};
 pub use error::CoreError;
 pub use parent::{
-    AttrSpec, DeviceDescription, MdevParts, Parent, TypeSpec, VendorAttrs, DEVICE_API_VFIO_PCI,
+    AttrSpec, DeviceDescription, MdevParts, Parent, SandboxPath, TypeSpec, VendorAttrs,
+    DEVICE_API_VFIO_PCI,
 };
 pub use registry::{
     Core, CoreConfig, Described, GroupInfo, MdevInfo, Remote, Serve, Served, ServedState, TypeInfo,

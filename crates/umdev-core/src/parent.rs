@@ -91,6 +91,25 @@ pub trait VendorAttrs: Send + Sync {
     }
 }
 
+/// A path a device's code opens outside its own directory ([`Parent::sandbox_paths`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxPath {
+    /// The file or directory (a directory's whole tree).
+    pub path: std::path::PathBuf,
+    /// Whether it may be written (else only read).
+    pub write: bool,
+}
+
+impl SandboxPath {
+    /// `path`, readable and writable.
+    pub fn read_write(path: impl Into<std::path::PathBuf>) -> SandboxPath {
+        SandboxPath {
+            path: path.into(),
+            write: true,
+        }
+    }
+}
+
 /// What a device is made of, as `create` decided it: its type and the driver's own data
 /// (a port count, a backing file, a size), serialisable so the device can be built later
 /// or in another process.
@@ -187,6 +206,12 @@ pub trait Parent: Send + Sync {
     /// The device is gone (removed, after its client closed and its server stopped, or its
     /// creation failed after `create`): give back what `create` took.
     fn remove(&self, _uuid: &MdevUuid, _description: &DeviceDescription) {}
+    /// What the device `description` names opens outside its own directory (a backing
+    /// file, `/dev/ptmx`). With worker isolation its worker's sandbox lets it open these and
+    /// nothing else; the default: nothing.
+    fn sandbox_paths(&self, _description: &DeviceDescription) -> Vec<SandboxPath> {
+        Vec::new()
+    }
     /// Whether a device that a client holds can be taken away from it (surprise removal).
     /// When false, removing a held device fails with EBUSY once the client has been asked
     /// to release it and has not.

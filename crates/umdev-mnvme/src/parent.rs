@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use umdev_core::{
     AttrSpec, DeviceDescription, DeviceEnv, DriverError, Errno, MdevParts, MdevUuid, OptionSpec,
-    Options, Parent, ParentContext, ParentDriver, TypeSpec, VendorAttrs,
+    Options, Parent, ParentContext, ParentDriver, SandboxPath, TypeSpec, VendorAttrs,
 };
 
 use crate::ctrl::{Ctrl, Tuning};
@@ -232,6 +232,12 @@ impl Parent for MnvmeParent {
             device: Box::new(Mnvme { ctrl: ctrl.clone() }),
             attrs: Some(Box::new(Attrs(ctrl))),
         })
+    }
+
+    fn sandbox_paths(&self, d: &DeviceDescription) -> Vec<SandboxPath> {
+        d.data::<Described>()
+            .map(|desc| vec![SandboxPath::read_write(desc.file)])
+            .unwrap_or_default()
     }
 
     fn remove(&self, uuid: &MdevUuid, d: &DeviceDescription) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustix::io::Errno;
 use umdev_core::{
     AttrSpec, DeviceDescription, DeviceEnv, DriverError, MdevParts, MdevUuid, OptionSpec, Options,
-    Parent, ParentContext, ParentDriver, TypeSpec, VendorAttrs,
+    Parent, ParentContext, ParentDriver, SandboxPath, TypeSpec, VendorAttrs,
 };
 
 use crate::{HostEndpoint, Mtty, MttyConfig, MttyError};
@@ -243,6 +243,18 @@ impl Parent for MttyParent {
             device: Box::new(mtty),
             attrs: Some(Box::new(attrs)),
         })
+    }
+
+    fn sandbox_paths(&self, _: &DeviceDescription) -> Vec<SandboxPath> {
+        // A PTY console opens the multiplexer; socket consoles live in the device's own
+        // directory.
+        match self.console {
+            Console::Pty => vec![
+                SandboxPath::read_write("/dev/ptmx"),
+                SandboxPath::read_write("/dev/pts"),
+            ],
+            Console::None | Console::Sockets => Vec::new(),
+        }
     }
 
     fn attrs(&self) -> Vec<AttrSpec> {

@@ -210,22 +210,29 @@ fn devices_that_share_a_group_share_a_worker() {
         sa != sb && sb != sc && sa != sc,
         "three groups, three workers"
     );
-    // b joins a's group: it is served by a's worker now, and b's worker is gone.
+    // b joins a's group: the group gets a worker sealed for both (a sealed worker can
+    // open nothing new), and the two old workers end.
     let resource = std::fs::read_to_string(p2p(&a)).unwrap();
     std::fs::write(p2p(&b), &resource).unwrap();
-    assert_eq!(server(&b), sa);
-    wait_until("b's old worker outlived its group", || ppid(sb).is_none());
-    // One client per group, across the devices of one worker: another process holding a
-    // refuses this one on b.
+    let ab = server(&a);
+    assert_eq!(server(&b), ab);
+    assert!(ab != sa && ab != sb);
+    wait_until("an old worker outlived its group", || {
+        ppid(sa).is_none() && ppid(sb).is_none()
+    });
     let group = |u: &str| std::fs::read_link(d.mdev_dir(u).join("iommu_group")).unwrap();
     assert_eq!(group(&a), group(&b));
-    // c joins too, then leaves for a group of its own: a new worker again.
+    // c joins too (a new worker for the three), then leaves for a group of its own: a new
+    // worker for c, the others stay where they are.
     std::fs::write(p2p(&c), &resource).unwrap();
-    assert_eq!(server(&c), sa);
-    assert_eq!(workers(daemon).len(), 1);
+    let abc = server(&c);
+    assert_eq!((server(&a), server(&b)), (abc, abc));
+    wait_until("c's old worker outlived its group", || ppid(sc).is_none());
+    assert_eq!(workers(daemon), vec![abc]);
     std::fs::write(p2p(&c), format!("{}\n", new_uuid())).unwrap();
-    let sc2 = server(&c);
-    assert!(sc2 != sa && sc2 != sc);
+    let c_alone = server(&c);
+    assert!(c_alone != abc);
+    assert_eq!(server(&a), abc);
     assert_eq!(workers(daemon).len(), 2);
     // While a client holds a (the worker asked the daemon's group rules when it opened),
     // its group cannot change.

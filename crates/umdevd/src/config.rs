@@ -11,6 +11,11 @@
 //! release_timeout_ms = 2000           # how long `remove` waits for a client after REQ
 //! isolation = "thread"                # "worker": each IOMMU group in a process of its own
 //!
+//! [sandbox]                           # workers only: Landlock, seccomp, no capabilities
+//! enabled = true
+//! on_violation = "kill"               # a system call outside the filter: "eperm", "log"
+//! allow = ["/srv/disks"]              # also openable by every worker (shared storage)
+//!
 //! [server]                            # every device's vfio-user server
 //! spin_us = 0                         # poll the socket this long before sleeping
 //! dma_timeout_ms = 5000               # a client's answer to a DMA_READ/WRITE
@@ -63,8 +68,54 @@ pub struct Config {
     /// Where devices run: threads of the daemon, or a worker process per IOMMU group.
     #[serde(default)]
     pub isolation: Isolation,
+    /// How workers confine themselves.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// The parents to host (absent: the daemon's defaults).
     pub parent: Option<Vec<ParentConfig>>,
+}
+
+/// What happens to a system call outside the filter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Violation {
+    /// The worker is killed (SIGSYS); the daemon starts it again.
+    #[default]
+    Kill,
+    /// The call fails with EPERM.
+    Eperm,
+    /// The call goes through; the kernel logs it (for finding what a driver needs).
+    Log,
+}
+
+/// The sandbox settings (`[sandbox]` in the configuration; workers only).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Whether workers sandbox themselves.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// What a system call outside the filter does.
+    #[serde(default)]
+    pub on_violation: Violation,
+    /// Directories or files every worker may open besides its devices' own and what their
+    /// drivers declare (shared storage holding disks adopted at run time).
+    #[serde(default)]
+    pub allow: Vec<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            enabled: true,
+            on_violation: Violation::Kill,
+            allow: Vec::new(),
+        }
+    }
 }
 
 /// Where devices run.
@@ -203,6 +254,7 @@ impl Default for Config {
             release_timeout_ms: default_release_timeout(),
             server: ServerSection::default(),
             isolation: Isolation::default(),
+            sandbox: SandboxConfig::default(),
             parent: None,
         }
     }

@@ -220,6 +220,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
                 config.server.clone(),
                 links,
                 exe,
+                config.sandbox.clone(),
             ))
         }
     };

@@ -133,6 +133,23 @@ fn make_device_dir(dir: &Path, policy: &SocketPolicy) -> std::io::Result<()> {
     })
 }
 
+impl DirServe {
+    /// A device's environment whose directory the daemon owns for now (a sealed worker,
+    /// without capabilities, must be able to bind in it): the owner is given afterwards.
+    pub fn env_for_worker(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
+        let policy = self.policy_of(parent);
+        let dir = self.dir.join(uuid.to_string());
+        make_device_dir(
+            &dir,
+            &SocketPolicy {
+                owner: None,
+                ..policy
+            },
+        )?;
+        Ok(DeviceEnv::new(*uuid, Some(dir), policy))
+    }
+}
+
 impl Serve for DirServe {
     fn env(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
         let policy = self.policy_of(parent);

@@ -86,10 +86,14 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("umdevd.toml");
         let mut text = format!("root = \"{}\"\n", dir.path().join("root").display());
-        // UMDEV_TEST_ISOLATION=worker runs a suite's daemons with a worker per group.
+        // UMDEV_TEST_ISOLATION=worker runs a suite's daemons with a sandboxed worker per
+        // group; the tests' own files (disks they adopt) are in the temporary directory.
         if let Ok(isolation) = std::env::var("UMDEV_TEST_ISOLATION") {
             if !config.contains("isolation") {
-                text.push_str(&format!("isolation = \"{isolation}\"\n"));
+                text.push_str(&format!(
+                    "isolation = \"{isolation}\"\nsandbox = {{ allow = [{:?}] }}\n",
+                    std::env::temp_dir().display().to_string()
+                ));
             }
         }
         text.push_str(config);

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use umdev_core::DeviceDescription;
 
-use crate::config::ServerSection;
+use crate::config::{SandboxConfig, ServerSection};
 
 /// The largest message: descriptions and attribute texts are small.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -54,6 +54,14 @@ pub enum Frame {
 /// What one side asks of the other.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Call {
+    /// Daemon to worker, the first message: the devices it will serve (to build their
+    /// parents and know what they open) and how to seal itself before serving any.
+    Seal {
+        /// The devices.
+        devices: Vec<StartDevice>,
+        /// The sandbox settings.
+        sandbox: SandboxConfig,
+    },
     /// Daemon to worker: build a device from its description and serve it.
     Start(Box<StartDevice>),
     /// Daemon to worker: stop serving a device (its client goes, its socket is removed).
@@ -301,6 +309,51 @@ impl Link {
         }
     }
 
+    /// The next message (`None` at the end of the link, or after one that cannot be read).
+    fn recv(&self, buf: &mut [u8]) -> Option<(Frame, Option<OwnedFd>)> {
+        loop {
+            let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
+            let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(buf)];
+            let r = match rustix::net::recvmsg(
+                self.fd.as_fd(),
+                &mut iov,
+                &mut cmsg,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Ok(r) => r,
+                Err(Errno::INTR) => continue,
+                Err(_) => return None,
+            };
+            let mut fd = None;
+            for m in cmsg.drain() {
+                if let RecvAncillaryMessage::ScmRights(rights) = m {
+                    fd = rights.into_iter().next();
+                }
+            }
+            if r.bytes == 0 {
+                return None;
+            }
+            if r.flags.contains(ReturnFlags::TRUNC) {
+                tracing::warn!("a message on a worker link was too large: closing the link");
+                return None;
+            }
+            return match serde_json::from_slice::<Frame>(&buf[..r.bytes]) {
+                Ok(frame) => Some((frame, fd)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unreadable message on a worker link: closing it");
+                    None
+                }
+            };
+        }
+    }
+
+    /// The first message, read before [`Link::serve`] starts any thread.
+    pub fn first(&self) -> Option<Frame> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        self.recv(&mut buf).map(|(f, _)| f)
+    }
+
     /// Ends the link: the other side's reader sees its end.
     pub fn shut(&self) {
         let _ = rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Both);
@@ -322,48 +375,18 @@ impl Link {
                 }
             })?;
         let mut buf = vec![0u8; MAX_MESSAGE];
-        loop {
-            let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
-            let mut cmsg = RecvAncillaryBuffer::new(&mut space);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let r = match rustix::net::recvmsg(
-                self.fd.as_fd(),
-                &mut iov,
-                &mut cmsg,
-                RecvFlags::CMSG_CLOEXEC,
-            ) {
-                Ok(r) => r,
-                Err(Errno::INTR) => continue,
-                Err(_) => break,
-            };
-            let mut fd = None;
-            for m in cmsg.drain() {
-                if let RecvAncillaryMessage::ScmRights(rights) = m {
-                    fd = rights.into_iter().next();
-                }
-            }
-            if r.bytes == 0 {
-                break;
-            }
-            if r.flags.contains(ReturnFlags::TRUNC) {
-                tracing::warn!("a message on a worker link was too large: closing the link");
-                break;
-            }
-            match serde_json::from_slice::<Frame>(&buf[..r.bytes]) {
-                Ok(Frame::Call { id, call }) => {
+        while let Some((frame, fd)) = self.recv(&mut buf) {
+            match frame {
+                Frame::Call { id, call } => {
                     if tx.send((id, call)).is_err() {
                         break;
                     }
                 }
-                Ok(Frame::Reply { id, reply }) => {
+                Frame::Reply { id, reply } => {
                     let waiter = lock(&self.pending).as_mut().and_then(|p| p.remove(&id));
                     if let Some(w) = waiter {
                         let _ = w.send((reply, fd));
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "an unreadable message on a worker link: closing it");
-                    break;
                 }
             }
         }

@@ -15,6 +15,7 @@
 
 mod link;
 pub mod process;
+mod sandbox;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -31,7 +32,7 @@ use umdev_core::{
 };
 use umdev_pci::{DisplayPlane, OpenGuard, PciFunction};
 
-use crate::config::ServerSection;
+use crate::config::{SandboxConfig, ServerSection};
 use crate::daemon::Shared;
 use crate::serve::DirServe;
 use link::{Call, Link, Reply, StartDevice};
@@ -61,6 +62,8 @@ pub struct WorkerServe {
     pub links_dir: PathBuf,
     /// The worker binary (the daemon's own).
     pub exe: PathBuf,
+    /// How workers seal themselves.
+    pub sandbox: SandboxConfig,
     next: AtomicU64,
     /// Which worker serves each device (by UUID): a device moves with its group.
     placements: Placements,
@@ -88,6 +91,7 @@ impl WorkerServe {
         server: ServerSection,
         links_dir: PathBuf,
         exe: PathBuf,
+        sandbox: SandboxConfig,
     ) -> WorkerServe {
         WorkerServe {
             dirs,
@@ -95,19 +99,28 @@ impl WorkerServe {
             server,
             links_dir,
             exe,
+            sandbox,
             next: AtomicU64::new(0),
             placements: Arc::default(),
         }
     }
 
-    /// A new worker process, connected and supervised, serving nothing yet.
-    fn new_worker(&self) -> std::io::Result<Arc<Worker>> {
+    /// A new worker process for `entries` (the devices of one group), sealed for them,
+    /// supervised, serving them.
+    fn new_worker(&self, entries: Vec<Entry>) -> std::io::Result<Arc<Worker>> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let uuids: Vec<String> = entries.iter().map(|e| e.start.uuid.clone()).collect();
         let worker = Arc::new(Worker {
             name: format!("worker-{n}"),
             exe: self.exe.clone(),
             link_path: self.links_dir.join(format!("worker-{n}.sock")),
-            devices: Mutex::new(BTreeMap::new()),
+            sandbox: self.sandbox.clone(),
+            devices: Mutex::new(
+                entries
+                    .into_iter()
+                    .map(|e| (e.start.uuid.clone(), e))
+                    .collect(),
+            ),
             link: Mutex::new(None),
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -121,6 +134,14 @@ impl WorkerServe {
             link.shut();
             worker.reap(true);
             return Err(e);
+        }
+        for uuid in &uuids {
+            if let Err(e) = worker.start_device(&link, uuid) {
+                for u in &uuids {
+                    worker.stop_device(u);
+                }
+                return Err(io_err(e));
+            }
         }
         Ok(worker)
     }
@@ -153,12 +174,11 @@ impl WorkerServe {
             server: self.server.clone(),
         };
         let uuid = start.uuid.clone();
-        let worker = self.new_worker()?;
-        worker.add(Entry {
+        let worker = self.new_worker(vec![Entry {
             start,
             guard: d.guard.clone(),
             held: false,
-        })?;
+        }])?;
         let placement = Arc::new(Placement {
             worker: Mutex::new(worker),
         });
@@ -195,32 +215,35 @@ impl WorkerServe {
             None if lock(&old.devices).len() == 1 => return Ok(()),
             _ => {}
         }
+        // A sealed worker cannot open a new device's files: the group's devices, the moved
+        // one with them, go to a new worker sealed for all of them (no client holds either
+        // group, so nothing is lost but what a closed device keeps).
         let entry = old
             .remove_device(&uuid)
             .ok_or_else(|| std::io::Error::other(format!("{uuid} has no worker")))?;
-        let new = match target {
-            Some(t) => t,
-            None => self.new_worker().inspect_err(|e| {
-                tracing::error!(uuid, error = %e, "a device moved to a new group has no worker now");
-            })?,
-        };
-        new.add(entry).inspect_err(|e| {
-            tracing::error!(uuid, worker = new.name, error = %e, "a device moved to another group is not served");
+        let mut entries = vec![entry];
+        if let Some(t) = &target {
+            let peers: Vec<String> = lock(&t.devices).keys().cloned().collect();
+            entries.extend(peers.iter().filter_map(|p| t.remove_device(p)));
+        }
+        let moved: Vec<String> = entries.iter().map(|e| e.start.uuid.clone()).collect();
+        let new = self.new_worker(entries).inspect_err(|e| {
+            tracing::error!(uuid, group = ?moved, error = %e, "a group that changed has no worker now");
         })?;
-        tracing::info!(
-            uuid,
-            from = old.name,
-            to = new.name,
-            "device moved to its new group's worker"
-        );
-        *lock(&me.worker) = new;
+        tracing::info!(uuid, from = old.name, to = new.name, group = ?moved, "device moved: its new group has a new worker");
+        let placements = lock(&self.placements);
+        for u in &moved {
+            if let Some(p) = placements.get(u) {
+                *lock(&p.worker) = new.clone();
+            }
+        }
         Ok(())
     }
 }
 
 impl Serve for WorkerServe {
     fn env(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
-        self.dirs.env(parent, uuid)
+        self.dirs.env_for_worker(parent, uuid)
     }
 
     fn start(&self, env: &DeviceEnv, function: PciFunction) -> std::io::Result<Box<dyn Served>> {
@@ -272,6 +295,7 @@ struct Worker {
     name: String,
     exe: PathBuf,
     link_path: PathBuf,
+    sandbox: SandboxConfig,
     devices: Mutex<BTreeMap<String, Entry>>,
     link: Mutex<Option<Arc<Link>>>,
     child: Mutex<Option<Child>>,
@@ -314,6 +338,27 @@ impl Worker {
                 return Err(e);
             }
         };
+        // Pins lock memory, and a sealed worker cannot raise its own limit: it gets the
+        // daemon's (as much as the daemon may give).
+        if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+            let own = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+            if let Err(e) =
+                rustix::process::prlimit(Some(p), rustix::process::Resource::Memlock, own)
+            {
+                tracing::debug!(worker = self.name, error = %e, "a worker keeps its own locked-memory limit");
+            }
+        }
+        let devices: Vec<StartDevice> = lock(&self.devices)
+            .values()
+            .map(|e| e.start.clone_for_restart())
+            .collect();
+        if let Err(e) = link.cast(Call::Seal {
+            devices,
+            sandbox: self.sandbox.clone(),
+        }) {
+            self.reap(true);
+            return Err(io_err(e));
+        }
         tracing::info!(worker = self.name, pid, "worker started");
         *lock(&self.link) = Some(link.clone());
         Ok(link)
@@ -397,13 +442,9 @@ impl Worker {
 
     /// Gives a restarted worker (on `link`) the same devices.
     fn replay(&self, link: &Link) {
-        let starts: Vec<StartDevice> = lock(&self.devices)
-            .values()
-            .map(|e| e.start.clone_for_restart())
-            .collect();
-        for s in starts {
-            let uuid = s.uuid.clone();
-            if let Err(e) = link.call(Call::Start(Box::new(s))) {
+        let uuids: Vec<String> = lock(&self.devices).keys().cloned().collect();
+        for uuid in uuids {
+            if let Err(e) = self.start_device(link, &uuid) {
                 tracing::error!(worker = self.name, uuid, error = %e, "a restarted worker could not serve a device");
                 return;
             }
@@ -448,17 +489,24 @@ impl Worker {
         link.reply(id, answer, None);
     }
 
-    /// Builds and serves `entry`'s device here.
-    fn add(&self, entry: Entry) -> std::io::Result<()> {
-        let uuid = entry.start.uuid.clone();
-        let start = entry.start.clone_for_restart();
-        lock(&self.devices).insert(uuid.clone(), entry);
-        let r = self
-            .link()
-            .and_then(|l| l.call(Call::Start(Box::new(start))));
-        if let Err(e) = r {
-            self.stop_device(&uuid);
-            return Err(io_err(e));
+    /// Has the worker build and serve device `uuid` (one of its entries), then gives its
+    /// directory and sockets their owner (a sealed worker cannot).
+    fn start_device(&self, link: &Link, uuid: &str) -> Result<(), Errno> {
+        let (start, owner, dir) = {
+            let devices = lock(&self.devices);
+            let e = devices.get(uuid).ok_or(Errno::NODEV)?;
+            (
+                e.start.clone_for_restart(),
+                e.start.owner,
+                e.start.dir.clone(),
+            )
+        };
+        link.call(Call::Start(Box::new(start)))?;
+        if owner.is_some() {
+            crate::serve::set_access(&dir, owner, None).map_err(|e| {
+                tracing::warn!(worker = self.name, uuid, error = %e, "cannot give a device's sockets their owner");
+                Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+            })?;
         }
         Ok(())
     }

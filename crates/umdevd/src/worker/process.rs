@@ -16,7 +16,9 @@ use umdev_core::{
 use umdev_pci::{ClientId, Interrupts, OpenGuard, PciFunction, PeerCred};
 use umdev_transport::{SocketPolicy, Stale};
 
-use super::link::{self, Call, Link, Reply, StartDevice};
+use super::link::{self, Call, Frame, Link, Reply, StartDevice};
+use super::sandbox::Allowed;
+use crate::config::SandboxConfig;
 
 /// A device this worker serves.
 struct Device {
@@ -31,6 +33,7 @@ struct Worker {
     link: Arc<Link>,
     parents: Mutex<HashMap<String, Arc<dyn Parent>>>,
     devices: Mutex<HashMap<String, Device>>,
+    sealed: std::sync::atomic::AtomicBool,
 }
 
 /// The daemon's group rules, asked over the link around the device's `open` and `close`.
@@ -92,13 +95,53 @@ impl Worker {
         Ok(p)
     }
 
+    /// Builds the devices' parents, then confines the process to what they need: their
+    /// directories and what their drivers declare.
+    fn seal(&self, devices: &[StartDevice], sandbox: &SandboxConfig) -> Result<()> {
+        let mut allowed = Vec::new();
+        for d in devices {
+            let parent = self
+                .parent(d)
+                .map_err(|e| anyhow::anyhow!("building parent {}: {e}", d.parent))?;
+            allowed.push(Allowed {
+                path: d.dir.clone(),
+                write: true,
+            });
+            allowed.extend(
+                parent
+                    .sandbox_paths(&d.description)
+                    .into_iter()
+                    .map(|p| Allowed {
+                        path: p.path,
+                        write: p.write,
+                    }),
+            );
+        }
+        allowed.extend(sandbox.allow.iter().map(|p| Allowed {
+            path: p.clone(),
+            write: true,
+        }));
+        if !sandbox.enabled {
+            tracing::warn!("worker: not sandboxed ([sandbox] enabled = false)");
+            return Ok(());
+        }
+        let sealed = super::sandbox::seal(&allowed, sandbox.on_violation)?;
+        self.sealed
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(landlock = ?sealed.landlock, paths = allowed.len(), on_violation = ?sandbox.on_violation,
+            "worker: sealed (no new privileges, no capabilities, landlock, seccomp)");
+        Ok(())
+    }
+
     fn start(&self, s: &StartDevice) -> Result<Reply, Errno> {
         let uuid = MdevUuid::parse(&s.uuid).map_err(|_| Errno::INVAL)?;
         let parent = self.parent(s)?;
+        // A sealed worker cannot chown: the daemon gives the sockets their owner.
+        let sealed = self.sealed.load(std::sync::atomic::Ordering::Acquire);
         let policy = SocketPolicy {
             stale: Stale::IfDead,
             mode: s.mode,
-            owner: s.owner,
+            owner: if sealed { None } else { s.owner },
         };
         let env = DeviceEnv::new(uuid, Some(s.dir.clone()), policy);
         let parts = parent.build(&uuid, &s.description, &env)?;
@@ -171,7 +214,7 @@ impl Worker {
                     Err(e) => Err(e),
                 }
             }
-            Call::Acquire { .. } | Call::Release { .. } => Err(Errno::NOTSUP),
+            Call::Acquire { .. } | Call::Release { .. } | Call::Seal { .. } => Err(Errno::NOTSUP),
         };
         self.link.reply(id, answer, None);
     }
@@ -203,8 +246,18 @@ pub fn run(drivers: Drivers, link_path: &Path) -> Result<()> {
         link: link.clone(),
         parents: Mutex::new(HashMap::new()),
         devices: Mutex::new(HashMap::new()),
+        sealed: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(pid = std::process::id(), "worker: started");
+    // Sealed from the only thread there is yet: every thread started later inherits it.
+    match link.first() {
+        Some(Frame::Call {
+            call: Call::Seal { devices, sandbox },
+            ..
+        }) => worker.seal(&devices, &sandbox)?,
+        Some(other) => anyhow::bail!("the daemon's first message is not a seal: {other:?}"),
+        None => anyhow::bail!("the daemon closed the link at once"),
+    }
     let w = worker.clone();
     link.serve("worker", move |id, call| w.handle(id, call))?;
     // The daemon closed the link (or went): stop every device.
