@@ -18,6 +18,8 @@
 //! | 0x130 | 4 | unmap hook mode: 0 = unpin at once, 1 = forget (keep the pins: the device gets revoked), 2 = unpin from another thread 200 ms later |
 //! | 0x134 | 4 | migration failure (a migratable device only): 1 = stopping fails, 2 = saving fails |
 //! | 0x138 | 4 | display: 1 = BAR2's first sparse area is a 64x32 XRGB8888 scan-out ([`PciDevice::display_plane`]), 0 = off |
+//! | 0x13c | 4 | misbehave (for the worker sandbox's tests): 1 = open for reading the path held NUL-terminated in scratch RAM, 2 = run `touch <that path>` through `/bin/sh`, 3 = a system call no device needs (`getppid`) |
+//! | 0x140 | 4 | what misbehaving got: 0 = it worked, else the errno (read-only in effect) |
 //! | 0x800..0x1000 | any | DMA buffer |
 //!
 //! Copies (commands 1 and 2) run on the device's work context, as every DMA a device may
@@ -82,6 +84,10 @@ pub mod reg {
     pub const MIG_FAIL: u64 = 0x134;
     /// Display on (1) or off (0).
     pub const DISPLAY: u64 = 0x138;
+    /// Misbehave: 1 = open a path, 2 = exec, 3 = a system call no device needs.
+    pub const MISBEHAVE: u64 = 0x13c;
+    /// What misbehaving got: 0 or an errno.
+    pub const MISBEHAVE_RESULT: u64 = 0x140;
     /// DMA buffer.
     pub const DMA_BUF: u64 = 0x800;
 }
@@ -350,6 +356,33 @@ impl TestDevice {
         }
     }
 
+    /// What a device outside its sandbox would do (register [`reg::MISBEHAVE`]).
+    fn misbehave(&self, cmd: u32) -> u32 {
+        let path = {
+            let r = self.regs();
+            let scratch = &r.bar0[..0x100];
+            let end = scratch
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(scratch.len());
+            String::from_utf8_lossy(&scratch[..end]).into_owned()
+        };
+        let errno = |e: std::io::Error| e.raw_os_error().map_or(u32::MAX, |n| n as u32);
+        match cmd {
+            1 => std::fs::File::open(&path).map_or_else(errno, |_| 0),
+            2 => std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("touch '{path}'"))
+                .status()
+                .map_or_else(errno, |s| if s.success() { 0 } else { u32::MAX }),
+            3 => {
+                let _ = rustix::process::getppid();
+                0
+            }
+            _ => Errno::INVAL.raw_os_error() as u32,
+        }
+    }
+
     fn run_irq(&mut self, cmd: u32) {
         let vector = self.regs().reg32(reg::IRQ_VECTOR);
         if let Some(ctx) = &self.ctx {
@@ -421,6 +454,10 @@ impl PciDevice for TestDevice {
                 } else if offset == reg::IRQ_CMD && data.len() == 4 {
                     let cmd = self.regs().reg32(reg::IRQ_CMD);
                     self.run_irq(cmd);
+                } else if offset == reg::MISBEHAVE && data.len() == 4 {
+                    let cmd = self.regs().reg32(reg::MISBEHAVE);
+                    let got = self.misbehave(cmd);
+                    self.regs().set32(reg::MISBEHAVE_RESULT, got);
                 }
             }
             1 => {

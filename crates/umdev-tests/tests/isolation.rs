@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use mdev::{new_uuid, Daemon};
 use umdev_client::{Client, ClientOptions};
+use umdev_tests::device::reg;
 use umdev_tests::drivers::ATTR_TRAPPED_BAR2;
 
 const CONFIG: &str = r#"
@@ -239,4 +240,90 @@ fn devices_that_share_a_group_share_a_worker() {
     let (_held, _) = connect(&d.socket(&a));
     let e = std::fs::write(p2p(&b), format!("{}\n", new_uuid())).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(16), "EBUSY: {e}");
+}
+
+const SANDBOXED: &str = r#"
+isolation = "worker"
+release_timeout_ms = 300
+
+[sandbox]
+enabled = true
+on_violation = "kill"
+
+[[parent]]
+name = "test0"
+driver = "umdevtest"
+options = { pool = 2 }
+
+[[parent]]
+name = "mtty0"
+driver = "mtty"
+options = { ports = 2, console = "none" }
+"#;
+
+#[test]
+fn the_sandbox_refuses_opens_and_kills_exec_and_stray_system_calls() {
+    let d = Daemon::start_test_daemon(SANDBOXED);
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("mtty0", "mtty-1", &b).unwrap();
+    let (mut other, other_pid) = connect(&d.socket(&b));
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, "not for devices").unwrap();
+    let marker = outside.path().join("exec-ran");
+    // Tells device a to misbehave with `path`; what it got, or None if its worker died.
+    let misbehave = |c: &mut Client, cmd: u32, path: &Path| -> Option<u32> {
+        let mut p = path.display().to_string().into_bytes();
+        p.push(0);
+        c.region_write(0, 0, &p).ok()?;
+        c.region_write(0, reg::MISBEHAVE, &cmd.to_le_bytes()).ok()?;
+        let mut got = [0u8; 4];
+        c.region_read(0, reg::MISBEHAVE_RESULT, &mut got).ok()?;
+        Some(u32::from_le_bytes(got))
+    };
+    let (mut ca, pa) = connect(&d.socket(&a));
+    // Opening a file outside its rules: refused, and the worker goes on.
+    assert_eq!(
+        misbehave(&mut ca, 1, &secret),
+        Some(13),
+        "EACCES from Landlock"
+    );
+    assert!(ca.device_info().is_ok());
+    assert!(ppid(pa).is_some(), "the worker lives on");
+    drop(ca);
+    // Running a program, and a system call outside the filter: the worker is killed.
+    for (cmd, what) in [(2, "exec"), (3, "a stray system call")] {
+        let (mut ca, pa) = wait_for_client(&d, &a);
+        assert_eq!(
+            misbehave(&mut ca, cmd, &marker),
+            None,
+            "{what}: the worker lived"
+        );
+        wait_until("the worker outlived its misbehaviour", || {
+            ppid(pa).is_none()
+        });
+        // The other group never noticed; the daemon serves a again.
+        assert_eq!(other.device_info().unwrap().num_regions, 9, "{what}");
+        let (_c, again) = wait_for_client(&d, &a);
+        assert_ne!(again, pa, "{what}: a new worker");
+    }
+    assert!(!marker.exists(), "the exec'd program ran");
+    let daemon = d.child.as_ref().unwrap().id();
+    assert_eq!(
+        ppid(other_pid),
+        Some(daemon),
+        "b's worker was never restarted"
+    );
+    assert!(other.device_info().is_ok());
+}
+
+/// A client of `uuid`'s device once its worker takes one (it may be restarting).
+fn wait_for_client(d: &Daemon, uuid: &str) -> (Client, u32) {
+    let mut got = None;
+    wait_until("the device never took a client", || {
+        got = try_connect(&d.socket(uuid)).ok();
+        got.is_some()
+    });
+    got.unwrap()
 }
