@@ -7,13 +7,13 @@
 //! (root, /dev/fuse; mdevctl from `~/.cargo/bin` or `PATH` if installed).
 //! Goals: create and remove under 2 ms each, under 256 KiB RSS per idle device.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use umdev_bench::{sibling, Daemon};
 
 /// Create/remove latency through FUSE, RSS per idle device, `mdevctl list` over N devices.
 #[derive(Debug, Parser)]
@@ -27,11 +27,6 @@ struct Args {
     /// The daemon (default: next to this binary).
     #[arg(long)]
     umdevd: Option<PathBuf>,
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.with_file_name(name))
 }
 
 fn find_mdevctl() -> Option<PathBuf> {
@@ -86,48 +81,14 @@ fn report(what: &str, s: &Stats) {
     );
 }
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn start(umdevd: &Path, count: u32) -> Result<Daemon> {
-    let dir = std::env::temp_dir().join(format!("umdev-bench-mdev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("umdevd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "root = \"{}\"\n[[parent]]\nname = \"bench0\"\ndriver = \"mtty\"\noptions = {{ ports = {count}, console = \"none\" }}\n",
-            dir.join("root").display()
+    Daemon::start(
+        umdevd,
+        "umdev-bench-mdev",
+        &format!(
+            "[[parent]]\nname = \"bench0\"\ndriver = \"mtty\"\noptions = {{ ports = {count}, console = \"none\" }}\n"
         ),
-    )?;
-    let mut child = Command::new(umdevd)
-        .arg("--config")
-        .arg(&config)
-        .env("UMDEV_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", umdevd.display()))?;
-    let out = child.stdout.take().context("no stdout")?;
-    let d = Daemon { child, dir };
-    for line in BufReader::new(out).lines() {
-        if line? == "ready" {
-            return Ok(d);
-        }
-    }
-    bail!("umdevd exited before it was ready")
+    )
 }
 
 fn timed_run(cmd: &mut Command) -> Result<(Duration, String)> {
