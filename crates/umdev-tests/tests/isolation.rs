@@ -242,28 +242,12 @@ fn devices_that_share_a_group_share_a_worker() {
     assert_eq!(e.raw_os_error(), Some(16), "EBUSY: {e}");
 }
 
-const SANDBOXED: &str = r#"
-isolation = "worker"
-release_timeout_ms = 300
-
-[sandbox]
-enabled = true
-on_violation = "kill"
-
-[[parent]]
-name = "test0"
-driver = "umdevtest"
-options = { pool = 2 }
-
-[[parent]]
-name = "mtty0"
-driver = "mtty"
-options = { ports = 2, console = "none" }
-"#;
-
 #[test]
 fn the_sandbox_refuses_opens_and_kills_exec_and_stray_system_calls() {
-    let d = Daemon::start_test_daemon(SANDBOXED);
+    // The sandbox as a production daemon has it by default, written out.
+    let d = Daemon::start_test_daemon(&format!(
+        "sandbox = {{ enabled = true, on_violation = \"kill\" }}\n{CONFIG}"
+    ));
     let (a, b) = (new_uuid(), new_uuid());
     d.create("test0", "umdevtest-plain", &a).unwrap();
     d.create("mtty0", "mtty-1", &b).unwrap();

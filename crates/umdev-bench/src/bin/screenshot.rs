@@ -21,13 +21,13 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use umdev_bench::Daemon;
 use umdev_client::migration::{MigrateOptions, Migration};
 use umdev_client::Client;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
@@ -46,48 +46,12 @@ struct Args {
 const W: usize = 1920;
 const H: usize = 1080;
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn start(umdevd: &Path, name: &str) -> Result<Daemon> {
-    let dir = std::env::temp_dir().join(format!("umdev-bench-shot-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("umdevd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "root = \"{}\"\n[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
-            dir.join("root").display()
-        ),
-    )?;
-    let mut child = Command::new(umdevd)
-        .arg("--config")
-        .arg(&config)
-        .env("UMDEV_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", umdevd.display()))?;
-    let out = child.stdout.take().context("no stdout")?;
-    let d = Daemon { child, dir };
-    for line in BufReader::new(out).lines() {
-        if line? == "ready" {
-            return Ok(d);
-        }
-    }
-    bail!("umdevd exited before it was ready")
+    Daemon::start(
+        umdevd,
+        &format!("umdev-bench-shot-{name}"),
+        "[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
+    )
 }
 
 fn median_and_p90(mut v: Vec<Duration>) -> (f64, f64, f64) {

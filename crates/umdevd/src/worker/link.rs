@@ -178,14 +178,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A listening `SOCK_SEQPACKET` socket at `path` (0600), for one worker to connect to.
-pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
-    let fd = rustix::net::socket_with(
+/// A new UNIX `SOCK_SEQPACKET` socket.
+fn seqpacket() -> std::io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
         SocketFlags::CLOEXEC,
         None,
-    )?;
+    )?)
+}
+
+/// A listening `SOCK_SEQPACKET` socket at `path` (0600), for one worker to connect to.
+pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
+    let fd = seqpacket()?;
     let _ = std::fs::remove_file(path);
     rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
     rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o600))?;
@@ -215,12 +220,7 @@ pub fn accept(listener: &OwnedFd, timeout: Duration) -> std::io::Result<Link> {
 
 /// Connects to the daemon's link socket at `path`.
 pub fn connect(path: &Path) -> std::io::Result<Link> {
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let fd = seqpacket()?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
     Ok(Link::new(fd))
 }
