@@ -90,8 +90,8 @@ pub use parent::{
     DEVICE_API_VFIO_PCI,
 };
 pub use registry::{
-    Core, CoreConfig, Described, GroupInfo, MdevInfo, Remote, Serve, Served, ServedState, TypeInfo,
-    P2P_ATTR,
+    Adoptee, Core, CoreConfig, Described, GroupInfo, MdevInfo, Remote, Serve, Served, ServedState,
+    TypeInfo, P2P_ATTR,
 };
 /// The errno every author-facing hook returns (re-exported from `umdev_pci`).
 pub use umdev_pci::Errno;

@@ -47,6 +47,24 @@ pub trait Serve: Send + Sync {
     }
 }
 
+/// A device to adopt ([`Core::adopt`]).
+pub struct Adoptee {
+    /// Its UUID.
+    pub uuid: MdevUuid,
+    /// Its parent's name.
+    pub parent: String,
+    /// What its parent's `create` made of it then.
+    pub description: DeviceDescription,
+    /// Its environment (its directory and socket policy).
+    pub env: DeviceEnv,
+    /// The client holding it, if any.
+    pub held: Option<ClientId>,
+}
+
+fn t_is_p2p(attrs: &[AttrSpec]) -> bool {
+    attrs.iter().any(|a| a.name == P2P_ATTR)
+}
+
 /// A new device for a front-end that builds devices itself ([`Serve::start_described`]).
 pub struct Described<'a> {
     /// Its parent's name.
@@ -694,6 +712,93 @@ impl Core {
             },
         );
         tracing::info!(%uuid, parent, type_id, group, "mdev created");
+        Ok(())
+    }
+
+    /// Takes over devices a front-end already serves (a worker that outlived its daemon):
+    /// enters each in the registry, without the parent's `create` or `build`, as one IOMMU
+    /// group (a worker serves one group), with the client that holds it, if any. `serve` is
+    /// given each device's group rules and returns its serving. EEXIST for a UUID in use,
+    /// ENODEV for an unknown parent, ENOENT for a type it does not have.
+    pub fn adopt(
+        &self,
+        devices: Vec<Adoptee>,
+        mut serve: impl FnMut(&Adoptee, Arc<dyn OpenGuard>) -> Remote,
+    ) -> Result<(), CoreError> {
+        let mut st = self.inner.lock();
+        let st = &mut *st;
+        for d in &devices {
+            if st.mdevs.contains_key(&d.uuid) {
+                return Err(CoreError::Exists(d.uuid));
+            }
+            let p = st
+                .parents
+                .get(&d.parent)
+                .ok_or_else(|| CoreError::NoParent(d.parent.clone()))?;
+            if p.types.iter().all(|t| t.name != d.description.type_name) {
+                return Err(CoreError::NoType {
+                    parent: d.parent.clone(),
+                    type_id: d.description.type_name.clone(),
+                });
+            }
+        }
+        let p2p = devices.iter().any(|d| {
+            st.parents.get(&d.parent).is_some_and(|p| {
+                p.types
+                    .iter()
+                    .any(|t| t.name == d.description.type_name && t.peer_to_peer)
+            })
+        });
+        let group = st.new_group(p2p.then(MdevUuid::random));
+        for d in &devices {
+            let Some(p) = st.parents.get_mut(&d.parent) else {
+                continue;
+            };
+            let Some(t) = p.types.iter().find(|t| t.name == d.description.type_name) else {
+                continue;
+            };
+            let type_id = p.type_id(t);
+            let mut attr_specs = t.attrs.clone();
+            if t.peer_to_peer {
+                attr_specs.push(AttrSpec::writable(P2P_ATTR));
+            }
+            p.devices.insert(d.uuid);
+            let guard: Arc<dyn OpenGuard> = Arc::new(GroupGuard {
+                core: Arc::downgrade(&self.inner),
+                uuid: d.uuid,
+            });
+            let remote = serve(d, guard);
+            let g = st
+                .groups
+                .get_mut(&group)
+                .ok_or(CoreError::NoDevice(d.uuid))?;
+            g.devices.insert(d.uuid);
+            if let Some(client) = d.held {
+                g.owner = Some(client);
+                g.opens += 1;
+            }
+            let p2p = g.p2p;
+            st.mdevs.insert(
+                d.uuid,
+                MdevEntry {
+                    parent: d.parent.clone(),
+                    type_name: d.description.type_name.clone(),
+                    type_id: type_id.clone(),
+                    group,
+                    p2p: if t_is_p2p(&attr_specs) { p2p } else { None },
+                    removing: false,
+                    held_by: d.held,
+                    irqs: None,
+                    socket: remote.served.socket().map(Path::to_path_buf),
+                    served: Some(remote.served),
+                    attr_specs,
+                    attrs: remote.attrs,
+                    description: d.description.clone(),
+                    env: d.env.clone(),
+                },
+            );
+            tracing::info!(uuid = %d.uuid, parent = d.parent, type_id, group, held = d.held.is_some(), "mdev adopted");
+        }
         Ok(())
     }
 

@@ -311,3 +311,71 @@ fn wait_for_client(d: &Daemon, uuid: &str) -> (Client, u32) {
     });
     got.unwrap()
 }
+
+#[test]
+fn workers_outlive_a_killed_daemon_and_the_next_one_adopts_them() {
+    let mut d = Daemon::start_test_daemon(CONFIG);
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("mtty0", "mtty-1", &b).unwrap();
+    let (mut ca, pa) = connect(&d.socket(&a));
+    let written = [0xa5u8, 1, 2, 3, 4, 5, 6, 7];
+    ca.region_write(0, 0x10, &written).unwrap();
+    let pb = {
+        let (_cb, pb) = connect(&d.socket(&b));
+        pb
+    };
+    let me = std::process::id();
+    let groups = |d: &Daemon| {
+        let o = d.umdevctl(&["groups"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let before = groups(&d);
+    assert!(before.contains(&format!("held by pid {me} ")), "{before}");
+
+    // The daemon dies.
+    let mut old = d.child.take().unwrap();
+    old.kill().unwrap();
+    old.wait().unwrap();
+    // Its workers serve on: a's client keeps its connection and its device's state, and
+    // b, which nobody holds, takes a client.
+    let mut back = [0u8; 8];
+    ca.region_read(0, 0x10, &mut back).unwrap();
+    assert_eq!(back, written);
+    let (cb, pb_now) = connect(&d.socket(&b));
+    assert_eq!(pb_now, pb);
+    drop(cb);
+
+    // The next daemon adopts them: the same processes, the tree and the group rules back.
+    d.spawn();
+    assert!(d.mdev_dir(&a).exists() && d.mdev_dir(&b).exists());
+    let state = |u: &str| std::fs::read_to_string(d.mdev_dir(u).join("state")).unwrap();
+    assert_eq!((state(&a).trim(), state(&b).trim()), ("running", "running"));
+    let after = groups(&d);
+    assert!(
+        after.contains(&format!("held by pid {me} ")),
+        "the client's hold came back: {after}"
+    );
+    assert!(after.contains(&a) && after.contains(&b), "{after}");
+    ca.region_read(0, 0x10, &mut back).unwrap();
+    assert_eq!(back, written, "the same connection, the same device");
+    assert_eq!(
+        connect(&d.socket(&b)).1,
+        pb,
+        "b is served by the same worker"
+    );
+    let attr = std::fs::read_to_string(d.mdev_dir(&a).join(ATTR_TRAPPED_BAR2)).unwrap();
+    assert_eq!(
+        attr.trim(),
+        "0",
+        "vendor attributes through the adopted worker"
+    );
+    // The new daemon drives them: removing a (its client gone) ends its worker.
+    drop(ca);
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(d.mdev_dir(&a).join("remove"), "1\n").unwrap();
+    wait_until("a's adopted worker outlived its device", || {
+        std::fs::metadata(format!("/proc/{pa}")).is_err() || ppid(pa).is_none()
+    });
+}

@@ -93,12 +93,16 @@ fn lock_state(dir: &Path) -> Result<OwnedFd> {
 
 /// Removes what an earlier daemon left in `dir`: socket files, and device directories
 /// (named by UUID). With the lock held, they are all left over.
-fn clear_stale(dir: &Path) -> Result<usize> {
+fn clear_stale(dir: &Path, keep: &[MdevUuid]) -> Result<usize> {
     let mut n = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
         let t = e.file_type()?;
-        let device_dir = t.is_dir() && MdevUuid::parse(&e.file_name().to_string_lossy()).is_ok();
+        let uuid = MdevUuid::parse(&e.file_name().to_string_lossy()).ok();
+        if uuid.is_some_and(|u| keep.contains(&u)) {
+            continue;
+        }
+        let device_dir = t.is_dir() && uuid.is_some();
         if t.is_socket() {
             std::fs::remove_file(e.path())
         } else if device_dir {
@@ -190,10 +194,6 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
     // Recovery from an unclean exit: a stale mount, then stale sockets and directories.
     umdev_sysfs::clear_stale_mount(&sys)?;
     std::fs::create_dir_all(&sys).with_context(|| format!("creating {}", sys.display()))?;
-    let n = clear_stale(&sockets)? + clear_stale(&state)?;
-    if n > 0 {
-        tracing::info!(entries = n, "removed stale sockets and device directories");
-    }
 
     let shared = Arc::new(Shared {
         drivers,
@@ -206,6 +206,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         parent_policies: Mutex::new(Default::default()),
         server: config.server.server_config()?,
     });
+    let mut workers = None;
     let serve: Arc<dyn umdev_core::Serve> = match config.isolation {
         Isolation::Thread => dirs.clone(),
         Isolation::Worker => {
@@ -214,14 +215,16 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
                 .with_context(|| format!("creating {}", links.display()))?;
             let exe = std::env::current_exe().context("the daemon's own binary (for workers)")?;
             tracing::info!(exe = %exe.display(), "devices run in a worker process per IOMMU group");
-            Arc::new(WorkerServe::new(
+            let w = Arc::new(WorkerServe::new(
                 dirs.clone(),
                 shared.clone(),
                 config.server.clone(),
                 links,
                 exe,
                 config.sandbox.clone(),
-            ))
+            ));
+            workers = Some(w.clone());
+            w
         }
     };
     let core = Core::new(
@@ -235,6 +238,13 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         let parent = shared.build_parent(&p.name, &p.driver, &p.options)?;
         core.register_parent(&p.name, parent)
             .with_context(|| format!("registering parent {}", p.name))?;
+    }
+    // Workers a daemon before this one left serving keep their devices (and their
+    // directories); everything else left over is stale.
+    let adopted = workers.map(|w| w.adopt_all(&core)).unwrap_or_default();
+    let n = clear_stale(&sockets, &adopted)? + clear_stale(&state, &[])?;
+    if n > 0 {
+        tracing::info!(entries = n, "removed stale sockets and device directories");
     }
     let mount = SysfsMount::mount(core.clone(), &sys)?;
     let store = DefinitionStore::new(&root);

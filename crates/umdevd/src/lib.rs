@@ -98,6 +98,9 @@ enum Command {
         /// The daemon's link socket to connect to.
         #[arg(long)]
         link: PathBuf,
+        /// Where the worker listens for the next daemon if this one dies.
+        #[arg(long)]
+        adopt: PathBuf,
     },
 }
 
@@ -170,8 +173,8 @@ impl DaemonBuilder {
     }
 
     fn run_args(self, args: Args) -> Result<()> {
-        if let Some(Command::Worker { link }) = &args.command {
-            return worker::process::run(self.drivers, link);
+        if let Some(Command::Worker { link, adopt }) = &args.command {
+            return worker::process::run(self.drivers, link, adopt);
         }
         if let (Some(socket), Some(type_id)) = (args.socket, args.device_type) {
             let uuid = args

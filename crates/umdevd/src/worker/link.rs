@@ -95,6 +95,8 @@ pub enum Call {
         /// The device.
         uuid: String,
     },
+    /// Daemon to a worker that outlived its daemon: what it serves, for the registry.
+    Adopt,
     /// Worker to daemon: a client wants to open a device (the IOMMU group rules).
     Acquire {
         /// The device.
@@ -136,9 +138,20 @@ pub struct StartDevice {
     pub server: ServerSection,
 }
 
+/// A device a worker serves, as a daemon adopting it learns it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Adopted {
+    /// How it was started.
+    pub start: StartDevice,
+    /// Its client (connection number and pid, uid, gid), if one holds it.
+    pub held: Option<(u64, Option<[u32; 3]>)>,
+}
+
 /// An answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
+    /// The devices of a worker being adopted.
+    Adopted(Vec<Adopted>),
     /// Done.
     Done,
     /// A text (an attribute's).
@@ -208,7 +221,8 @@ pub fn accept(listener: &OwnedFd, timeout: Duration) -> std::io::Result<Link> {
         tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
         tv_nsec: i64::from(timeout.subsec_nanos()),
     };
-    if rustix::event::poll(&mut fds, Some(&ts))? == 0 {
+    let forever = timeout == Duration::MAX;
+    if rustix::event::poll(&mut fds, (!forever).then_some(&ts))? == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "the worker did not connect",

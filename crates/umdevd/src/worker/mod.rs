@@ -125,6 +125,7 @@ impl WorkerServe {
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
             down: AtomicBool::new(false),
+            adopt: Mutex::new(None),
             supervisor: Mutex::new(None),
         });
         let link = worker.spawn()?;
@@ -241,6 +242,126 @@ impl WorkerServe {
     }
 }
 
+impl WorkerServe {
+    /// Takes over the workers a daemon before this one left serving (their adoption
+    /// sockets in the links directory): enters their devices in `core` and supervises them
+    /// again. Returns the adopted devices' UUIDs. A socket nobody answers on is removed.
+    pub fn adopt_all(&self, core: &umdev_core::Core) -> Vec<MdevUuid> {
+        let mut adopted = Vec::new();
+        let Ok(dir) = std::fs::read_dir(&self.links_dir) else {
+            return adopted;
+        };
+        for e in dir.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("adopt-") {
+                continue;
+            }
+            match self.adopt_one(core, &path) {
+                Ok(uuids) => adopted.extend(uuids),
+                Err(e) => {
+                    tracing::info!(socket = %path.display(), error = %e, "no worker to adopt there; removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        adopted
+    }
+
+    fn adopt_one(&self, core: &umdev_core::Core, path: &Path) -> std::io::Result<Vec<MdevUuid>> {
+        let link = Arc::new(link::connect(path)?);
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let worker = Arc::new(Worker {
+            name: format!("worker-{n}"),
+            exe: self.exe.clone(),
+            link_path: self.links_dir.join(format!("worker-{n}.sock")),
+            sandbox: self.sandbox.clone(),
+            devices: Mutex::new(BTreeMap::new()),
+            link: Mutex::new(Some(link.clone())),
+            child: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            adopt: Mutex::new(None),
+            supervisor: Mutex::new(None),
+        });
+        Worker::supervise(&worker, link.clone())?;
+        let devices = match link.call(Call::Adopt) {
+            Ok((Reply::Adopted(d), _)) => d,
+            Ok(_) => return Err(io_err(Errno::PROTO)),
+            Err(e) => return Err(io_err(e)),
+        };
+        let adoptees: Vec<(umdev_core::Adoptee, StartDevice)> = devices
+            .into_iter()
+            .filter_map(|a| {
+                let uuid = MdevUuid::parse(&a.start.uuid).ok()?;
+                let policy = umdev_transport::SocketPolicy {
+                    stale: umdev_transport::Stale::IfDead,
+                    mode: a.start.mode,
+                    owner: a.start.owner,
+                };
+                Some((
+                    umdev_core::Adoptee {
+                        uuid,
+                        parent: a.start.parent.clone(),
+                        description: a.start.description.clone(),
+                        env: DeviceEnv::new(uuid, Some(a.start.dir.clone()), policy),
+                        held: a
+                            .held
+                            .map(|(connection, peer)| process::client_id(connection, peer)),
+                    },
+                    a.start,
+                ))
+            })
+            .collect();
+        let uuids: Vec<MdevUuid> = adoptees.iter().map(|(a, _)| a.uuid).collect();
+        let mut starts: BTreeMap<MdevUuid, StartDevice> = adoptees
+            .iter()
+            .map(|(a, s)| (a.uuid, s.clone_for_restart()))
+            .collect();
+        let list = adoptees.into_iter().map(|(a, _)| a).collect();
+        let r = core.adopt(list, |a, guard| {
+            let uuid = a.uuid.to_string();
+            if let Some(start) = starts.remove(&a.uuid) {
+                lock(&worker.devices).insert(
+                    uuid.clone(),
+                    Entry {
+                        start,
+                        guard,
+                        held: a.held.is_some(),
+                    },
+                );
+            }
+            let placement = Arc::new(Placement {
+                worker: Mutex::new(worker.clone()),
+            });
+            lock(&self.placements).insert(uuid.clone(), placement.clone());
+            let socket = a
+                .env
+                .dir()
+                .map(|d| d.join(umdev_core::VFIO_USER_SOCKET))
+                .unwrap_or_default();
+            Remote {
+                served: Box::new(WorkerServed {
+                    placement: placement.clone(),
+                    placements: self.placements.clone(),
+                    uuid: uuid.clone(),
+                    socket,
+                }),
+                attrs: Some(Arc::new(WorkerAttrs { placement, uuid })),
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot adopt a worker's devices");
+            worker.stopping.store(true, Ordering::Release);
+            link.shut();
+            return Err(std::io::Error::other(e.to_string()));
+        }
+        *lock(&worker.adopt) = Some(path.to_owned());
+        tracing::info!(worker = worker.name, devices = ?uuids.iter().map(ToString::to_string).collect::<Vec<_>>(), "adopted a worker a previous daemon left serving");
+        Ok(uuids)
+    }
+}
+
 impl Serve for WorkerServe {
     fn env(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
         self.dirs.env_for_worker(parent, uuid)
@@ -302,6 +423,8 @@ struct Worker {
     stopping: AtomicBool,
     /// Between its death and its devices served again.
     down: AtomicBool,
+    /// Where it waits for the next daemon if this one dies (removed when it dies).
+    adopt: Mutex<Option<PathBuf>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -311,11 +434,17 @@ impl Worker {
         let listener: OwnedFd = link::listen(&self.link_path)?;
         // A process group of its own: a signal meant for the daemon's (a terminal's ^C, a
         // `timeout`) is not the worker's; the daemon decides when it stops.
+        let adopt = self
+            .link_path
+            .with_file_name(format!("adopt-{}.sock", MdevUuid::random()));
+        *lock(&self.adopt) = Some(adopt.clone());
         let child = Command::new(&self.exe)
             .process_group(0)
             .arg("worker")
             .arg("--link")
             .arg(&self.link_path)
+            .arg("--adopt")
+            .arg(&adopt)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -411,6 +540,9 @@ impl Worker {
                 return;
             }
             self.down.store(true, Ordering::Release);
+            if let Some(a) = lock(&self.adopt).take() {
+                let _ = std::fs::remove_file(a);
+            }
             let status = self.reap(true);
             let uuids: Vec<String> = lock(&self.devices).keys().cloned().collect();
             tracing::error!(worker = self.name, status = ?status, devices = ?uuids,

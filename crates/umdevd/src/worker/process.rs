@@ -1,12 +1,15 @@
 //! The worker process (`umdevd worker --link PATH`): connects to the daemon, builds each
 //! device it is given from its description with the same drivers as the daemon, serves it
 //! on its socket, and asks the daemon around every open and close (the IOMMU group rules
-//! live in the daemon's registry). It ends when the daemon closes the link or goes.
+//! live in the daemon's registry). It ends when the daemon closes the link with no device
+//! left; when the daemon dies instead, it goes on serving (its one group's rules applied
+//! here meanwhile) and waits on its adoption socket for the next daemon to take it over.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use umdev_core::{
@@ -16,12 +19,13 @@ use umdev_core::{
 use umdev_pci::{ClientId, Interrupts, OpenGuard, PciFunction, PeerCred};
 use umdev_transport::{SocketPolicy, Stale};
 
-use super::link::{self, Call, Frame, Link, Reply, StartDevice};
+use super::link::{self, Adopted, Call, Frame, Link, Reply, StartDevice};
 use super::sandbox::Allowed;
 use crate::config::SandboxConfig;
 
 /// A device this worker serves.
 struct Device {
+    start: StartDevice,
     served: Box<dyn Served>,
     irqs: Interrupts,
     attrs: Option<Box<dyn VendorAttrs>>,
@@ -30,34 +34,60 @@ struct Device {
 /// The worker's parents (built as the daemon built them) and devices.
 struct Worker {
     drivers: Drivers,
-    link: Arc<Link>,
+    /// The daemon's link; `None` while no daemon has it (orphaned).
+    link: Mutex<Option<Arc<Link>>>,
     parents: Mutex<HashMap<String, Arc<dyn Parent>>>,
     devices: Mutex<HashMap<String, Device>>,
+    /// Which client holds which device, as admitted (kept for the next daemon).
+    held: Mutex<HashMap<String, ClientId>>,
     sealed: std::sync::atomic::AtomicBool,
 }
 
-/// The daemon's group rules, asked over the link around the device's `open` and `close`.
+/// The group rules around the device's `open` and `close`: the daemon's, over the link;
+/// while no daemon has the worker, the same rule for its one group, here.
 struct RemoteGuard {
-    link: Arc<Link>,
+    worker: std::sync::Weak<Worker>,
     uuid: String,
 }
 
 impl OpenGuard for RemoteGuard {
     fn acquire(&self, client: &ClientId) -> Result<(), Errno> {
-        self.link
-            .call(Call::Acquire {
+        let w = self.worker.upgrade().ok_or(Errno::NODEV)?;
+        let link = lock(&w.link).clone();
+        let asked = link.map(|l| {
+            l.call(Call::Acquire {
                 uuid: self.uuid.clone(),
                 connection: client.connection,
                 peer: client.peer.map(|p| [p.pid, p.uid, p.gid]),
             })
-            .map(|_| ())
+        });
+        match asked {
+            Some(Ok(_)) => {}
+            Some(Err(Errno::NODEV)) | None => {
+                // No daemon: one client for the whole group (every device here).
+                let held = lock(&w.held);
+                if held.values().any(|c| !c.same_client(client)) {
+                    return Err(Errno::BUSY);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+        }
+        lock(&w.held).insert(self.uuid.clone(), *client);
+        Ok(())
     }
 
     fn release(&self) {
-        if let Err(e) = self.link.call(Call::Release {
-            uuid: self.uuid.clone(),
-        }) {
-            tracing::warn!(uuid = self.uuid, error = %e, "worker: the daemon did not take a release");
+        let Some(w) = self.worker.upgrade() else {
+            return;
+        };
+        lock(&w.held).remove(&self.uuid);
+        let link = lock(&w.link).clone();
+        if let Some(l) = link {
+            if let Err(e) = l.call(Call::Release {
+                uuid: self.uuid.clone(),
+            }) {
+                tracing::debug!(uuid = self.uuid, error = %e, "worker: the daemon did not take a release");
+            }
         }
     }
 }
@@ -133,7 +163,7 @@ impl Worker {
         Ok(())
     }
 
-    fn start(&self, s: &StartDevice) -> Result<Reply, Errno> {
+    fn start(self: &Arc<Self>, s: &StartDevice) -> Result<Reply, Errno> {
         let uuid = MdevUuid::parse(&s.uuid).map_err(|_| Errno::INVAL)?;
         let parent = self.parent(s)?;
         // A sealed worker cannot chown: the daemon gives the sockets their owner.
@@ -146,7 +176,7 @@ impl Worker {
         let env = DeviceEnv::new(uuid, Some(s.dir.clone()), policy);
         let parts = parent.build(&uuid, &s.description, &env)?;
         let guard = RemoteGuard {
-            link: self.link.clone(),
+            worker: Arc::downgrade(self),
             uuid: s.uuid.clone(),
         };
         let function = PciFunction::new(parts.spec, parts.device).with_guard(Arc::new(guard));
@@ -161,6 +191,7 @@ impl Worker {
         lock(&self.devices).insert(
             s.uuid.clone(),
             Device {
+                start: s.clone_for_restart(),
                 served,
                 irqs,
                 attrs: parts.attrs,
@@ -170,9 +201,22 @@ impl Worker {
         Ok(Reply::Done)
     }
 
-    fn handle(&self, id: u64, call: Call) {
+    fn handle(self: &Arc<Self>, link: &Link, id: u64, call: Call) {
         let answer = match call {
             Call::Start(s) => self.start(&s),
+            Call::Adopt => {
+                let held = lock(&self.held).clone();
+                let devices = lock(&self.devices)
+                    .values()
+                    .map(|d| Adopted {
+                        held: held
+                            .get(&d.start.uuid)
+                            .map(|c| (c.connection, c.peer.map(|p| [p.pid, p.uid, p.gid]))),
+                        start: d.start.clone_for_restart(),
+                    })
+                    .collect();
+                Ok(Reply::Adopted(devices))
+            }
             Call::Stop { uuid } => {
                 let d = lock(&self.devices).remove(&uuid);
                 match d {
@@ -208,7 +252,7 @@ impl Worker {
                             stride: p.stride,
                             offset: p.offset,
                         };
-                        self.link.reply(id, Ok(reply), Some(p.memory.as_fd()));
+                        link.reply(id, Ok(reply), Some(p.memory.as_fd()));
                         return;
                     }
                     Err(e) => Err(e),
@@ -216,7 +260,7 @@ impl Worker {
             }
             Call::Acquire { .. } | Call::Release { .. } | Call::Seal { .. } => Err(Errno::NOTSUP),
         };
-        self.link.reply(id, answer, None);
+        link.reply(id, answer, None);
     }
 
     fn with_attrs(
@@ -235,17 +279,22 @@ fn io_errno(e: std::io::Error) -> Errno {
     e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error)
 }
 
-/// The worker's whole life.
-pub fn run(drivers: Drivers, link_path: &Path) -> Result<()> {
+/// The worker's whole life: `link_path` is the daemon's link socket, `adopt_path` where
+/// the next daemon finds it if this one dies.
+pub fn run(drivers: Drivers, link_path: &Path, adopt_path: &Path) -> Result<()> {
     let link = Arc::new(
         link::connect(link_path)
             .with_context(|| format!("connecting to the daemon at {}", link_path.display()))?,
     );
+    // Bound before sealing: accepting on it later opens no path.
+    let adoption =
+        link::listen(adopt_path).with_context(|| format!("binding {}", adopt_path.display()))?;
     let worker = Arc::new(Worker {
         drivers,
-        link: link.clone(),
+        link: Mutex::new(Some(link.clone())),
         parents: Mutex::new(HashMap::new()),
         devices: Mutex::new(HashMap::new()),
+        held: Mutex::new(HashMap::new()),
         sealed: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(pid = std::process::id(), "worker: started");
@@ -258,13 +307,24 @@ pub fn run(drivers: Drivers, link_path: &Path) -> Result<()> {
         Some(other) => anyhow::bail!("the daemon's first message is not a seal: {other:?}"),
         None => anyhow::bail!("the daemon closed the link at once"),
     }
-    let w = worker.clone();
-    link.serve("worker", move |id, call| w.handle(id, call))?;
-    // The daemon closed the link (or went): stop every device.
-    let devices: Vec<Device> = lock(&worker.devices).drain().map(|(_, d)| d).collect();
-    for d in devices {
-        d.served.stop();
+    let mut link = link;
+    loop {
+        let (w, l) = (worker.clone(), link.clone());
+        link.serve("worker", move |id, call| w.handle(&l, id, call))?;
+        *lock(&worker.link) = None;
+        if lock(&worker.devices).is_empty() {
+            break;
+        }
+        // The daemon went with devices here: serve on, and wait for the next one.
+        tracing::warn!(
+            devices = lock(&worker.devices).len(),
+            "worker: the daemon is gone; serving on until a daemon adopts this worker"
+        );
+        link = Arc::new(link::accept(&adoption, Duration::MAX)?);
+        *lock(&worker.link) = Some(link.clone());
+        tracing::info!("worker: adopted by a daemon");
     }
-    tracing::info!("worker: the daemon closed the link; stopped");
+    let _ = std::fs::remove_file(adopt_path);
+    tracing::info!("worker: the daemon closed the link with no device left; stopped");
     Ok(())
 }
