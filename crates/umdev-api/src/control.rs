@@ -104,6 +104,14 @@ pub enum Request {
         /// The device.
         uuid: String,
     },
+    /// Stops the daemon. With worker isolation a stop leaves the workers serving their
+    /// clients (the next daemon adopts them) unless `remove_devices`, which removes every
+    /// device first, as a stop in thread mode always does.
+    Shutdown {
+        /// Remove every device (and so end every worker) too.
+        #[serde(default)]
+        remove_devices: bool,
+    },
     /// Unregisters a parent and removes its devices (EBUSY while one is held, unless
     /// `force`).
     RemoveParent {

@@ -38,21 +38,21 @@ impl Daemon {
             &path,
             format!("root = \"{}\"\n{config}", dir.join("root").display()),
         )?;
-        let mut child = Command::new(umdevd)
-            .arg("--config")
-            .arg(&path)
-            .env("UMDEV_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", umdevd.display()))?;
-        let out = child.stdout.take().context("no stdout")?;
-        let d = Daemon { child, dir };
-        for line in BufReader::new(out).lines() {
-            if line? == "ready" {
-                return Ok(d);
-            }
-        }
-        bail!("umdevd exited before it was ready")
+        let child = spawn_ready(umdevd, &path)?;
+        Ok(Daemon { child, dir })
+    }
+
+    /// Stops the daemon with SIGTERM (with workers: they serve on) and starts it again on
+    /// the same root; returns how long the new one took to be ready (its tree full).
+    pub fn restart(&mut self, umdevd: &Path) -> Result<std::time::Duration> {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )?;
+        self.child.wait()?;
+        let t = std::time::Instant::now();
+        self.child = spawn_ready(umdevd, &self.dir.join("umdevd.toml"))?;
+        Ok(t.elapsed())
     }
 
     /// The sysfs tree's root.
@@ -61,12 +61,42 @@ impl Daemon {
     }
 }
 
+/// Runs `umdevd --config <config>` and waits for its `ready` line.
+fn spawn_ready(umdevd: &Path, config: &Path) -> Result<Child> {
+    let mut child = Command::new(umdevd)
+        .arg("--config")
+        .arg(config)
+        .env("UMDEV_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", umdevd.display()))?;
+    let out = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(out).lines() {
+        if line? == "ready" {
+            return Ok(child);
+        }
+    }
+    bail!("umdevd exited before it was ready")
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        );
+        // Every device removed (with workers a plain SIGTERM leaves them serving).
+        let asked = sibling("umdevctl").is_ok_and(|umdevctl| {
+            Command::new(umdevctl)
+                .args(["shutdown", "--remove-devices"])
+                .env("UMDEV_CONTROL", self.root().join("state/control.sock"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if !asked {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&self.child),
+                rustix::process::Signal::TERM,
+            );
+        }
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

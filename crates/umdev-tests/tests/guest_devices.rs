@@ -470,7 +470,7 @@ fn run(memory: Memory, which: Run) {
             panic!("{}", report(&problems.join("; ")));
         }
         drop(pod);
-        finish(&console, &name, daemon);
+        finish(&console, &name, daemon, &root.join("state/control.sock"));
         return;
     }
     // The device's view, through its vendor attributes in the tree.
@@ -563,7 +563,7 @@ fn run(memory: Memory, which: Run) {
     println!(
         "host: trapped in sparse areas {in_sparse}, outside {outside}; QEMU served {reads} DMA_READ and {writes} DMA_WRITE messages"
     );
-    finish(&console, &name, daemon);
+    finish(&console, &name, daemon, &root.join("state/control.sock"));
 }
 
 /// A device as a pod's VMM gets it from the device plugin: umdev-k8s (beside the daemon)
@@ -639,8 +639,15 @@ fn served_client(socket: &Path) -> Result<(umdev_client::Client, u32), String> {
     Ok((c, pid))
 }
 
-/// A clean stop of the daemon, and the guest's results on the test's output.
-fn finish(console: &str, name: &str, mut daemon: HostDaemon) {
+/// A clean stop of the daemon (every device removed: with workers a plain SIGTERM would
+/// leave them serving), and the guest's results on the test's output.
+fn finish(console: &str, name: &str, mut daemon: HostDaemon, control: &Path) {
+    let asked = std::process::Command::new(umdev_tests::prereq::binary("umdevctl"))
+        .args(["shutdown", "--remove-devices"])
+        .env("UMDEV_CONTROL", control)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(asked, "umdevctl shutdown --remove-devices failed");
     let s = daemon.proc.stop();
     assert!(
         s.is_some_and(|s| s.success()),

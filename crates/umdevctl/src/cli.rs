@@ -168,6 +168,13 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         max_rounds: usize,
     },
+    /// Stop the daemon. With worker isolation its workers serve on (the next daemon adopts
+    /// them) unless --remove-devices.
+    Shutdown {
+        /// Remove every device first (their clients lose them).
+        #[arg(long)]
+        remove_devices: bool,
+    },
     /// Register a parent device at run time (its auto-start definitions start).
     AddParent {
         /// The parent's name.

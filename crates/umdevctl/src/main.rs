@@ -216,6 +216,9 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{path}")?;
             writeln!(out, "{}", qemu_arg(&path))?;
         }
+        Command::Shutdown { remove_devices } => {
+            call(&client, &Request::Shutdown { remove_devices })?;
+        }
         Command::AddParent { name, driver, opts } => {
             let options =
                 umdev_api::control::options_from_pairs(&opts).map_err(anyhow::Error::msg)?;

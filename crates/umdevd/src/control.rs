@@ -202,6 +202,10 @@ impl Handler {
                 .map(|()| Response::Done)
                 .map_err(Failure::from),
             Request::Drivers => Ok(self.drivers()),
+            Request::Shutdown { remove_devices } => {
+                self.shared.request_stop(remove_devices);
+                Ok(Response::Done)
+            }
             Request::Access { uuid, owner, mode } => {
                 self.access(&uuid, owner.as_deref(), mode.as_deref())
             }

@@ -38,6 +38,8 @@ pub struct Shared {
     pub config: Config,
     /// How each parent was built (driver, options): a worker builds it again the same way.
     pub recipes: Mutex<std::collections::BTreeMap<String, Recipe>>,
+    /// A stop asked through the control API removes every device.
+    pub remove_on_stop: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -61,6 +63,14 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(name.to_owned(), (driver.to_owned(), options.clone()));
         Ok(parent)
+    }
+
+    /// Asks the daemon to stop (as SIGTERM does), removing every device if `remove`.
+    pub fn request_stop(&self, remove: bool) {
+        self.remove_on_stop
+            .fetch_or(remove, std::sync::atomic::Ordering::SeqCst);
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM);
     }
 
     /// How parent `name` was built: its driver and options.
@@ -149,6 +159,8 @@ pub struct Running {
     mount: SysfsMount,
     control: ControlServer,
     sys: std::path::PathBuf,
+    shared: Arc<Shared>,
+    workers: Option<Arc<WorkerServe>>,
     _lock: OwnedFd,
 }
 
@@ -158,8 +170,28 @@ impl Running {
         &self.core
     }
 
-    /// Stops the control API, removes every device and parent, unmounts the tree.
+    /// Stops the daemon. In thread mode, or when the control API asked for it: removes
+    /// every device and parent. With workers: leaves them serving their clients (each waits
+    /// for the next daemon to adopt it). Then stops the control API and unmounts the tree.
     pub fn stop(self) {
+        let remove = self
+            .shared
+            .remove_on_stop
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if let (Some(w), false) = (&self.workers, remove) {
+            self.control.stop();
+            let n = w.detach_all();
+            tracing::info!(
+                workers = n,
+                "stopping; the workers serve on until the next daemon adopts them"
+            );
+            if let Err(e) = self.mount.unmount() {
+                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                let _ = rustix::mount::unmount(&self.sys, rustix::mount::UnmountFlags::DETACH);
+            }
+            tracing::info!("stopped; devices left to their workers");
+            return;
+        }
         self.control.stop();
         for p in self.core.parents() {
             if let Err(e) = self.core.unregister_parent(&p, true) {
@@ -199,6 +231,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         drivers,
         config: config.clone(),
         recipes: Mutex::new(Default::default()),
+        remove_on_stop: std::sync::atomic::AtomicBool::new(false),
     });
     let dirs = Arc::new(DirServe {
         dir: sockets.clone(),
@@ -241,7 +274,10 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
     }
     // Workers a daemon before this one left serving keep their devices (and their
     // directories); everything else left over is stale.
-    let adopted = workers.map(|w| w.adopt_all(&core)).unwrap_or_default();
+    let adopted = workers
+        .as_ref()
+        .map(|w| w.adopt_all(&core))
+        .unwrap_or_default();
     let n = clear_stale(&sockets, &adopted)? + clear_stale(&state, &[])?;
     if n > 0 {
         tracing::info!(entries = n, "removed stale sockets and device directories");
@@ -251,13 +287,15 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
     for p in core.parents() {
         start_auto_definitions(&core, &store, &p);
     }
-    let control = ControlServer::start(core.clone(), store, shared)?;
+    let control = ControlServer::start(core.clone(), store, shared.clone())?;
     tracing::info!(root = %root.display(), parents = ?core.parents(), "umdevd ready");
     Ok(Running {
         core,
         mount,
         control,
         sys,
+        shared,
+        workers,
         _lock: lock,
     })
 }

@@ -2,7 +2,9 @@
 //! private dirty pages, from `/proc/<pid>/smaps_rollup`) of each idle worker, beside what an
 //! idle device costs the daemon in thread mode; the time `create` takes with a worker to
 //! start and seal against the same in thread mode (the lower bound); and how long a device
-//! whose worker was SIGKILLed takes to accept a client again.
+//! whose worker was SIGKILLed takes to accept a client again; and how long a daemon
+//! stopped and started again takes to a full tree, adopting every worker, against the same
+//! restart with nothing to adopt.
 //!
 //! `cargo build --release -p umdevd && cargo run --release -p umdev-bench --bin umdev-bench-workers`
 //! (root, /dev/fuse). Goal: under 1 MiB of private memory per idle worker.
@@ -139,6 +141,31 @@ fn main() -> Result<()> {
         }
         restart.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    // The daemon stopped and started again with every device in a worker it adopts,
+    // against a start with nothing to adopt (the same daemon after its devices went).
+    let mut workers = workers;
+    let mut adopt = Vec::new();
+    for _ in 0..kills {
+        adopt.push(workers.restart(&umdevd)?.as_secs_f64() * 1e3);
+        let listed = std::fs::read_dir(workers.root().join("sys/bus/mdev/devices"))?.count();
+        if listed != n as usize {
+            bail!("the restarted daemon lists {listed} devices, not {n}");
+        }
+    }
+    for i in 0..n {
+        std::fs::write(
+            workers
+                .root()
+                .join("sys/bus/mdev/devices")
+                .join(uuid(i))
+                .join("remove"),
+            "1\n",
+        )?;
+    }
+    let mut empty = Vec::new();
+    for _ in 0..kills {
+        empty.push(workers.restart(&umdevd)?.as_secs_f64() * 1e3);
+    }
     drop(workers);
 
     println!("{n} mtty-1 devices, each alone in its IOMMU group");
@@ -162,6 +189,11 @@ fn main() -> Result<()> {
     println!(
         "SIGKILL of a worker to its device accepting a client again: median {rm:.1} ms ({rlo:.1}..{rhi:.1}; {} kills, 100 ms of it the restart delay)",
         kills
+    );
+    let (am, alo, ahi) = spread(adopt);
+    let (em, elo, ehi) = spread(empty);
+    println!(
+        "daemon restart to a full tree: {am:.1} ms median ({alo:.1}..{ahi:.1}) adopting {n} workers, {em:.1} ms ({elo:.1}..{ehi:.1}) with nothing to adopt"
     );
     Ok(())
 }

@@ -192,12 +192,27 @@ impl Daemon {
     /// SIGTERM and wait: the daemon cleans up.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(&c),
-                rustix::process::Signal::TERM,
-            );
+            self.shut_down(&c);
             let status = c.wait().unwrap();
             assert!(status.success(), "umdevd exited with {status}");
+        }
+    }
+
+    /// Asks the daemon to stop and remove every device (with workers a plain SIGTERM would
+    /// leave them serving); SIGTERM if it does not answer.
+    fn shut_down(&self, c: &Child) {
+        let asked = Command::new(binary("umdevctl"))
+            .args(["shutdown", "--remove-devices"])
+            .env("UMDEV_CONTROL", self.control())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !asked {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(c),
+                rustix::process::Signal::TERM,
+            );
         }
     }
 
@@ -213,10 +228,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(&c),
-                rustix::process::Signal::TERM,
-            );
+            self.shut_down(&c);
             let _ = c.wait();
         }
         // If the daemon died, its mount is stale: detach it so the tempdir can go.

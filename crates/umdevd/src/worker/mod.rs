@@ -126,6 +126,7 @@ impl WorkerServe {
             stopping: AtomicBool::new(false),
             down: AtomicBool::new(false),
             adopt: Mutex::new(None),
+            detached: AtomicBool::new(false),
             supervisor: Mutex::new(None),
         });
         let link = worker.spawn()?;
@@ -268,6 +269,34 @@ impl WorkerServe {
         adopted
     }
 
+    /// Lets every worker go without stopping its devices (a daemon stop with workers):
+    /// each serves on and waits for the next daemon. Returns how many there were.
+    pub fn detach_all(&self) -> usize {
+        let workers: Vec<Arc<Worker>> = {
+            let placements = lock(&self.placements);
+            let mut v: Vec<Arc<Worker>> = Vec::new();
+            for p in placements.values() {
+                let w = p.get();
+                if !v.iter().any(|x| Arc::ptr_eq(x, &w)) {
+                    v.push(w);
+                }
+            }
+            v
+        };
+        for w in &workers {
+            w.detached.store(true, Ordering::Release);
+            w.stopping.store(true, Ordering::Release);
+            if let Ok(link) = w.link() {
+                link.shut();
+            }
+            let t = lock(&w.supervisor).take();
+            if let Some(t) = t {
+                let _ = t.join();
+            }
+        }
+        workers.len()
+    }
+
     fn adopt_one(&self, core: &umdev_core::Core, path: &Path) -> std::io::Result<Vec<MdevUuid>> {
         let link = Arc::new(link::connect(path)?);
         let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -282,6 +311,7 @@ impl WorkerServe {
             stopping: AtomicBool::new(false),
             down: AtomicBool::new(false),
             adopt: Mutex::new(None),
+            detached: AtomicBool::new(false),
             supervisor: Mutex::new(None),
         });
         Worker::supervise(&worker, link.clone())?;
@@ -425,6 +455,8 @@ struct Worker {
     down: AtomicBool,
     /// Where it waits for the next daemon if this one dies (removed when it dies).
     adopt: Mutex<Option<PathBuf>>,
+    /// Let go by a stopping daemon: it serves on.
+    detached: AtomicBool,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -536,7 +568,10 @@ impl Worker {
             }
             *lock(&self.link) = None;
             if self.stopping.load(Ordering::Acquire) {
-                self.reap(false);
+                // A worker let go with devices serves on: nothing to wait for.
+                if !self.detached.load(Ordering::Acquire) {
+                    self.reap(false);
+                }
                 return;
             }
             self.down.store(true, Ordering::Release);
