@@ -29,7 +29,10 @@
 //! The plain-memory boot runs the daemon with `isolation = "worker"` (each group in a worker
 //! process): QEMU meets every region kind, DMA path and interrupt through workers, and a
 //! device of another group, its client attached, has its worker killed (SIGKILL) while the
-//! guest runs: the guest never notices, the daemon logs it and serves the device again.
+//! guest runs: the guest never notices, the daemon logs it and serves the device again. Then,
+//! while the guest does its NVMe I/O, the daemon is stopped (SIGTERM) and started again: the
+//! workers serve on, the new daemon adopts them, and the guest's checks, the host's reads of
+//! the devices' attributes and the final removal all go through the new daemon.
 //!
 //! Needs root, `/dev/fuse` and the guest cache (`tests/guest/setup.sh`); logs of each run
 //! stay in `$CARGO_TARGET_TMPDIR/guest-devices-<memory>/`.
@@ -395,6 +398,11 @@ fn run(memory: Memory, which: Run) {
         assert_ne!(spare_pid, daemon.proc.pid(), "a worker serves it");
     }
     let mut killed = false;
+    // And in worker mode the daemon itself is stopped (SIGTERM) and started again while
+    // the guest does NVMe I/O: its workers serve on, the new daemon adopts them.
+    let restart_log = log_dir.join("restarted");
+    fs::create_dir_all(&restart_log).unwrap();
+    let mut restarted = false;
     let mut guest = Guest::boot(&boot).unwrap_or_else(|e| panic!("{e}"));
     let mut screens = Screens {
         uuid: vga_uuid.clone(),
@@ -416,6 +424,15 @@ fn run(memory: Memory, which: Run) {
             rustix::process::kill_process(pid, rustix::process::Signal::KILL)
                 .map_err(|e| format!("killing the spare device's worker: {e}"))?;
             killed = true;
+        }
+        if kill_spare && !restarted && text.contains("GUEST-CHECK nvme-size") {
+            let s = daemon.proc.stop();
+            if !s.is_some_and(|s| s.success()) {
+                return Err(format!("the daemon's SIGTERM stop: {s:?}"));
+            }
+            daemon = HostDaemon::spawn(&binary, &args, &restart_log)
+                .map_err(|e| format!("the daemon did not start again: {e}"))?;
+            restarted = true;
         }
         Ok(())
     });
@@ -517,6 +534,16 @@ fn run(memory: Memory, which: Run) {
     if kill_spare {
         if !killed {
             problems.push("the spare device's worker was never killed".into());
+        }
+        if !restarted {
+            problems.push("the daemon was never restarted".into());
+        }
+        let adopted = fs::read_to_string(restart_log.join("daemon.stderr")).unwrap_or_default();
+        if adopted.matches("adopted a worker").count() < 5 {
+            problems.push(format!(
+                "the restarted daemon did not adopt the five workers:\n{}",
+                tail(&restart_log.join("daemon.stderr"))
+            ));
         }
         if spare.device_info().is_ok() {
             problems.push("a killed worker's client was still answered".into());
