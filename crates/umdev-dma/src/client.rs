@@ -69,12 +69,44 @@ pub(crate) struct MmapSlice {
     pub(crate) offset: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Charges {
-    /// Pages charged to the budget.
+    /// Pages charged to the budget (by this process).
     pub(crate) charged: u64,
     /// Pin counts per page of each file (by file page), across all devices and mmaps.
     pub(crate) host: HashMap<FileKey, PageCounts>,
+    /// The budget's share beyond this process, if the client's pins elsewhere count too.
+    shared: Option<Arc<dyn SharedBudget>>,
+}
+
+impl std::fmt::Debug for Charges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Charges")
+            .field("charged", &self.charged)
+            .field("shared", &self.shared.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Charges {
+    /// `pages` pinned pages fewer (the budget beyond this process is told too).
+    pub(crate) fn credit(&mut self, pages: u64) {
+        let pages = pages.min(self.charged);
+        self.charged -= pages;
+        if let (Some(s), true) = (&self.shared, pages > 0) {
+            s.credit(pages);
+        }
+    }
+}
+
+/// A client's budget as several processes share it (worker processes serving the same
+/// client in different IOMMU groups): every charge is asked of it, every credit told.
+pub trait SharedBudget: Send + Sync {
+    /// `pages` more; refused with the pages charged in all when that would pass
+    /// `limit_pages`.
+    fn charge(&self, pages: u64, limit_pages: u64) -> Result<(), u64>;
+    /// `pages` fewer.
+    fn credit(&self, pages: u64);
 }
 
 /// The memory one client lends to the server: shared mmaps and the locked-memory budget.
@@ -130,6 +162,18 @@ impl ClientMemory {
         ClientMemory::new(memlock_rlimit(), false)
     }
 
+    /// A client whose budget is shared beyond this process: `shared` is asked for every
+    /// charge and told of every credit.
+    pub fn with_shared_budget(
+        limit_bytes: u64,
+        lock_pages: bool,
+        shared: Arc<dyn SharedBudget>,
+    ) -> Arc<ClientMemory> {
+        let m = ClientMemory::new(limit_bytes, lock_pages);
+        m.charges().shared = Some(shared);
+        m
+    }
+
     /// The budget in bytes (whole pages).
     pub fn limit(&self) -> u64 {
         self.limit_pages.saturating_mul(PAGE_SIZE)
@@ -158,8 +202,26 @@ impl ClientMemory {
         self.charges.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Charges `pages` more pages, or refuses with ENOMEM (logged) past the budget.
+    /// Charges `pages` more pages, or refuses with ENOMEM (logged) past the budget (the
+    /// whole client's, with a shared budget).
     pub(crate) fn charge(&self, c: &mut Charges, pages: u64) -> Result<(), DmaError> {
+        if let Some(shared) = &c.shared {
+            if let Err(all) = shared.charge(pages, self.limit_pages) {
+                tracing::warn!(
+                    pages,
+                    charged = all,
+                    limit = self.limit_pages,
+                    "pin refused: the client's locked-memory budget (shared by its workers) exceeded"
+                );
+                return Err(DmaError::OverBudget {
+                    pages,
+                    charged: all,
+                    limit: self.limit_pages,
+                });
+            }
+            c.charged = c.charged.saturating_add(pages);
+            return Ok(());
+        }
         let total = c.charged.saturating_add(pages);
         if total > self.limit_pages {
             tracing::warn!(

@@ -69,7 +69,7 @@ mod unmap;
 // Page indexes, mmap offsets and guest-memory sizes are handled as usize = u64.
 const _: () = assert!(usize::BITS == 64, "umdev targets 64-bit Linux only");
 
-pub use client::{memlock_rlimit, ClientMemory};
+pub use client::{memlock_rlimit, ClientMemory, SharedBudget};
 pub use dirty::{dirty_bitmap_size, DIRTY_PAGE_SIZE};
 pub use error::DmaError;
 pub use mapping::Backing;

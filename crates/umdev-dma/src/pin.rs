@@ -144,16 +144,18 @@ fn host_dec(c: &mut Charges, m: &Mapping, i: usize, lock: bool) {
     let Some((id, hp)) = host_page(m, i) else {
         return;
     };
-    if let Some(counts) = c.host.get_mut(&id) {
-        if counts.dec(hp) == 1 {
-            c.charged = c.charged.saturating_sub(1);
-            if lock {
-                lock_page(m, i, false);
-            }
+    let (last, empty) = match c.host.get_mut(&id) {
+        Some(counts) => (counts.dec(hp) == 1, counts.nonzero() == 0),
+        None => return,
+    };
+    if last {
+        c.credit(1);
+        if lock {
+            lock_page(m, i, false);
         }
-        if counts.nonzero() == 0 {
-            c.host.remove(&id);
-        }
+    }
+    if empty {
+        c.host.remove(&id);
     }
 }
 
@@ -288,7 +290,7 @@ impl Pinner {
                 for &(si, page) in &to_lock[..locked] {
                     lock_page(&segments[si].mapping, page, false);
                 }
-                c.charged = c.charged.saturating_sub(newly);
+                c.credit(newly);
                 charged = Err(DmaError::OverBudget {
                     pages: newly,
                     charged: c.charged,

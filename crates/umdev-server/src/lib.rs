@@ -41,7 +41,7 @@ use umdev_pci::{ClientId, PciFunction, PeerCred};
 use umdev_transport::{Transport, UnixTransport};
 
 pub use error::{RequestError, ServerError};
-pub use memory::LockedMemory;
+pub use memory::{LockedMemory, SharedBudgets};
 
 /// Limits and tunables of a server.
 #[derive(Clone, Debug)]

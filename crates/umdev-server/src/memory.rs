@@ -5,15 +5,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use umdev_dma::{memlock_rlimit, ClientMemory};
+use umdev_dma::{memlock_rlimit, ClientMemory, SharedBudget};
 use umdev_pci::ClientId;
+
+/// Where clients' budgets are kept beyond this process: a worker serving one IOMMU group
+/// charges its clients' pins to budgets its daemon keeps for all the groups.
+pub trait SharedBudgets: Send + Sync {
+    /// The budget of `client` (`None`: this process's alone).
+    fn budget(&self, client: &ClientId) -> Option<Arc<dyn SharedBudget>>;
+}
 
 /// The locked-memory policy of a daemon, and the clients' memory it hands out.
 ///
 /// Clone one value into every server of a daemon: the clones share the table of clients, so
 /// that the sessions of one client (one VMM process, by `SO_PEERCRED` pid) share one budget
 /// and one set of mmaps, and a page pinned by several of its devices is charged once.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct LockedMemory {
     /// Budget of each client in bytes; `None`: the daemon's `RLIMIT_MEMLOCK`.
     pub limit: Option<u64>,
@@ -22,6 +29,19 @@ pub struct LockedMemory {
     /// Also lock pinned pages in memory (`mlock`), not only account for them.
     pub lock_pages: bool,
     clients: Arc<Mutex<HashMap<u32, Weak<ClientMemory>>>>,
+    /// Budgets shared with other processes, if any.
+    pub shared: Option<Arc<dyn SharedBudgets>>,
+}
+
+impl std::fmt::Debug for LockedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockedMemory")
+            .field("limit", &self.limit)
+            .field("per_uid", &self.per_uid)
+            .field("lock_pages", &self.lock_pages)
+            .field("shared", &self.shared.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl LockedMemory {
@@ -45,7 +65,10 @@ impl LockedMemory {
     /// The memory of `client`: shared with its other sessions while any is open, new
     /// otherwise (always new when the client's process is unknown).
     pub(crate) fn client_memory(&self, client: &ClientId) -> Arc<ClientMemory> {
-        let fresh = || ClientMemory::new(self.limit_for(client), self.lock_pages);
+        let fresh = || match self.shared.as_ref().and_then(|s| s.budget(client)) {
+            Some(b) => ClientMemory::with_shared_budget(self.limit_for(client), self.lock_pages, b),
+            None => ClientMemory::new(self.limit_for(client), self.lock_pages),
+        };
         let Some(peer) = client.peer else {
             return fresh();
         };

@@ -394,3 +394,53 @@ fn outlive_and_adopt(signal: rustix::process::Signal) {
         std::fs::metadata(format!("/proc/{pa}")).is_err() || ppid(pa).is_none()
     });
 }
+
+/// A client's locked-memory budget is one budget over every worker it uses: pins in two
+/// groups (two processes) count together, and what one unpins the other may pin.
+#[test]
+fn a_clients_pins_in_two_workers_share_one_budget() {
+    use umdev_tests::cmd;
+    let d = Daemon::start_test_daemon(CONFIG);
+    // A budget of 16 pages: the daemon's RLIMIT_MEMLOCK, which its workers get.
+    let pages16 = rustix::process::Rlimit {
+        current: Some(16 * 4096),
+        maximum: Some(16 * 4096),
+    };
+    let daemon = rustix::process::Pid::from_child(d.child.as_ref().unwrap());
+    rustix::process::prlimit(Some(daemon), rustix::process::Resource::Memlock, pages16).unwrap();
+    let (a, c) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("test0", "umdevtest-plain", &c).unwrap();
+    let (mut ca, pa) = connect(&d.socket(&a));
+    let (mut cc, pc) = connect(&d.socket(&c));
+    assert_ne!(pa, pc, "two groups, two workers");
+    const BASE: u64 = 0x10_0000;
+    let _ma = cmd::map_memfd(&mut ca, BASE, 1 << 20, true);
+    let _mc = cmd::map_memfd(&mut cc, BASE, 1 << 20, true);
+    let (enomem, ok) = (12, 0);
+    assert_eq!(
+        cmd::pin(&mut ca, BASE, 12, 3),
+        ok,
+        "12 of 16 pages in a's worker"
+    );
+    assert_eq!(
+        cmd::pin(&mut cc, BASE, 8, 3),
+        enomem,
+        "8 more in c's worker pass the client's 16"
+    );
+    assert_eq!(cmd::pin(&mut cc, BASE, 4, 3), ok, "4 more fit");
+    assert_eq!(cmd::unpin(&mut ca, BASE, 12), ok);
+    assert_eq!(
+        cmd::pin(&mut cc, BASE + 4 * 4096, 12, 3),
+        ok,
+        "what a's worker gave back, c's may take"
+    );
+    // A worker that dies gives its client's pages back.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pc).unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    wait_until("c's worker outlived its kill", || ppid(pc).is_none());
+    assert_eq!(cmd::pin(&mut ca, BASE, 16, 3), ok, "all 16 free again");
+}

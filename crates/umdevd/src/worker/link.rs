@@ -106,6 +106,23 @@ pub enum Call {
         /// The client's pid, uid and gid.
         peer: Option<[u32; 3]>,
     },
+    /// Worker to daemon: charge `pages` pinned pages to client `pid`'s budget, shared by
+    /// every worker (refused past `limit` pages).
+    Charge {
+        /// The client's process.
+        pid: u32,
+        /// Pages newly pinned.
+        pages: u64,
+        /// The client's budget in pages.
+        limit: u64,
+    },
+    /// Worker to daemon: `pages` of client `pid` are no longer pinned.
+    Credit {
+        /// The client's process.
+        pid: u32,
+        /// Pages unpinned.
+        pages: u64,
+    },
     /// Worker to daemon: the client that was admitted has gone.
     Release {
         /// The device.
@@ -152,6 +169,8 @@ pub struct Adopted {
 pub enum Reply {
     /// The devices of a worker being adopted.
     Adopted(Vec<Adopted>),
+    /// A charge refused: the pages the client has charged in all.
+    OverBudget(u64),
     /// Done.
     Done,
     /// A text (an attribute's).

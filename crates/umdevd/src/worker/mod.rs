@@ -65,6 +65,8 @@ pub struct WorkerServe {
     /// How workers seal themselves.
     pub sandbox: SandboxConfig,
     next: AtomicU64,
+    /// Clients' locked-memory budgets over every worker.
+    ledger: Arc<Ledger>,
     /// Which worker serves each device (by UUID): a device moves with its group.
     placements: Placements,
 }
@@ -101,6 +103,7 @@ impl WorkerServe {
             exe,
             sandbox,
             next: AtomicU64::new(0),
+            ledger: Arc::default(),
             placements: Arc::default(),
         }
     }
@@ -127,6 +130,8 @@ impl WorkerServe {
             down: AtomicBool::new(false),
             adopt: Mutex::new(None),
             detached: AtomicBool::new(false),
+            ledger: self.ledger.clone(),
+            charged: Mutex::new(BTreeMap::new()),
             supervisor: Mutex::new(None),
         });
         let link = worker.spawn()?;
@@ -312,6 +317,8 @@ impl WorkerServe {
             down: AtomicBool::new(false),
             adopt: Mutex::new(None),
             detached: AtomicBool::new(false),
+            ledger: self.ledger.clone(),
+            charged: Mutex::new(BTreeMap::new()),
             supervisor: Mutex::new(None),
         });
         Worker::supervise(&worker, link.clone())?;
@@ -431,6 +438,59 @@ impl StartDevice {
     }
 }
 
+/// Each client's pinned pages over every worker (one budget per client, by pid, however
+/// many groups it uses), and what each worker charged, credited back if it dies.
+#[derive(Default)]
+pub struct Ledger {
+    total: Mutex<BTreeMap<u32, u64>>,
+}
+
+impl Ledger {
+    fn charge(&self, w: &Worker, pid: u32, pages: u64, limit: u64) -> Reply {
+        let mut total = lock(&self.total);
+        let t = total.entry(pid).or_default();
+        if t.saturating_add(pages) > limit {
+            return Reply::OverBudget(*t);
+        }
+        *t += pages;
+        *lock(&w.charged).entry(pid).or_default() += pages;
+        Reply::Done
+    }
+
+    fn credit(&self, w: &Worker, pid: u32, pages: u64) {
+        let mut total = lock(&self.total);
+        let mut mine = lock(&w.charged);
+        // Never more than this worker charged (an adopted worker's earlier pins are not
+        // known here).
+        let pages = pages.min(mine.get(&pid).copied().unwrap_or(0));
+        if let Some(m) = mine.get_mut(&pid) {
+            *m -= pages;
+            if *m == 0 {
+                mine.remove(&pid);
+            }
+        }
+        if let Some(t) = total.get_mut(&pid) {
+            *t = t.saturating_sub(pages);
+            if *t == 0 {
+                total.remove(&pid);
+            }
+        }
+    }
+
+    /// Worker `w` is gone: what it charged is free.
+    fn forget(&self, w: &Worker) {
+        let mut total = lock(&self.total);
+        for (pid, pages) in std::mem::take(&mut *lock(&w.charged)) {
+            if let Some(t) = total.get_mut(&pid) {
+                *t = t.saturating_sub(pages);
+                if *t == 0 {
+                    total.remove(&pid);
+                }
+            }
+        }
+    }
+}
+
 /// A device of a worker, as the daemon keeps it.
 struct Entry {
     /// How to build it again.
@@ -457,6 +517,10 @@ struct Worker {
     adopt: Mutex<Option<PathBuf>>,
     /// Let go by a stopping daemon: it serves on.
     detached: AtomicBool,
+    /// The clients' budgets over every worker.
+    ledger: Arc<Ledger>,
+    /// What this worker charged to them.
+    charged: Mutex<BTreeMap<u32, u64>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -567,6 +631,8 @@ impl Worker {
                 tracing::warn!(worker = self.name, error = %e, "cannot read a worker's link");
             }
             *lock(&self.link) = None;
+            // Its pins are gone with it (or with its devices).
+            self.ledger.forget(&self);
             if self.stopping.load(Ordering::Acquire) {
                 // A worker let go with devices serves on: nothing to wait for.
                 if !self.detached.load(Ordering::Acquire) {
@@ -649,6 +715,11 @@ impl Worker {
                 if let Some(g) = guard {
                     g.release();
                 }
+                Ok(Reply::Done)
+            }
+            Call::Charge { pid, pages, limit } => Ok(self.ledger.charge(self, pid, pages, limit)),
+            Call::Credit { pid, pages } => {
+                self.ledger.credit(self, pid, pages);
                 Ok(Reply::Done)
             }
             _ => Err(Errno::NOTSUP),

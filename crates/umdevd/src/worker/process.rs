@@ -16,7 +16,9 @@ use umdev_core::{
     DeviceEnv, Drivers, Errno, MdevUuid, Parent, ParentContext, Served, VendorAttrs,
     VFIO_USER_SOCKET,
 };
+use umdev_dma::SharedBudget;
 use umdev_pci::{ClientId, Interrupts, OpenGuard, PciFunction, PeerCred};
+use umdev_server::SharedBudgets;
 use umdev_transport::{SocketPolicy, Stale};
 
 use super::link::{self, Adopted, Call, Frame, Link, Reply, StartDevice};
@@ -41,6 +43,8 @@ struct Worker {
     /// Which client holds which device, as admitted (kept for the next daemon).
     held: Mutex<HashMap<String, ClientId>>,
     sealed: std::sync::atomic::AtomicBool,
+    /// The servers' configuration, made at the first device.
+    server: Mutex<Option<umdev_server::ServerConfig>>,
 }
 
 /// The group rules around the device's `open` and `close`: the daemon's, over the link;
@@ -88,6 +92,63 @@ impl OpenGuard for RemoteGuard {
             }) {
                 tracing::debug!(uuid = self.uuid, error = %e, "worker: the daemon did not take a release");
             }
+        }
+    }
+}
+
+/// Clients' locked-memory budgets, kept by the daemon for all its workers.
+struct LinkBudgets {
+    worker: std::sync::Weak<Worker>,
+}
+
+impl SharedBudgets for LinkBudgets {
+    fn budget(&self, client: &ClientId) -> Option<Arc<dyn SharedBudget>> {
+        let pid = client.peer?.pid;
+        Some(Arc::new(LinkBudget {
+            worker: self.worker.clone(),
+            pid,
+        }))
+    }
+}
+
+/// One client's budget, kept by the daemon.
+struct LinkBudget {
+    worker: std::sync::Weak<Worker>,
+    pid: u32,
+}
+
+impl LinkBudget {
+    fn link(&self) -> Option<Arc<Link>> {
+        self.worker.upgrade().and_then(|w| lock(&w.link).clone())
+    }
+}
+
+impl SharedBudget for LinkBudget {
+    fn charge(&self, pages: u64, limit_pages: u64) -> Result<(), u64> {
+        // With no daemon (orphaned) the pins are not refused: nobody keeps the budget.
+        let Some(link) = self.link() else {
+            return Ok(());
+        };
+        match link.call(Call::Charge {
+            pid: self.pid,
+            pages,
+            limit: limit_pages,
+        }) {
+            Ok((Reply::OverBudget(all), _)) => Err(all),
+            Ok(_) | Err(Errno::NODEV) => Ok(()),
+            Err(e) => {
+                tracing::warn!(pid = self.pid, error = %e, "worker: the daemon did not answer a charge; refused");
+                Err(limit_pages)
+            }
+        }
+    }
+
+    fn credit(&self, pages: u64) {
+        if let Some(link) = self.link() {
+            let _ = link.cast(Call::Credit {
+                pid: self.pid,
+                pages,
+            });
         }
     }
 }
@@ -181,10 +242,22 @@ impl Worker {
         };
         let function = PciFunction::new(parts.spec, parts.device).with_guard(Arc::new(guard));
         let irqs = function.interrupts();
-        let server = s.server.server_config().map_err(|e| {
-            tracing::warn!(error = %format!("{e:#}"), "worker: bad server tunables");
-            Errno::INVAL
-        })?;
+        // One server configuration for all the worker's devices: its clients' table is
+        // shared, so a client's devices here share their mmaps and per-page charges.
+        let server = {
+            let mut cfg = lock(&self.server);
+            if cfg.is_none() {
+                let mut c = s.server.server_config().map_err(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "worker: bad server tunables");
+                    Errno::INVAL
+                })?;
+                c.locked_memory.shared = Some(Arc::new(LinkBudgets {
+                    worker: Arc::downgrade(self),
+                }));
+                *cfg = Some(c);
+            }
+            cfg.clone().ok_or(Errno::INVAL)?
+        };
         let (listener, path) = env.bind(VFIO_USER_SOCKET).map_err(io_errno)?;
         let served =
             crate::serve::serve_on(&uuid, path, listener, function, &server).map_err(io_errno)?;
@@ -258,7 +331,11 @@ impl Worker {
                     Err(e) => Err(e),
                 }
             }
-            Call::Acquire { .. } | Call::Release { .. } | Call::Seal { .. } => Err(Errno::NOTSUP),
+            Call::Acquire { .. }
+            | Call::Release { .. }
+            | Call::Seal { .. }
+            | Call::Charge { .. }
+            | Call::Credit { .. } => Err(Errno::NOTSUP),
         };
         link.reply(id, answer, None);
     }
@@ -296,6 +373,7 @@ pub fn run(drivers: Drivers, link_path: &Path, adopt_path: &Path) -> Result<()> 
         devices: Mutex::new(HashMap::new()),
         held: Mutex::new(HashMap::new()),
         sealed: std::sync::atomic::AtomicBool::new(false),
+        server: Mutex::new(None),
     });
     tracing::info!(pid = std::process::id(), "worker: started");
     // Sealed from the only thread there is yet: every thread started later inherits it.
