@@ -441,6 +441,10 @@ fn a_clients_pins_in_two_workers_share_one_budget() {
         rustix::process::Signal::KILL,
     )
     .unwrap();
-    wait_until("c's worker outlived its kill", || ppid(pc).is_none());
+    drop(cc);
+    // Once the daemon has seen it die (it serves c from a new worker after that).
+    wait_until("c was never served again", || {
+        try_connect(&d.socket(&c)).is_ok_and(|(_, p)| p != pc)
+    });
     assert_eq!(cmd::pin(&mut ca, BASE, 16, 3), ok, "all 16 free again");
 }

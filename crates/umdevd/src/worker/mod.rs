@@ -108,23 +108,16 @@ impl WorkerServe {
         }
     }
 
-    /// A new worker process for `entries` (the devices of one group), sealed for them,
-    /// supervised, serving them.
-    fn new_worker(&self, entries: Vec<Entry>) -> std::io::Result<Arc<Worker>> {
+    /// The daemon's record of a worker with `devices`, its link if it has one already.
+    fn worker(&self, devices: BTreeMap<String, Entry>, link: Option<Arc<Link>>) -> Arc<Worker> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let uuids: Vec<String> = entries.iter().map(|e| e.start.uuid.clone()).collect();
-        let worker = Arc::new(Worker {
+        Arc::new(Worker {
             name: format!("worker-{n}"),
             exe: self.exe.clone(),
             link_path: self.links_dir.join(format!("worker-{n}.sock")),
             sandbox: self.sandbox.clone(),
-            devices: Mutex::new(
-                entries
-                    .into_iter()
-                    .map(|e| (e.start.uuid.clone(), e))
-                    .collect(),
-            ),
-            link: Mutex::new(None),
+            devices: Mutex::new(devices),
+            link: Mutex::new(link),
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
             down: AtomicBool::new(false),
@@ -133,7 +126,20 @@ impl WorkerServe {
             ledger: self.ledger.clone(),
             charged: Mutex::new(BTreeMap::new()),
             supervisor: Mutex::new(None),
-        });
+        })
+    }
+
+    /// A new worker process for `entries` (the devices of one group), sealed for them,
+    /// supervised, serving them.
+    fn new_worker(&self, entries: Vec<Entry>) -> std::io::Result<Arc<Worker>> {
+        let uuids: Vec<String> = entries.iter().map(|e| e.start.uuid.clone()).collect();
+        let worker = self.worker(
+            entries
+                .into_iter()
+                .map(|e| (e.start.uuid.clone(), e))
+                .collect(),
+            None,
+        );
         let link = worker.spawn()?;
         // The link's reader runs before the first call: every reply needs it.
         if let Err(e) = Worker::supervise(&worker, link.clone()) {
@@ -304,23 +310,7 @@ impl WorkerServe {
 
     fn adopt_one(&self, core: &umdev_core::Core, path: &Path) -> std::io::Result<Vec<MdevUuid>> {
         let link = Arc::new(link::connect(path)?);
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let worker = Arc::new(Worker {
-            name: format!("worker-{n}"),
-            exe: self.exe.clone(),
-            link_path: self.links_dir.join(format!("worker-{n}.sock")),
-            sandbox: self.sandbox.clone(),
-            devices: Mutex::new(BTreeMap::new()),
-            link: Mutex::new(Some(link.clone())),
-            child: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            down: AtomicBool::new(false),
-            adopt: Mutex::new(None),
-            detached: AtomicBool::new(false),
-            ledger: self.ledger.clone(),
-            charged: Mutex::new(BTreeMap::new()),
-            supervisor: Mutex::new(None),
-        });
+        let worker = self.worker(BTreeMap::new(), Some(link.clone()));
         Worker::supervise(&worker, link.clone())?;
         let devices = match link.call(Call::Adopt) {
             Ok((Reply::Adopted(d), _)) => d,
