@@ -203,6 +203,17 @@ fn devices_that_share_a_group_share_a_worker() {
     }
     let p2p = |u: &str| d.mdev_dir(u).join("peer_to_peer_resource_uuid");
     let server = |u: &str| connect(&d.socket(u)).1;
+    // A group moves only while nobody holds it: the probing clients above let go when
+    // their sessions end, a moment after they close.
+    let set_p2p = |u: &str, value: &str| {
+        wait_until("a group stayed held", || {
+            match std::fs::write(p2p(u), value) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(16) => false,
+                Err(e) => panic!("{e}"),
+            }
+        });
+    };
     let (sa, sb, sc) = (server(&a), server(&b), server(&c));
     assert!(
         sa != sb && sb != sc && sa != sc,
@@ -211,7 +222,7 @@ fn devices_that_share_a_group_share_a_worker() {
     // b joins a's group: the group gets a worker sealed for both (a sealed worker can
     // open nothing new), and the two old workers end.
     let resource = std::fs::read_to_string(p2p(&a)).unwrap();
-    std::fs::write(p2p(&b), &resource).unwrap();
+    set_p2p(&b, &resource);
     let ab = server(&a);
     assert_eq!(server(&b), ab);
     assert!(ab != sa && ab != sb);
@@ -222,12 +233,12 @@ fn devices_that_share_a_group_share_a_worker() {
     assert_eq!(group(&a), group(&b));
     // c joins too (a new worker for the three), then leaves for a group of its own: a new
     // worker for c, the others stay where they are.
-    std::fs::write(p2p(&c), &resource).unwrap();
+    set_p2p(&c, &resource);
     let abc = server(&c);
     assert_eq!((server(&a), server(&b)), (abc, abc));
     wait_until("c's old worker outlived its group", || ppid(sc).is_none());
     assert_eq!(workers(daemon), vec![abc]);
-    std::fs::write(p2p(&c), format!("{}\n", new_uuid())).unwrap();
+    set_p2p(&c, &format!("{}\n", new_uuid()));
     let c_alone = server(&c);
     assert!(c_alone != abc);
     assert_eq!(server(&a), abc);
@@ -235,6 +246,7 @@ fn devices_that_share_a_group_share_a_worker() {
     // While a client holds a (the worker asked the daemon's group rules when it opened),
     // its group cannot change.
     let (_held, _) = connect(&d.socket(&a));
+    std::thread::sleep(Duration::from_millis(100));
     let e = std::fs::write(p2p(&b), format!("{}\n", new_uuid())).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(16), "EBUSY: {e}");
 }
