@@ -135,10 +135,25 @@ pub fn is_stale_mount(path: &Path) -> bool {
     matches!(std::fs::symlink_metadata(path), Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()))
 }
 
+/// Whether our tree (a mount of source `umdev`) is mounted at `path`, per
+/// `/proc/self/mounts` (spaces in paths are escaped as `\040` there).
+fn tree_mounted_at(path: &Path) -> bool {
+    let want = path.display().to_string().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == Some("umdev") && f.next() == Some(want.as_str())
+        })
+    })
+}
+
 /// Detaches a stale mount at `path` (a lazy unmount: as root with umount2(MNT_DETACH),
-/// else with `fusermount3 -u -z`). Returns whether there was one.
+/// else with `fusermount3 -u -z`). Returns whether there was one. The caller holds the
+/// state directory's lock, so a tree mounted there is an earlier daemon's: a connection
+/// that just died may still have its root's attributes cached (no ENOTCONN yet), so the
+/// mount table is asked too.
 pub fn clear_stale_mount(path: &Path) -> Result<bool, SysfsError> {
-    if !is_stale_mount(path) {
+    if !is_stale_mount(path) && !tree_mounted_at(path) {
         return Ok(false);
     }
     tracing::info!(path = %path.display(), "detaching a stale mount from an earlier run");

@@ -15,8 +15,12 @@
 //! mode (temporary root, its sysfs tree mounted over FUSE at `<root>/sys`, its sockets
 //! directory inside the chroot), `echo $UUID > .../mdev_supported_types/mtty-2/create`, the
 //! vfio-user socket from the device's `vfio_user_socket` and the ports' host sides from its
-//! `vendor/console`; after the guest run, `echo 1 > .../remove`, then SIGTERM must stop the
-//! daemon cleanly with its sockets gone and its tree unmounted.
+//! `vendor/console`; the daemon runs a worker per IOMMU group, and while the guest waits for
+//! the host's answers it is stopped (SIGTERM) and started again, then killed (SIGKILL) and
+//! started again: each new daemon adopts the card's worker, and the answers go through the
+//! console connections opened before either (no byte lost, the same connections). After the
+//! guest run, `echo 1 > .../remove`, then SIGTERM must stop the daemon cleanly with its
+//! sockets gone and its tree unmounted.
 //!
 //! Prerequisites: root, `/dev/fuse`, the built binaries (`cargo build --workspace --bins`) and
 //! the guest cache that `tests/guest/setup.sh` builds in
@@ -191,8 +195,22 @@ impl<'a> Run<'a> {
         let t1 = Instant::now();
         self.start_qemu()?;
         let mut answered = [false; PORTS];
+        let mut restarted = self.serving != Serving::Managed;
         let deadline = Instant::now() + GUEST_TIMEOUT;
         let status = loop {
+            // The guest has written and waits for the answer: the daemon is stopped and
+            // started again, then killed and started again, and the answers go through the
+            // console connections opened before either.
+            if !restarted
+                && self
+                    .ports
+                    .iter()
+                    .any(|s| sink_text(s).contains("guest-to-host port"))
+            {
+                self.restart_daemon(false)?;
+                self.restart_daemon(true)?;
+                restarted = true;
+            }
             for (i, sink) in self.ports.iter().enumerate() {
                 if !answered[i] && sink_text(sink).contains(&format!("guest-to-host port{i}")) {
                     writers[i]
@@ -241,6 +259,47 @@ impl<'a> Run<'a> {
             "guest mtty test ({}): device ready in {t_daemon:.2?}, guest run {t_guest:.2?}\n{summary}{teardown}",
             self.describe()
         ))
+    }
+
+    /// The daemon (worker mode) goes, by SIGTERM or SIGKILL, and a new one starts on the
+    /// same root: it must adopt the card's worker, which served on meanwhile.
+    fn restart_daemon(&mut self, kill: bool) -> Result<(), String> {
+        let mut old = self.daemon.take().ok_or("no daemon to restart")?;
+        let how = if kill { "kill" } else { "term" };
+        if kill {
+            let pid = rustix::process::Pid::from_raw(i32::try_from(old.proc.pid()).unwrap_or(0))
+                .ok_or("no pid")?;
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                .map_err(|e| format!("SIGKILL the daemon: {e}"))?;
+            let _ = old.proc.stop();
+        } else {
+            let s = old.proc.stop();
+            if !s.is_some_and(|s| s.success()) {
+                return Err(format!("the daemon's SIGTERM stop: {s:?}"));
+            }
+        }
+        let log = self.log_dir.join(format!("after-{how}"));
+        fs::create_dir_all(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let config = self.host_dir.path().join("umdevd.toml");
+        let binary = umdev_tests::prereq::binary("umdevd");
+        self.daemon = Some(HostDaemon::spawn(
+            &binary,
+            &["--config".into(), config.into()],
+            &log,
+        )?);
+        let state = read_trimmed(&self.mdev_dir().join("state"))?;
+        if state != "running" {
+            return Err(format!(
+                "after the {how} restart the card's state is {state}"
+            ));
+        }
+        let adopted = fs::read_to_string(log.join("daemon.stderr")).unwrap_or_default();
+        if !adopted.contains("adopted a worker") {
+            return Err(format!(
+                "the daemon started after the {how} did not adopt the card's worker"
+            ));
+        }
+        Ok(())
     }
 
     /// Starts umdevd with `args` and waits for its `ready` line.
@@ -328,7 +387,7 @@ impl<'a> Run<'a> {
         }
         let config = self.host_dir.path().join("umdevd.toml");
         let text = format!(
-            "root = {:?}\nsockets_dir = {:?}\n\n[[parent]]\nname = \"{PARENT}\"\ndriver = \"mtty\"\noptions = {{ ports = {PORTS}, console = \"socket\" }}\n",
+            "root = {:?}\nsockets_dir = {:?}\nisolation = \"worker\"\n\n[[parent]]\nname = \"{PARENT}\"\ndriver = \"mtty\"\noptions = {{ ports = {PORTS}, console = \"socket\" }}\n",
             self.daemon_root().display().to_string(),
             self.guest_dir.path().display().to_string(),
         );

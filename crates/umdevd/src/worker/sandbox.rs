@@ -110,6 +110,8 @@ const SYSCALLS: &[i64] = &[
     libc::SYS_connect,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
