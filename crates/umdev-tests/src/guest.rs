@@ -224,6 +224,29 @@ pub struct HostDaemon {
     pub stdout: Vec<String>,
 }
 
+impl Drop for HostDaemon {
+    /// A daemon still running when its test ends (a failure) is asked to remove every device
+    /// first: with workers, a plain SIGTERM would leave them serving after the test.
+    fn drop(&mut self) {
+        if self.proc.exited().is_some() {
+            return;
+        }
+        let control = self
+            .stdout
+            .iter()
+            .find_map(|l| l.strip_prefix("control "))
+            .map(PathBuf::from);
+        if let Some(control) = control {
+            let _ = Command::new(crate::prereq::binary("umdevctl"))
+                .args(["shutdown", "--remove-devices"])
+                .env("UMDEV_CONTROL", control)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl HostDaemon {
     /// Starts `binary` with `args`, its stderr in `<log_dir>/daemon.stderr`, and waits for its
     /// `ready` line.
