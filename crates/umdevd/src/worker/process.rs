@@ -144,8 +144,10 @@ impl SharedBudget for LinkBudget {
     }
 
     fn credit(&self, pages: u64) {
+        // Answered, so that once an unpin is done, the pages are free for the client's
+        // other workers too.
         if let Some(link) = self.link() {
-            let _ = link.cast(Call::Credit {
+            let _ = link.call(Call::Credit {
                 pid: self.pid,
                 pages,
             });
