@@ -174,3 +174,16 @@ impl Default for Efd {
         Efd::new()
     }
 }
+
+/// A negotiated client of the vfio-user socket `socket`, and the pid of the process serving
+/// it (the listener's, by `SO_PEERCRED`): the daemon's, or a worker's.
+pub fn connect_served(socket: &std::path::Path) -> Result<(umdev_client::Client, u32), String> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    let cred = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| e.to_string())?;
+    let pid = u32::try_from(cred.pid.as_raw_nonzero().get()).map_err(|e| e.to_string())?;
+    let t = umdev_transport::UnixTransport::new(stream);
+    let mut c = umdev_client::Client::unnegotiated(Arc::new(t));
+    c.negotiate(&umdev_client::ClientOptions::default())
+        .map_err(|e| e.to_string())?;
+    Ok((c, pid))
+}

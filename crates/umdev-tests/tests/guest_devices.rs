@@ -392,7 +392,7 @@ fn run(memory: Memory, which: Run) {
     .unwrap();
     let spare_dev = root.join("sys/bus/mdev/devices").join(&spare_uuid);
     let spare_socket = PathBuf::from(read_trimmed(&spare_dev.join("vfio_user_socket")).unwrap());
-    let (mut spare, spare_pid) = served_client(&spare_socket).unwrap();
+    let (mut spare, spare_pid) = umdev_tests::connect_served(&spare_socket).unwrap();
     let kill_spare = isolation == "worker";
     if kill_spare {
         assert_ne!(spare_pid, daemon.proc.pid(), "a worker serves it");
@@ -551,7 +551,7 @@ fn run(memory: Memory, which: Run) {
         // The daemon started it again: the device takes a new client, in a new process.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match served_client(&spare_socket) {
+            match umdev_tests::connect_served(&spare_socket) {
                 Ok((_, pid)) if pid != spare_pid => break,
                 _ if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
@@ -652,18 +652,6 @@ impl Drop for Pod {
         let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
         let _ = fs::remove_dir(&self.mountpoint);
     }
-}
-
-/// A client of `socket` and the pid of the process serving it (the socket's listener).
-fn served_client(socket: &Path) -> Result<(umdev_client::Client, u32), String> {
-    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    let cred = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| e.to_string())?;
-    let pid = u32::try_from(cred.pid.as_raw_nonzero().get()).map_err(|e| e.to_string())?;
-    let t = umdev_transport::UnixTransport::new(stream);
-    let mut c = umdev_client::Client::unnegotiated(std::sync::Arc::new(t));
-    c.negotiate(&umdev_client::ClientOptions::default())
-        .map_err(|e| e.to_string())?;
-    Ok((c, pid))
 }
 
 /// A clean stop of the daemon (every device removed: with workers a plain SIGTERM would

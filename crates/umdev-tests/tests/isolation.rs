@@ -8,14 +8,13 @@
 
 mod mdev;
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mdev::{new_uuid, Daemon};
-use umdev_client::{Client, ClientOptions};
+use umdev_client::Client;
 use umdev_tests::device::reg;
 use umdev_tests::drivers::ATTR_TRAPPED_BAR2;
 
@@ -39,20 +38,8 @@ driver = "mtty"
 options = { ports = 3, console = "none", peer_to_peer = true }
 "#;
 
-/// A client of `socket`, and the pid of the process serving it (the socket's listener).
-fn try_connect(socket: &Path) -> Result<(Client, u32), String> {
-    let stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    let cred = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| e.to_string())?;
-    let pid = u32::try_from(cred.pid.as_raw_nonzero().get()).map_err(|e| e.to_string())?;
-    let t = umdev_transport::UnixTransport::new(stream);
-    let mut c = Client::unnegotiated(Arc::new(t));
-    c.negotiate(&ClientOptions::default())
-        .map_err(|e| e.to_string())?;
-    Ok((c, pid))
-}
-
 fn connect(socket: &Path) -> (Client, u32) {
-    try_connect(socket).unwrap()
+    umdev_tests::connect_served(socket).unwrap()
 }
 
 /// The parent pid of process `pid`, if it is alive.
@@ -154,7 +141,7 @@ fn a_killed_worker_takes_down_only_its_group_and_comes_back() {
     // The daemon starts b's worker again: a new client gets the device.
     let mut back = None;
     wait_until("b never took a new client", || {
-        back = try_connect(&d.socket(&b)).ok();
+        back = umdev_tests::connect_served(&d.socket(&b)).ok();
         back.is_some()
     });
     let restarted = killed_at.elapsed();
@@ -315,7 +302,7 @@ fn the_sandbox_refuses_opens_and_kills_exec_and_stray_system_calls() {
 fn wait_for_client(d: &Daemon, uuid: &str) -> (Client, u32) {
     let mut got = None;
     wait_until("the device never took a client", || {
-        got = try_connect(&d.socket(uuid)).ok();
+        got = umdev_tests::connect_served(&d.socket(uuid)).ok();
         got.is_some()
     });
     got.unwrap()
@@ -456,7 +443,7 @@ fn a_clients_pins_in_two_workers_share_one_budget() {
     drop(cc);
     // Once the daemon has seen it die (it serves c from a new worker after that).
     wait_until("c was never served again", || {
-        try_connect(&d.socket(&c)).is_ok_and(|(_, p)| p != pc)
+        umdev_tests::connect_served(&d.socket(&c)).is_ok_and(|(_, p)| p != pc)
     });
     assert_eq!(cmd::pin(&mut ca, BASE, 16, 3), ok, "all 16 free again");
 }

@@ -192,20 +192,25 @@ impl WorkerServe {
             guard: d.guard.clone(),
             held: false,
         }])?;
+        Ok(self.remote(worker, uuid, dir))
+    }
+
+    /// Device `uuid` (its directory `dir`) as served by `worker`, for the registry: its
+    /// placement recorded, its serving and attributes asked of whichever worker has it.
+    fn remote(&self, worker: Arc<Worker>, uuid: String, dir: &Path) -> Remote {
         let placement = Arc::new(Placement {
             worker: Mutex::new(worker),
         });
         lock(&self.placements).insert(uuid.clone(), placement.clone());
-        let socket = dir.join(umdev_core::VFIO_USER_SOCKET);
-        Ok(Remote {
+        Remote {
             served: Box::new(WorkerServed {
                 placement: placement.clone(),
                 placements: self.placements.clone(),
                 uuid: uuid.clone(),
-                socket,
+                socket: dir.join(umdev_core::VFIO_USER_SOCKET),
             }),
             attrs: Some(Arc::new(WorkerAttrs { placement, uuid })),
-        })
+        }
     }
 
     /// Moves device `uuid` to the worker of `peers` (a new worker if it has none).
@@ -358,24 +363,7 @@ impl WorkerServe {
                     },
                 );
             }
-            let placement = Arc::new(Placement {
-                worker: Mutex::new(worker.clone()),
-            });
-            lock(&self.placements).insert(uuid.clone(), placement.clone());
-            let socket = a
-                .env
-                .dir()
-                .map(|d| d.join(umdev_core::VFIO_USER_SOCKET))
-                .unwrap_or_default();
-            Remote {
-                served: Box::new(WorkerServed {
-                    placement: placement.clone(),
-                    placements: self.placements.clone(),
-                    uuid: uuid.clone(),
-                    socket,
-                }),
-                attrs: Some(Arc::new(WorkerAttrs { placement, uuid })),
-            }
+            self.remote(worker.clone(), uuid, a.env.dir().unwrap_or(Path::new("")))
         });
         if let Err(e) = r {
             tracing::warn!(socket = %path.display(), error = %e, "cannot adopt a worker's devices");
