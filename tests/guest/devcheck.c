@@ -46,23 +46,11 @@
 #define SPARSE_B 0x8000
 #define TRAPPED 0x0
 
-static int passed, failed;
+#define CHECK_PREFIX ""
+#include "check.h"
+
 static char dev[300];
 
-static void check(const char *name, int ok, const char *fmt, ...)
-{
-    char detail[400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(detail, sizeof(detail), fmt, ap);
-    va_end(ap);
-    printf("GUEST-CHECK %s %s %s\n", name, ok ? "PASS" : "FAIL", detail);
-    fflush(stdout);
-    if (ok)
-        passed++;
-    else
-        failed++;
-}
 
 static unsigned read_hex(const char *path)
 {

@@ -76,23 +76,11 @@ struct mode_crtc {
 #define IOCTL_CREATE_DUMB _IOWR(DRM_BASE, 0xB2, struct create_dumb)
 #define IOCTL_MAP_DUMB _IOWR(DRM_BASE, 0xB3, struct map_dumb)
 
-static int passed, failed;
+#define CHECK_PREFIX "display-"
+#include "check.h"
+
 static int hold = 8;
 
-static void check(const char *name, int ok, const char *fmt, ...)
-{
-    char detail[400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(detail, sizeof(detail), fmt, ap);
-    va_end(ap);
-    printf("GUEST-CHECK display-%s %s %s\n", name, ok ? "PASS" : "FAIL", detail);
-    fflush(stdout);
-    if (ok)
-        passed++;
-    else
-        failed++;
-}
 
 static void screen(const char *fmt, ...)
 {

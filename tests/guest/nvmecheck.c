@@ -48,22 +48,10 @@
 #define DISK "/dev/nvme0n1"
 #define GOLDEN 0x9E3779B97F4A7C15ull
 
-static int passed, failed;
+#define CHECK_PREFIX "nvme-"
+#include "check.h"
 
-static void check(const char *name, int ok, const char *fmt, ...)
-{
-    char detail[400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(detail, sizeof(detail), fmt, ap);
-    va_end(ap);
-    printf("GUEST-CHECK nvme-%s %s %s\n", name, ok ? "PASS" : "FAIL", detail);
-    fflush(stdout);
-    if (ok)
-        passed++;
-    else
-        failed++;
-}
+
 
 static void fill(uint8_t *buf, uint64_t off, size_t len, uint64_t seed)
 {

@@ -144,7 +144,7 @@ if [ "$(cat "$ROOT/umdev/recipe" 2>/dev/null)" != "$RECIPE" ]; then
 fi
 
 # The initramfs is cheap: rebuild it whenever its inputs change.
-INPUTS=$(cat "$HERE/make-initramfs.sh" "$HERE/init" "$HERE/devcheck.c" "$HERE/nvmecheck.c" "$HERE/fbcheck.c" "$ROOT/umdev/kernel-version" | sha256sum | cut -d' ' -f1)
+INPUTS=$(cat "$HERE/make-initramfs.sh" "$HERE/init" "$HERE/devcheck.c" "$HERE/nvmecheck.c" "$HERE/fbcheck.c" "$HERE/check.h" "$ROOT/umdev/kernel-version" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$ROOT/umdev/initramfs.inputs" 2>/dev/null)" != "$INPUTS" ] ||
     [ ! -s "$ROOT/umdev/initramfs.cpio.gz" ]; then
     rm -f "$CACHE/ready"
