@@ -137,6 +137,25 @@ impl Mapping {
         matches!(self.memory, Memory::Mmap(_))
     }
 
+    /// What the client gave for this mapping, again: a duplicate of its file and the file
+    /// offset of the mapping's first byte (`Backing::Remote` for a fd-less one).
+    pub(crate) fn backing(&self) -> std::io::Result<Backing> {
+        let Memory::Mmap(s) = &self.memory else {
+            return Ok(Backing::Remote);
+        };
+        let file = s
+            .shared
+            .region
+            .file_offset()
+            .ok_or_else(|| std::io::Error::other("a shared mmap without its file"))?
+            .file()
+            .try_clone()?;
+        Ok(Backing::Fd {
+            fd: OwnedFd::from(file),
+            offset: s.shared.file_start + s.offset as u64,
+        })
+    }
+
     pub(crate) fn pins(&self) -> MutexGuard<'_, MappingPins> {
         // Pin bookkeeping is completed before the lock is released.
         self.pins.lock().unwrap_or_else(PoisonError::into_inner)

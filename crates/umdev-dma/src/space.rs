@@ -265,6 +265,26 @@ impl AddressSpace {
             .collect()
     }
 
+    /// Every mapping with what the client gave for it (a duplicate of its file and the
+    /// offset, or `Backing::Remote`), sorted by start address: what a server hands to its
+    /// successor so that it maps the same memory at the same addresses. Refused (EBUSY)
+    /// while dirty logging is on: the log does not travel.
+    pub fn export(&self) -> Result<Vec<(IovaRange, Prot, Backing)>, DmaError> {
+        if self.is_dirty_logging() {
+            return Err(DmaError::LoggingActive);
+        }
+        self.read_table()
+            .values()
+            .map(|m| {
+                let backing = m.backing().map_err(|e| DmaError::Stat {
+                    range: m.range,
+                    errno: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+                })?;
+                Ok((m.range, m.prot, backing))
+            })
+            .collect()
+    }
+
     /// The mapping that contains `iova`, if any.
     pub fn lookup(&self, iova: u64) -> Option<MappingInfo> {
         find(&self.read_table(), iova).map(|m| MappingInfo::of(m))

@@ -135,6 +135,18 @@ fn touches(off: usize, len: usize, reg: usize, reg_len: usize) -> bool {
 }
 
 impl ConfigSpace {
+    /// The registers' current bytes (for a hand-over).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.regs.data
+    }
+
+    /// Sets every register's bytes (a hand-over's; the caller checked the size).
+    pub(crate) fn set_bytes(&mut self, data: &[u8]) {
+        if data.len() == self.regs.data.len() {
+            self.regs.data.copy_from_slice(data);
+        }
+    }
+
     /// Power-on config space for `spec`.
     pub(crate) fn new(spec: &PciDeviceSpec) -> Self {
         let size = usize::try_from(spec.config_size()).unwrap_or(256);

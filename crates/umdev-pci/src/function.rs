@@ -140,6 +140,33 @@ pub trait PciDevice: Send {
     fn display_plane(&mut self) -> Result<DisplayPlane, Errno> {
         Err(Errno::NOTSUP)
     }
+    /// Live upgrade, the old process: writes everything the device needs to go on in
+    /// another process: its registers and queues into `state`, and the fds that must stay
+    /// the same objects into `fds` ([`push_fd`](crate::push_fd) gives the index to write in
+    /// `state`): memory a client has mapped (a BAR's memfd), host-side connections (a
+    /// console's socket, a listening socket), a backing file if reopening it would differ.
+    /// Called paused (stopped, work drained and held) on the session thread, possibly
+    /// without a client; duplicate what you hand over, the device may have to run on if the
+    /// new process fails. ENOTSUP (the default) refuses the upgrade for this device.
+    fn hand_over(
+        &mut self,
+        _state: &mut StateWriter,
+        _fds: &mut Vec<OwnedFd>,
+    ) -> Result<(), Errno> {
+        Err(Errno::NOTSUP)
+    }
+    /// Live upgrade, the new process: the device was just built from the same description
+    /// and, if the old one had a client, opened for it (with its DMA mappings in place);
+    /// take the state `hand_over` wrote (the fds by index). It runs again after
+    /// `set_running(true)`. Where it waits on fds of its own (an ioeventfd, a poller), it
+    /// should check once on resume: a signal may have been taken by the old process.
+    fn take_over(
+        &mut self,
+        _state: &StateReader<'_>,
+        _fds: &mut crate::HandedFds,
+    ) -> Result<(), Errno> {
+        Err(Errno::NOTSUP)
+    }
 }
 
 /// A display's current scan-out: where its pixels are and how to read them.
@@ -255,16 +282,18 @@ enum Target {
 /// One PCI function served to a client: spec, config space, interrupts and the device.
 pub struct PciFunction {
     spec: PciDeviceSpec,
-    config: ConfigSpace,
+    pub(crate) config: ConfigSpace,
     pub(crate) irqs: Interrupts,
     pub(crate) device: Box<dyn PciDevice>,
     pub(crate) mig: Migration,
     pub(crate) work: Work,
     guard: Option<Arc<dyn OpenGuard>>,
     /// A client is admitted (the guard acquired, the device opened).
-    open: bool,
+    pub(crate) open: bool,
     /// The ioeventfds handed out, by region.
-    io_fds: BTreeMap<u32, Watcher>,
+    pub(crate) io_fds: BTreeMap<u32, Watcher>,
+    /// The ioeventfds of a paused function (not watched), by region.
+    pub(crate) paused_io_fds: BTreeMap<u32, Vec<IoFdArea>>,
 }
 
 impl std::fmt::Debug for PciFunction {
@@ -293,6 +322,7 @@ impl PciFunction {
             guard: None,
             open: false,
             io_fds: BTreeMap::new(),
+            paused_io_fds: BTreeMap::new(),
         }
     }
 
@@ -568,6 +598,23 @@ impl PciFunction {
         if let Some(g) = &self.guard {
             g.acquire(&client)?;
         }
+        let r = self.open_admitted(dma, client, pins);
+        if r.is_err() {
+            if let Some(g) = &self.guard {
+                g.release();
+            }
+        }
+        r
+    }
+
+    /// Opens the device for a client the guard has admitted (or that was admitted by the
+    /// process this function was handed over from).
+    pub(crate) fn open_admitted(
+        &mut self,
+        dma: Arc<dyn Dma>,
+        client: ClientId,
+        pins: Option<Arc<Pinner>>,
+    ) -> Result<(), DeviceError> {
         // A migratable device's DMA writes are refused while it is stopped.
         let dma: Arc<dyn Dma> = if self.mig.spec().is_some() {
             Arc::new(GatedDma::new(dma, self.mig.stopped_flag()))
@@ -584,9 +631,6 @@ impl PciFunction {
         };
         if let Err(e) = self.device.open(ctx) {
             self.work.close();
-            if let Some(g) = &self.guard {
-                g.release();
-            }
             return Err(e.into());
         }
         self.open = true;
@@ -660,6 +704,7 @@ impl PciFunction {
         self.open = false;
         // No more notifications: the watchers stop before the work context closes.
         self.io_fds.clear();
+        self.paused_io_fds.clear();
         self.work.close();
         let old = self.irqs.lock().close();
         if old != IrqMode::Intx {

@@ -40,18 +40,18 @@ pub enum IrqMode {
 
 #[derive(Debug)]
 pub(crate) struct IrqState {
-    mode: IrqMode,
+    pub(crate) mode: IrqMode,
     /// Eventfd slots per [`IrqIndex`], sized by the spec.
-    fds: [Vec<Option<OwnedFd>>; 5],
-    intx_level: bool,
-    intx_masked: bool,
+    pub(crate) fds: [Vec<Option<OwnedFd>>; 5],
+    pub(crate) intx_level: bool,
+    pub(crate) intx_masked: bool,
     /// Command register bit 10.
-    intx_disabled: bool,
+    pub(crate) intx_disabled: bool,
     pub(crate) msix: MsixTable,
     /// Migration gate: while the device is stopped nothing is signalled; INTx keeps its
     /// level, MSI vectors are held here and MSI-X ones in the PBA, all delivered on resume.
     gated: bool,
-    held_msi: Vec<bool>,
+    pub(crate) held_msi: Vec<bool>,
 }
 
 /// Cheap clonable handle to the function's interrupts (an `Arc` inside).

@@ -63,6 +63,8 @@ pub struct IoFdArea {
 pub(crate) struct Watcher {
     stop: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    /// The spans with a duplicate of each eventfd (for a hand-over).
+    areas: Vec<IoFdArea>,
 }
 
 impl Watcher {
@@ -73,31 +75,56 @@ impl Watcher {
         specs: Vec<IoFdSpec>,
     ) -> Result<(Watcher, Vec<IoFdArea>), Errno> {
         let flags = EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK;
-        let stop = Arc::new(eventfd(0, flags)?);
         let mut watched = Vec::with_capacity(specs.len());
-        let mut areas = Vec::with_capacity(specs.len());
         for s in specs {
-            let fd = eventfd(0, flags)?;
+            watched.push((s, eventfd(0, flags)?));
+        }
+        let watcher = Watcher::resume(name, watched)?;
+        let areas = watcher
+            .areas
+            .iter()
+            .map(|a| {
+                Ok(IoFdArea {
+                    offset: a.offset,
+                    size: a.size,
+                    datamatch: a.datamatch,
+                    fd: rustix::io::fcntl_dupfd_cloexec(&a.fd, 0)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Errno>>()?;
+        Ok((watcher, areas))
+    }
+
+    /// Watches eventfds a client already has (handed over from another process).
+    pub(crate) fn resume(name: &str, watched: Vec<(IoFdSpec, OwnedFd)>) -> Result<Watcher, Errno> {
+        let flags = EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK;
+        let stop = Arc::new(eventfd(0, flags)?);
+        let mut areas = Vec::with_capacity(watched.len());
+        let mut fds = Vec::with_capacity(watched.len());
+        for (s, fd) in watched {
             areas.push(IoFdArea {
                 offset: s.offset,
                 size: s.size,
                 datamatch: s.datamatch,
                 fd: rustix::io::fcntl_dupfd_cloexec(&fd, 0)?,
             });
-            watched.push((fd, s.notify));
+            fds.push((fd, s.notify));
         }
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name(format!("{name}-iofd"))
-            .spawn(move || watch(&stop2, &watched))
+            .spawn(move || watch(&stop2, &fds))
             .map_err(|_| Errno::AGAIN)?;
-        Ok((
-            Watcher {
-                stop,
-                thread: Some(thread),
-            },
+        Ok(Watcher {
+            stop,
+            thread: Some(thread),
             areas,
-        ))
+        })
+    }
+
+    /// Stops watching; returns the spans, each with a duplicate of its eventfd.
+    pub(crate) fn into_areas(mut self) -> Vec<IoFdArea> {
+        std::mem::take(&mut self.areas)
     }
 }
 

@@ -53,6 +53,7 @@ mod client;
 mod config;
 mod error;
 mod function;
+pub mod handover;
 mod interrupts;
 pub mod io_fds;
 pub mod migration;
@@ -73,6 +74,7 @@ pub use interrupts::{
     Interrupts, IrqData, IrqMode, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
 };
+pub use handover::{push_fd, HandOver, HandedFds};
 pub use io_fds::{IoFdArea, IoFdSpec, IoNotify};
 pub use migration::{MigState, MigrationError, MigrationSpec};
 pub use msix::MSIX_ENTRY_SIZE;

@@ -330,6 +330,11 @@ impl Migration {
         self.spec.as_ref()
     }
 
+    /// The state now.
+    pub(crate) fn current(&self) -> MigState {
+        self.state
+    }
+
     pub(crate) fn stopped_flag(&self) -> Arc<AtomicBool> {
         self.stopped.clone()
     }

@@ -47,6 +47,33 @@ impl MsixTable {
         self.function_mask = false;
     }
 
+    /// The table, which vectors were programmed, the PBA and the function mask (for a
+    /// hand-over).
+    pub(crate) fn parts(&self) -> (&[u8], &[bool], &[u64], bool) {
+        (&self.entries, &self.programmed, &self.pba, self.function_mask)
+    }
+
+    /// Sets what [`parts`](Self::parts) gave; EINVAL if the sizes are not this table's.
+    pub(crate) fn set_parts(
+        &mut self,
+        entries: &[u8],
+        programmed: &[bool],
+        pba: &[u64],
+        function_mask: bool,
+    ) -> Result<(), rustix::io::Errno> {
+        if entries.len() != self.entries.len()
+            || programmed.len() != self.programmed.len()
+            || pba.len() != self.pba.len()
+        {
+            return Err(rustix::io::Errno::INVAL);
+        }
+        self.entries.copy_from_slice(entries);
+        self.programmed.copy_from_slice(programmed);
+        self.pba.copy_from_slice(pba);
+        self.function_mask = function_mask;
+        Ok(())
+    }
+
     /// Number of vectors.
     pub(crate) fn vectors(&self) -> usize {
         self.programmed.len()

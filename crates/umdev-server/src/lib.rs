@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod handover;
 mod memory;
 mod remote;
 mod session;
@@ -37,10 +38,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
+use rustix::io::Errno;
 use umdev_pci::{ClientId, PciFunction, PeerCred};
 use umdev_transport::{Transport, UnixTransport};
 
 pub use error::{RequestError, ServerError};
+pub use handover::{HandOverCtl, Package, TakenOver};
 pub use memory::{LockedMemory, SharedBudgets};
 
 /// Limits and tunables of a server.
@@ -103,10 +106,21 @@ fn peer_cred(stream: &std::os::unix::net::UnixStream) -> Option<PeerCred> {
 /// refused as a second client.
 const HANDOVER_WAIT: Duration = Duration::from_millis(500);
 
-struct StopSignal {
+pub(crate) struct StopSignal {
     stopped: AtomicBool,
     wake: std::os::fd::OwnedFd,
     current: Mutex<Option<Arc<dyn Transport>>>,
+    /// A live upgrade's state.
+    handover: Arc<handover::HandOverState>,
+    /// Set once the device was handed over: nothing here touches it again.
+    handed: AtomicBool,
+}
+
+impl StopSignal {
+    /// Wakes the accept loop.
+    pub(crate) fn wake(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
 }
 
 /// Stops a running [`Server::serve`] from another thread: the listener stops accepting and
@@ -118,7 +132,11 @@ impl Stopper {
     /// Asks the server to stop; returns at once.
     pub fn stop(&self) {
         self.0.stopped.store(true, Ordering::Release);
-        let _ = rustix::io::write(&self.0.wake, &1u64.to_ne_bytes());
+        if self.0.handed.load(Ordering::Acquire) {
+            // The connection is another process's now: leave it alone.
+            return;
+        }
+        self.0.wake();
         if let Some(t) = self
             .0
             .current
@@ -150,8 +168,158 @@ impl Server {
                 stopped: AtomicBool::new(false),
                 wake,
                 current: Mutex::new(None),
+                handover: Arc::new(
+                    handover::HandOverState::new().map_err(ServerError::Listener)?,
+                ),
+                handed: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// A handle that asks this server to hand its device over to another process (a live
+    /// upgrade; see [`handover`]).
+    pub fn hand_over_ctl(&self) -> HandOverCtl {
+        HandOverCtl {
+            state: self.stop.handover.clone(),
+            accept_wake: self.stop.clone(),
+        }
+    }
+
+    /// Takes in a device another process handed over (its [`Package`]): on a session thread
+    /// of its own, the client's mappings are mapped again, the device opened for the same
+    /// client and the function restored, paused until [`serve_taken_over`](Self::serve_taken_over)
+    /// (dropping the result instead leaves it paused). Fails with the reason's errno.
+    pub fn take_over(&self, package: Package) -> Result<TakenOver, Errno> {
+        let unpacked = package.unpack()?;
+        let paused_at = unpacked.paused_at;
+        let Some(mut parts) = unpacked.session else {
+            self.lock_function()
+                .take_over(unpacked.function, None)
+                .map_err(|e| Errno::from_raw_os_error(e.errno()))?;
+            return Ok(TakenOver {
+                session: None,
+                paused_at,
+            });
+        };
+        let detached = parts.detached.take().ok_or(Errno::INVAL)?;
+        let transport = UnixTransport::resume(detached)
+            .with_spin(self.config.spin)
+            .with_wake(self.stop.handover.wake.clone());
+        let resumed = session::Resumed::new(Arc::new(transport), parts, unpacked.function);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Errno>>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let function = self.function.clone();
+        let config = self.config.clone();
+        let stop = self.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("umdev-session".into())
+            .spawn(move || {
+                let client = resumed.client();
+                let s = match session::Session::resumed(&function, &config, resumed) {
+                    Ok(s) => s.with_handover(stop.handover.clone()),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                if go_rx.recv().is_err() {
+                    // Not to be served here after all; the process is going.
+                    return;
+                }
+                *stop.current.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(s.transport().clone());
+                tracing::info!(%client, "client taken over");
+                let result = s.run_resumed();
+                *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                log_end(&result);
+            })
+            .map_err(|_| Errno::AGAIN)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(TakenOver {
+                session: Some(TakenSession {
+                    thread,
+                    go: go_tx,
+                }),
+                paused_at,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Errno::IO),
+        }
+    }
+
+    /// Serves a device taken over ([`take_over`](Self::take_over)) on its listening socket
+    /// (the old process's), the handed-over client first: as [`serve`](Self::serve).
+    pub fn serve_taken_over(
+        &self,
+        listener: UnixListener,
+        taken: TakenOver,
+    ) -> Result<(), ServerError> {
+        let session = match taken.session {
+            Some(t) => {
+                let _ = t.go.send(());
+                Some(t.thread)
+            }
+            None => {
+                if let Err(e) = self.lock_function().resume() {
+                    tracing::warn!(error = %e, "a handed-over device did not run again");
+                }
+                None
+            }
+        };
+        self.accept_loop(listener, session)
+    }
+
+    fn lock_function(&self) -> std::sync::MutexGuard<'_, PciFunction> {
+        self.function.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The accept loop's side of a hand-over: with no client, it pauses the device itself.
+    /// `true`: handed over, stop.
+    fn hand_over_idle(&self, session: &Option<JoinHandle<()>>) -> bool {
+        let state = &self.stop.handover;
+        loop {
+            if self.stop.handed.load(Ordering::Acquire) {
+                return true;
+            }
+            let live = session.as_ref().is_some_and(|h| !h.is_finished());
+            let p = state.lock();
+            match *p {
+                handover::Phase::Idle => return false,
+                handover::Phase::Asked if !live => {
+                    drop(p);
+                    let package = {
+                        let mut f = self.lock_function();
+                        match f.pause() {
+                            Ok(()) => match f.hand_over() {
+                                Ok(h) => Ok(Package::make(h, None)),
+                                Err(e) => {
+                                    let _ = f.resume();
+                                    Err(Errno::from_raw_os_error(e.errno()))
+                                }
+                            },
+                            Err(e) => Err(Errno::from_raw_os_error(e.errno())),
+                        }
+                    };
+                    let failed = package.is_err();
+                    if state.deliver(package) {
+                        self.stop.handed.store(true, Ordering::Release);
+                        tracing::info!("device handed over to another process (no client)");
+                        return true;
+                    }
+                    if !failed {
+                        let _ = self.lock_function().resume();
+                    }
+                    return false;
+                }
+                _ => {
+                    let _ = state
+                        .changed
+                        .wait_timeout(p, Duration::from_millis(20))
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
     }
 
     /// The function served, for callers that need to reach the device (e.g. a daemon's
@@ -182,10 +350,17 @@ impl Server {
     /// A client that connects while another is being served is refused at once (its
     /// connection is closed and the refusal logged): a vfio-user device has one client.
     pub fn serve(&self, listener: UnixListener) -> Result<(), ServerError> {
+        self.accept_loop(listener, None)
+    }
+
+    fn accept_loop(
+        &self,
+        listener: UnixListener,
+        mut session: Option<JoinHandle<()>>,
+    ) -> Result<(), ServerError> {
         listener
             .set_nonblocking(true)
             .map_err(ServerError::Listener)?;
-        let mut session: Option<JoinHandle<()>> = None;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         while !self.stop.stopped.load(Ordering::Acquire) {
             let mut fds = [
@@ -199,6 +374,15 @@ impl Server {
             }
             if self.stop.stopped.load(Ordering::Acquire) {
                 break;
+            }
+            if self.stop.handover.asked() && self.hand_over_idle(&session) {
+                // Another process serves the device and its client now: close nothing.
+                std::mem::forget(listener);
+                return Ok(());
+            }
+            if self.stop.handed.load(Ordering::Acquire) {
+                std::mem::forget(listener);
+                return Ok(());
             }
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -225,8 +409,11 @@ impl Server {
                 continue;
             }
             let client = client_id(peer_cred(&stream));
-            let transport: Arc<dyn Transport> =
-                Arc::new(UnixTransport::new(stream).with_spin(self.config.spin));
+            let transport: Arc<dyn Transport> = Arc::new(
+                UnixTransport::new(stream)
+                    .with_spin(self.config.spin)
+                    .with_wake(self.stop.handover.wake.clone()),
+            );
             let function = self.function.clone();
             let config = self.config.clone();
             let stop = self.stop.clone();
@@ -241,6 +428,10 @@ impl Server {
                     })
                     .map_err(ServerError::Listener)?,
             );
+        }
+        if self.stop.handed.load(Ordering::Acquire) {
+            std::mem::forget(listener);
+            return Ok(());
         }
         if let Some(t) = self
             .stop
@@ -258,6 +449,23 @@ impl Server {
     }
 }
 
+/// The session thread of a device taken over, waiting for the word to run.
+pub(crate) struct TakenSession {
+    thread: JoinHandle<()>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+fn log_end(result: &Result<session::Ended, ServerError>) {
+    match result {
+        Ok(session::Ended::Gone) => tracing::info!("client disconnected"),
+        Ok(session::Ended::HandedOver) => {}
+        Err(e) => tracing::warn!(
+            error = e as &(dyn std::error::Error + 'static),
+            "client session failed"
+        ),
+    }
+}
+
 fn serve_one(
     function: &Mutex<PciFunction>,
     config: &ServerConfig,
@@ -267,16 +475,16 @@ fn serve_one(
 ) -> Result<(), ServerError> {
     *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(transport.clone());
     tracing::info!(%client, "client connected");
-    let result = session::Session::new(function, config, transport, client).run();
-    *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    match &result {
-        Ok(()) => tracing::info!("client disconnected"),
-        Err(e) => tracing::warn!(
-            error = e as &(dyn std::error::Error + 'static),
-            "client session failed"
-        ),
+    let result = session::Session::new(function, config, transport, client)
+        .with_handover(stop.handover.clone())
+        .run();
+    if matches!(result, Ok(session::Ended::HandedOver)) {
+        stop.handed.store(true, Ordering::Release);
+        stop.wake();
     }
-    result
+    *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    log_end(&result);
+    result.map(|_| ())
 }
 
 #[cfg(test)]

@@ -74,6 +74,15 @@ impl RemoteChannel {
             .pop_front()
     }
 
+    /// Whether commands read while waiting are still to be handled.
+    pub(crate) fn has_deferred(&self) -> bool {
+        !self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// Hands a reply read by the session thread to the thread waiting for it.
     pub(crate) fn dispatch_reply(&self, m: Message) {
         let tx = self
@@ -186,6 +195,8 @@ impl RemoteChannel {
         }
         match self.transport.recv(self.limits) {
             Ok(Incoming::Message(m)) if m.header.is_reply() => self.dispatch_reply(m),
+            // A live upgrade's wake: nothing was read; the session loop sees it next.
+            Err(TransportError::Interrupted) => std::thread::sleep(timeout),
             other => {
                 if let Err(e) = &other {
                     // Waiters fail now; the session loop ends when it takes this.

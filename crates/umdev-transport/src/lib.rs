@@ -30,7 +30,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 pub use listen::{SocketPolicy, Stale};
 pub use memory::MemoryTransport;
 use umdev_proto::{Header, ProtoError};
-pub use unix::UnixTransport;
+pub use unix::{Detached, UnixTransport};
 
 /// Most fds one message may carry on the wire (the kernel's `SCM_MAX_FD`); the receiver
 /// makes room for this many so that none is silently closed, then applies its own limit.
@@ -86,6 +86,10 @@ pub enum TransportError {
     /// An I/O error on the underlying channel.
     #[error("transport I/O failed")]
     Io(#[from] std::io::Error),
+    /// The reader was woken (see `UnixTransport::with_wake`) while waiting for a message to
+    /// start: nothing of the next message was consumed.
+    #[error("woken between messages")]
+    Interrupted,
 }
 
 /// A bidirectional channel of vfio-user messages.
@@ -115,6 +119,12 @@ pub trait Transport: Send + Sync {
 
     /// Makes a blocked or later `recv` return [`TransportError::Closed`] and stops sends.
     fn shutdown(&self);
+
+    /// The connection, for another process to go on with (see [`UnixTransport::detach`]);
+    /// ENOTSUP for transports that are not a socket.
+    fn detach(&self) -> std::io::Result<Detached> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
@@ -137,6 +147,9 @@ impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
     }
     fn shutdown(&self) {
         (**self).shutdown()
+    }
+    fn detach(&self) -> std::io::Result<Detached> {
+        (**self).detach()
     }
 }
 

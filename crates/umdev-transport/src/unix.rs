@@ -4,7 +4,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -87,6 +87,19 @@ pub struct UnixTransport {
     send_lock: Mutex<()>,
     rx: Mutex<Rx>,
     spin: Duration,
+    wake: Option<Arc<OwnedFd>>,
+}
+
+/// A connection taken out of a transport so that another process can go on with it: the
+/// socket, and the bytes (and fds) already read from it that no message consumed yet.
+#[derive(Debug)]
+pub struct Detached {
+    /// A duplicate of the connected socket.
+    pub stream: UnixStream,
+    /// Bytes read but not consumed (the start of the next message, if any).
+    pub pending: Vec<u8>,
+    /// Fds that came with those bytes: `(start, end, fds)`, positions in `pending`.
+    pub fds: Vec<(u64, u64, Vec<OwnedFd>)>,
 }
 
 impl std::fmt::Debug for UnixTransport {
@@ -112,7 +125,60 @@ impl UnixTransport {
                 marks: std::collections::VecDeque::new(),
             }),
             spin: Duration::ZERO,
+            wake: None,
         }
+    }
+
+    /// Goes on with a connection another transport let go of ([`detach`](Self::detach)),
+    /// reading what it had buffered first.
+    pub fn resume(d: Detached) -> Self {
+        let t = UnixTransport::new(d.stream);
+        {
+            let mut rx = t.rx.lock().unwrap_or_else(|e| e.into_inner());
+            let n = d.pending.len().min(RX_BUF);
+            rx.buf[..n].copy_from_slice(&d.pending[..n]);
+            rx.tail = n;
+            rx.marks = d
+                .fds
+                .into_iter()
+                .map(|(start, end, fds)| FdMark { start, end, fds })
+                .collect();
+        }
+        t
+    }
+
+    /// A waiting `recv` returns [`TransportError::Interrupted`] while `wake` (an eventfd)
+    /// is readable, if no byte of the next message has arrived: a server pauses a session
+    /// between messages this way, without touching the connection.
+    pub fn with_wake(mut self, wake: Arc<OwnedFd>) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// The connection and what was read of it but not consumed, for another process to go
+    /// on with ([`resume`](Self::resume)). This transport stays usable: nothing is taken
+    /// from it (the socket and fds are duplicates).
+    fn detach_rx(&self) -> std::io::Result<Detached> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = rx.buf[rx.head..rx.tail].to_vec();
+        let mut fds = Vec::with_capacity(rx.marks.len());
+        for m in &rx.marks {
+            let dups = m
+                .fds
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()?;
+            fds.push((
+                m.start.saturating_sub(rx.pos),
+                m.end.saturating_sub(rx.pos),
+                dups,
+            ));
+        }
+        Ok(Detached {
+            stream: self.stream.try_clone()?,
+            pending,
+            fds,
+        })
     }
 
     /// Connects to a listening socket.
@@ -185,11 +251,17 @@ impl UnixTransport {
         spin: bool,
     ) -> Result<usize, TransportError> {
         let deadline = (spin && !self.spin.is_zero()).then(|| Instant::now() + self.spin);
+        // Only between messages (`spin` is set for a message's first bytes): a woken
+        // reader leaves a message it has started to the next reader whole.
+        let wake = self.wake.as_deref().filter(|_| spin);
         loop {
             let mut space = [MaybeUninit::<u8>::uninit(); CMSG_SPACE];
             let mut cmsg = RecvAncillaryBuffer::new(&mut space);
             let mut iov = [IoSliceMut::new(dst)];
-            let nonblock = deadline.is_some_and(|d| Instant::now() < d);
+            let spinning = deadline.is_some_and(|d| Instant::now() < d);
+            // With a wake fd the socket is only read when it has data, so a wake can end
+            // the wait: a failed non-blocking read, then a poll of both.
+            let nonblock = spinning || wake.is_some();
             let mut flags = RecvFlags::CMSG_CLOEXEC;
             if nonblock {
                 flags |= RecvFlags::DONTWAIT;
@@ -197,9 +269,17 @@ impl UnixTransport {
             let r = match recvmsg(&self.stream, &mut iov, &mut cmsg, flags) {
                 Ok(r) => r,
                 Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) if nonblock => {
+                Err(Errno::AGAIN) if spinning => {
                     // Yield rather than burn: a client on the same CPU needs it to send.
                     std::thread::yield_now();
+                    continue;
+                }
+                Err(Errno::AGAIN) if nonblock => {
+                    if let Some(wake) = wake {
+                        if self.wait_or_woken(wake)? {
+                            return Err(TransportError::Interrupted);
+                        }
+                    }
                     continue;
                 }
                 Err(Errno::CONNRESET) => return Ok(0),
@@ -224,6 +304,26 @@ impl UnixTransport {
                 });
             }
             return Ok(r.bytes);
+        }
+    }
+
+    /// Waits until the socket is readable (`false`) or `wake` is (`true`).
+    fn wait_or_woken(&self, wake: &OwnedFd) -> Result<bool, TransportError> {
+        use rustix::event::{poll, PollFd, PollFlags};
+        loop {
+            let mut fds = [
+                PollFd::new(&self.stream, PollFlags::IN),
+                PollFd::new(wake, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(TransportError::Io(e.into())),
+            }
+            if !fds[1].revents().is_empty() {
+                return Ok(true);
+            }
+            return Ok(false);
         }
     }
 
@@ -278,6 +378,10 @@ impl UnixTransport {
 }
 
 impl Transport for UnixTransport {
+    fn detach(&self) -> std::io::Result<Detached> {
+        self.detach_rx()
+    }
+
     fn send(
         &self,
         header: &Header,

@@ -23,6 +23,7 @@ use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::error::{refuse, RequestError, ServerError};
+use crate::handover::{HandOverState, Package, SessionParts};
 use crate::remote::RemoteChannel;
 use crate::ServerConfig;
 
@@ -54,6 +55,44 @@ struct Negotiated {
     write_multiple: bool,
     /// Most fds the client takes in one message.
     client_max_fds: u32,
+    /// Most bytes the client takes in one DMA message.
+    client_max_xfer: u32,
+    /// Most DMA mappings the client may hold.
+    max_dma_maps: u32,
+}
+
+/// A session handed over from another process, before it runs.
+pub(crate) struct Resumed {
+    transport: Arc<dyn Transport>,
+    parts: SessionParts,
+    function: umdev_pci::HandOver,
+}
+
+impl Resumed {
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        parts: SessionParts,
+        function: umdev_pci::HandOver,
+    ) -> Resumed {
+        Resumed {
+            transport,
+            parts,
+            function,
+        }
+    }
+
+    pub(crate) fn client(&self) -> ClientId {
+        self.parts.client
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The client went (or was disconnected): torn down.
+    Gone,
+    /// Handed over to another process: nothing torn down.
+    HandedOver,
 }
 
 pub(crate) struct Session<'a> {
@@ -67,6 +106,8 @@ pub(crate) struct Session<'a> {
     negotiated: Option<Negotiated>,
     /// Who the client is, given to the device's `open`.
     client: ClientId,
+    /// Where a live upgrade asks this session to pause.
+    handover: Option<Arc<HandOverState>>,
 }
 
 impl<'a> Session<'a> {
@@ -94,7 +135,52 @@ impl<'a> Session<'a> {
             pinner: None,
             negotiated: None,
             client,
+            handover: None,
         }
+    }
+
+    /// Lets a live upgrade pause this session between messages (`state`'s wake fd must be
+    /// the transport's).
+    pub(crate) fn with_handover(mut self, state: Arc<HandOverState>) -> Self {
+        self.handover = Some(state);
+        self
+    }
+
+    /// Takes in a session handed over from another process: its mappings mapped again,
+    /// the device opened for the same client (admitted already) and its function's state
+    /// restored, paused until [`run_resumed`](Self::run_resumed).
+    pub(crate) fn resumed(
+        function: &'a Mutex<PciFunction>,
+        config: &'a ServerConfig,
+        r: Resumed,
+    ) -> Result<Session<'a>, Errno> {
+        let Resumed {
+            transport,
+            mut parts,
+            function: handed,
+        } = r;
+        let mut s = Session::new(function, config, transport, parts.client);
+        let memory = config.locked_memory.client_memory(&parts.client);
+        let space = crate::handover::rebuild_space(&mut parts, memory)?;
+        let pinner = Arc::new(space.pinner());
+        s.remote.set_client_max_xfer(parts.client_max_xfer);
+        space.set_remote(Some(s.remote.clone()));
+        s.function()
+            .take_over(handed, Some((space.clone(), parts.client, Some(pinner.clone()))))
+            .map_err(|e| Errno::from_raw_os_error(e.errno()))?;
+        s.space = Some(space);
+        s.pinner = Some(pinner);
+        s.negotiated = Some(Negotiated {
+            write_multiple: parts.write_multiple,
+            client_max_fds: parts.client_max_fds,
+            client_max_xfer: parts.client_max_xfer,
+            max_dma_maps: parts.max_dma_maps,
+        });
+        Ok(s)
+    }
+
+    pub(crate) fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
     }
 
     fn function(&self) -> std::sync::MutexGuard<'a, PciFunction> {
@@ -102,27 +188,109 @@ impl<'a> Session<'a> {
     }
 
     /// Serves the client until it disconnects. Returns `Ok` for a clean disconnect.
-    pub(crate) fn run(mut self) -> Result<(), ServerError> {
+    pub(crate) fn run(mut self) -> Result<Ended, ServerError> {
         // While the function waits for the device's work, this thread keeps reading the
         // client's replies to the device's DMA requests.
         let remote = self.remote.clone();
         let pump: Pump = Arc::new(move |timeout| remote.pump(timeout));
         self.function().set_pump(Some(pump));
         let result = self.serve();
+        if matches!(result, Ok(Ended::HandedOver)) {
+            // Another process has the connection, the device and the mappings now.
+            return result;
+        }
         self.teardown();
         self.function().set_pump(None);
         result
     }
 
-    fn serve(&mut self) -> Result<(), ServerError> {
+    /// Runs a session taken in by [`resumed`](Self::resumed): the function goes on from
+    /// where the old process paused it.
+    pub(crate) fn run_resumed(self) -> Result<Ended, ServerError> {
+        if let Err(e) = self.function().resume() {
+            tracing::warn!(error = %e, "a handed-over device did not run again");
+        }
+        self.run()
+    }
+
+    /// Pauses between messages for a live upgrade, and hands over unless the asker gives up.
+    /// `Ok(true)`: handed over, stop.
+    fn hand_over_point(&mut self) -> Result<bool, ServerError> {
+        let Some(state) = self.handover.clone() else {
+            return Ok(false);
+        };
+        if !state.asked() {
+            return Ok(false);
+        }
+        if let Err(e) = self.function().pause() {
+            state.deliver(Err(Errno::from_raw_os_error(e.errno())));
+            return Ok(false);
+        }
+        // Draining the device's work read the client's socket: what came is handled first
+        // (and the pause tried again, as the wake is still set).
+        if self.remote.has_deferred() {
+            let _ = self.function().resume();
+            return Ok(false);
+        }
+        let package = self.package();
+        let failed = package.is_err();
+        if state.deliver(package) {
+            tracing::info!(client = %self.client, "session handed over to another process");
+            return Ok(true);
+        }
+        if !failed {
+            tracing::info!("hand-over abandoned: the session runs on");
+        }
+        if let Err(e) = self.function().resume() {
+            tracing::warn!(error = %e, "the device did not run again after an abandoned hand-over");
+        }
+        Ok(false)
+    }
+
+    fn package(&mut self) -> Result<Package, Errno> {
+        let errno = |e: umdev_pci::DeviceError| Errno::from_raw_os_error(e.errno());
+        let function = self.function().hand_over().map_err(errno)?;
+        let n = self
+            .negotiated
+            .as_ref()
+            .ok_or(Errno::INVAL)?;
+        let mappings = self.space()
+            .map_err(|_| Errno::INVAL)?
+            .export()
+            .map_err(|e| e.as_errno())?;
+        let detached = self
+            .transport
+            .detach()
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOTSUP))?;
+        Ok(Package::make(
+            function,
+            Some(SessionParts {
+                detached: Some(detached),
+                client: self.client,
+                write_multiple: n.write_multiple,
+                client_max_fds: n.client_max_fds,
+                client_max_xfer: n.client_max_xfer,
+                max_dma_maps: n.max_dma_maps,
+                mappings,
+            }),
+        ))
+    }
+
+    fn serve(&mut self) -> Result<Ended, ServerError> {
         loop {
             let incoming = match self.remote.take_deferred() {
                 Some(Ok(i)) => i,
-                Some(Err(TransportError::Closed)) => return Ok(()),
+                Some(Err(TransportError::Closed)) => return Ok(Ended::Gone),
                 Some(Err(e)) => return Err(e.into()),
                 None => match self.transport.recv(self.limits) {
                     Ok(i) => i,
-                    Err(TransportError::Closed) => return Ok(()),
+                    Err(TransportError::Closed) => return Ok(Ended::Gone),
+                    Err(TransportError::Interrupted) => {
+                        if self.hand_over_point()? {
+                            return Ok(Ended::HandedOver);
+                        }
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 },
             };
@@ -274,6 +442,8 @@ impl<'a> Session<'a> {
         self.negotiated = Some(Negotiated {
             write_multiple,
             client_max_fds: client.max_msg_fds_or_default(),
+            client_max_xfer: client.max_data_xfer_size_or_default(),
+            max_dma_maps,
         });
         let ours = Capabilities {
             max_msg_fds: Some(self.config.max_msg_fds),
