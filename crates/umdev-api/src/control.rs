@@ -104,6 +104,14 @@ pub enum Request {
         /// The device.
         uuid: String,
     },
+    /// Live upgrade (worker isolation): the worker of IOMMU group `group`, or every worker,
+    /// is replaced by a new process of the daemon's binary as it is on disk now, which
+    /// takes the devices over with their clients attached (a pause, not a reset).
+    Upgrade {
+        /// Only this group's worker (`None`: every worker).
+        #[serde(default)]
+        group: Option<u32>,
+    },
     /// Stops the daemon. With worker isolation a stop leaves the workers serving their
     /// clients (the next daemon adopts them) unless `remove_devices`, which removes every
     /// device first, as a stop in thread mode always does.
@@ -254,6 +262,18 @@ pub struct GroupEntry {
     pub peer_to_peer: Option<String>,
 }
 
+/// What a live upgrade did to one worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeEntry {
+    /// Its devices.
+    pub devices: Vec<String>,
+    /// Each device's pause in microseconds, measured at the server (the old worker's pause
+    /// to the new worker's resume); empty when the upgrade failed.
+    pub paused_us: Vec<(String, u64)>,
+    /// Why it failed (the worker serves on as before), if it did.
+    pub error: Option<String>,
+}
+
 /// The daemon's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
@@ -291,6 +311,11 @@ pub enum Response {
     Drivers {
         /// The drivers.
         drivers: Vec<DriverEntry>,
+    },
+    /// A live upgrade's outcome, per worker.
+    Upgraded {
+        /// The workers.
+        workers: Vec<UpgradeEntry>,
     },
     /// A display plane; its memory's fd is attached to the reply.
     Plane {

@@ -217,6 +217,24 @@ impl PciDevice for Hello {
         self.shared.regs().r = r;
         Ok(())
     }
+
+    /// A live upgrade carries the registers as a migration does; the device has no fd of
+    /// its own to hand over.
+    fn hand_over(
+        &mut self,
+        state: &mut StateWriter,
+        _fds: &mut Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), Errno> {
+        self.save(state)
+    }
+
+    fn take_over(
+        &mut self,
+        state: &StateReader<'_>,
+        _fds: &mut umdev_pci::HandedFds,
+    ) -> Result<(), Errno> {
+        self.load(1, state)
+    }
 }
 
 #[cfg(test)]

@@ -231,6 +231,8 @@ mod tag {
     pub const VGA: u16 = 2;
     pub const ENDIAN: u16 = 3;
     pub const VRAM_SIZE: u16 = 4;
+    /// A live upgrade's VRAM memory object (its fd's index).
+    pub const VRAM_FD: u16 = 5;
     pub const OFFSET: u16 = 10;
     pub const DATA: u16 = 11;
     pub const ZEROES: u16 = 12;
@@ -325,6 +327,31 @@ impl PciDevice for Mbochs {
             .u32(tag::ENDIAN, st.endian)
             .u64(tag::VRAM_SIZE, self.shared.vram.size());
         Ok(())
+    }
+
+    /// A live upgrade: the registers as a migration saves them, and the VRAM memory
+    /// object itself (the client has it mapped as BAR0).
+    fn hand_over(
+        &mut self,
+        w: &mut StateWriter,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<(), Errno> {
+        self.save(w)?;
+        let fd = self.shared.vram.fd().try_clone().map_err(|e| {
+            Errno::from_io_error(&e).unwrap_or(Errno::IO)
+        })?;
+        w.u32(tag::VRAM_FD, umdev_pci::push_fd(fds, fd));
+        Ok(())
+    }
+
+    fn take_over(
+        &mut self,
+        r: &StateReader<'_>,
+        fds: &mut umdev_pci::HandedFds,
+    ) -> Result<(), Errno> {
+        let fd = fds.take(r.u32(tag::VRAM_FD)?)?;
+        self.shared.vram.adopt(fd)?;
+        self.load(1, r)
     }
 
     fn load(&mut self, _version: u32, r: &StateReader<'_>) -> Result<(), Errno> {

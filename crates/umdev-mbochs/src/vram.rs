@@ -76,6 +76,18 @@ impl Vram {
         )
     }
 
+    /// Takes `fd` (of this VRAM's size) as the memory object, in place of the current one:
+    /// the one a live upgrade's previous process handed over, which the client has mapped.
+    pub fn adopt(&self, fd: OwnedFd) -> Result<(), Errno> {
+        let size = rustix::fs::fstat(&fd)?.st_size;
+        if u64::try_from(size).ok() != Some(self.size) {
+            tracing::warn!(size, want = self.size, "mbochs: handed-over VRAM of another size");
+            return Err(Errno::INVAL);
+        }
+        *self.fd.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(fd);
+        Ok(())
+    }
+
     /// Moves the contents to a fresh memory object, which clients map from now on; the
     /// old one keeps whatever a client still mapping it writes, and goes when they do.
     pub fn renew(&self) -> Result<(), Errno> {

@@ -307,4 +307,31 @@ impl PciDevice for Mnvme {
     fn load(&mut self, version: u32, state: &StateReader<'_>) -> Result<(), Errno> {
         crate::state::load(&self.ctrl, version, state)
     }
+
+    /// A live upgrade: the migration state, as it is (the backing file is the same path,
+    /// opened again by the next process; without a client the controller is at power-on
+    /// and nothing is written).
+    fn hand_over(
+        &mut self,
+        state: &mut StateWriter,
+        _fds: &mut Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), Errno> {
+        if self.ctrl.attached().is_none() {
+            return Ok(());
+        }
+        crate::state::save(&self.ctrl, state)
+    }
+
+    fn take_over(
+        &mut self,
+        state: &StateReader<'_>,
+        _fds: &mut umdev_pci::HandedFds,
+    ) -> Result<(), Errno> {
+        if !crate::state::present(state) {
+            return Ok(());
+        }
+        // Rings and shadow doorbells are pinned again from the client's mappings, which
+        // the framework mapped before this call.
+        crate::state::load(&self.ctrl, crate::state::VERSION, state)
+    }
 }

@@ -62,6 +62,11 @@ struct Saved {
     size: u64,
 }
 
+/// Whether `r` holds a controller's state.
+pub(crate) fn present(r: &StateReader<'_>) -> bool {
+    r.get(TAG).is_some()
+}
+
 pub(crate) fn save(c: &Ctrl, w: &mut StateWriter) -> Result<(), Errno> {
     let r = *c.regs.lock().unwrap_or_else(|e| e.into_inner());
     let f = *c.features.lock().unwrap_or_else(|e| e.into_inner());

@@ -355,8 +355,28 @@ impl PciDevice for Mtty {
     }
 
     fn set_running(&mut self, running: bool) -> Result<(), Errno> {
+        if running {
+            // Host threads parked by a hand-over that was abandoned serve again.
+            self.unpark_hosts()?;
+        }
         self.set_running_state(running);
         Ok(())
+    }
+
+    fn hand_over(
+        &mut self,
+        state: &mut umdev_pci::StateWriter,
+        fds: &mut Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), Errno> {
+        self.hand_over_state(state, fds)
+    }
+
+    fn take_over(
+        &mut self,
+        state: &umdev_pci::StateReader<'_>,
+        fds: &mut umdev_pci::HandedFds,
+    ) -> Result<(), Errno> {
+        self.take_over_state(state, fds)
     }
 
     fn save(&mut self, state: &mut umdev_pci::StateWriter) -> Result<(), Errno> {

@@ -70,37 +70,64 @@ pub(crate) fn spawn(
     endpoint: Endpoint,
     wake: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    let (listener, conn, slave) = match endpoint {
-        Endpoint::Listener(l) => (Some(l), None, None),
-        Endpoint::Pty { master, slave } => (
-            None,
-            Some(Conn {
+) -> std::io::Result<JoinHandle<Parked>> {
+    let parked = match endpoint {
+        Endpoint::Listener(l) => Parked {
+            listener: Some(l),
+            conn: None,
+            slave: None,
+        },
+        Endpoint::Pty { master, slave } => Parked {
+            listener: None,
+            conn: Some(Conn {
                 fd: master,
                 socket: false,
                 write_closed: false,
             }),
-            Some(slave),
-        ),
+            slave: Some(slave),
+        },
     };
+    resume(card, port, parked, wake, stop)
+}
+
+/// Starts the thread serving `port` again with what it had when it stopped.
+pub(crate) fn resume(
+    card: Arc<Mutex<Card>>,
+    port: usize,
+    parked: Parked,
+    wake: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<Parked>> {
     let host = HostPort {
         card,
         port,
         wake,
         stop,
-        listener,
-        conn,
-        _slave: slave,
+        listener: parked.listener,
+        conn: parked.conn,
+        slave: parked.slave,
     };
     std::thread::Builder::new()
         .name(format!("mtty-port{port}"))
         .spawn(move || host.run())
 }
 
-struct Conn {
-    fd: OwnedFd,
-    socket: bool,
-    write_closed: bool,
+/// A port's host side while no thread serves it (a live upgrade): the thread returns it
+/// when it stops.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    pub(crate) listener: Option<UnixListener>,
+    pub(crate) conn: Option<Conn>,
+    /// A PTY's slave side, held open so the master never hangs up.
+    pub(crate) slave: Option<OwnedFd>,
+}
+
+/// The host's connection to a port: a socket peer or a PTY master.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) fd: OwnedFd,
+    pub(crate) socket: bool,
+    pub(crate) write_closed: bool,
 }
 
 struct HostPort {
@@ -110,16 +137,21 @@ struct HostPort {
     stop: Arc<AtomicBool>,
     listener: Option<UnixListener>,
     conn: Option<Conn>,
-    _slave: Option<OwnedFd>,
+    slave: Option<OwnedFd>,
 }
 
 impl HostPort {
-    fn run(mut self) {
+    fn run(mut self) -> Parked {
         while !self.stop.load(Ordering::Acquire) {
             if let Err(e) = self.step() {
                 tracing::warn!(port = self.port, error = %e, "mtty host I/O failed");
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
+        }
+        Parked {
+            listener: self.listener,
+            conn: self.conn,
+            slave: self.slave,
         }
     }
 

@@ -23,12 +23,14 @@
 #![warn(missing_docs)]
 
 mod device;
+mod handover;
 mod host;
 pub mod parent;
 pub mod regs;
 mod state;
 
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -133,8 +135,13 @@ pub struct Mtty {
     host_paths: Vec<String>,
     wakers: Vec<Option<Arc<OwnedFd>>>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// The host thread of each port that has a host side (`None` while parked).
+    threads: Vec<Option<JoinHandle<host::Parked>>>,
+    /// What parked threads held, by port (a live upgrade in progress).
+    parked: Vec<Option<host::Parked>>,
     sockets: Vec<PathBuf>,
+    /// What the `vendor/console` attribute shows (a PTY's path changes with a hand-over).
+    shown_paths: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Mtty {
@@ -163,6 +170,17 @@ fn build_spec(ports: u8) -> Result<PciDeviceSpec, SpecError> {
 impl Mtty {
     /// Builds the card, opens its host endpoints and starts their threads.
     pub fn new(cfg: MttyConfig) -> Result<Self, MttyError> {
+        Mtty::with_listeners(cfg, Vec::new())
+    }
+
+    /// As [`new`](Self::new), with listening sockets already bound for some
+    /// [`HostEndpoint::UnixSocket`] ports (`listeners[port]`, e.g. by
+    /// `DeviceEnv::bind`, which a live upgrade hands to the next process); the others are
+    /// bound here.
+    pub fn with_listeners(
+        cfg: MttyConfig,
+        mut listeners: Vec<Option<UnixListener>>,
+    ) -> Result<Self, MttyError> {
         if !(1..=2).contains(&cfg.ports) {
             return Err(MttyError::Ports(cfg.ports));
         }
@@ -185,10 +203,12 @@ impl Mtty {
         let mut sockets = Vec::new();
         let cleanup =
             |sockets: &[PathBuf]| sockets.iter().for_each(|p| drop(std::fs::remove_file(p)));
-        for ep in host {
+        listeners.resize_with(host.len(), || None);
+        for (ep, bound) in host.into_iter().zip(listeners) {
             match ep {
                 HostEndpoint::UnixSocket(path) => {
-                    let listener = umdev_transport::listen::bind(&path, &cfg.sockets)
+                    let listener = bound
+                        .map_or_else(|| umdev_transport::listen::bind(&path, &cfg.sockets), Ok)
                         .and_then(|l| l.set_nonblocking(true).map(|()| l))
                         .map_err(|source| {
                             cleanup(&sockets);
@@ -223,16 +243,20 @@ impl Mtty {
             card: Arc::new(Mutex::new(Card::new(&kinds))),
             ports: cfg.ports,
             spec,
+            shown_paths: Arc::new(Mutex::new(host_paths.clone())),
             host_paths,
             wakers: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
+            parked: Vec::new(),
             sockets,
         };
         // From here on, Drop cleans up whatever was started.
         for (port, ep) in endpoints.into_iter().enumerate() {
+            mtty.parked.push(None);
             let Some(ep) = ep else {
                 mtty.wakers.push(None);
+                mtty.threads.push(None);
                 continue;
             };
             let wake = Arc::new(host::wake_fd().map_err(MttyError::Eventfd)?);
@@ -245,7 +269,7 @@ impl Mtty {
                 Arc::clone(&mtty.stop),
             )
             .map_err(MttyError::Thread)?;
-            mtty.threads.push(thread);
+            mtty.threads.push(Some(thread));
         }
         Ok(mtty)
     }
@@ -258,6 +282,12 @@ impl Mtty {
     /// Per port: the socket path, the PTY's `/dev/pts/N`, or an empty string for none.
     pub fn host_paths(&self) -> Vec<String> {
         self.host_paths.clone()
+    }
+
+    /// [`host_paths`](Self::host_paths) as it stays true: a live upgrade hands over a PTY
+    /// whose path is the previous process's.
+    pub fn shown_host_paths(&self) -> Arc<Mutex<Vec<String>>> {
+        Arc::clone(&self.shown_paths)
     }
 
     /// Number of ports.
@@ -278,7 +308,7 @@ impl Drop for Mtty {
         for port in 0..self.wakers.len() {
             self.wake(port);
         }
-        for thread in self.threads.drain(..) {
+        for thread in self.threads.drain(..).flatten() {
             if thread.join().is_err() {
                 tracing::warn!("mtty host thread panicked");
             }

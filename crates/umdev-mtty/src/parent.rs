@@ -136,7 +136,7 @@ fn type_ports(name: &str) -> Option<u8> {
 /// The mtty vendor attributes, in a `vendor/` group as the kernel sample has them.
 struct MttyAttrs {
     uuid: MdevUuid,
-    host: Vec<String>,
+    host: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 const ATTR_SAMPLE: &str = "vendor/sample_mdev_dev";
@@ -149,7 +149,13 @@ impl VendorAttrs for MttyAttrs {
     fn show(&self, name: &str) -> Result<String, Errno> {
         match name {
             ATTR_SAMPLE => Ok(format!("This is MDEV {}\n", self.uuid)),
-            ATTR_CONSOLE => Ok(self.host.iter().map(|h| format!("{h}\n")).collect()),
+            ATTR_CONSOLE => Ok(self
+                .host
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .map(|h| format!("{h}\n"))
+                .collect()),
             _ => Err(Errno::NOENT),
         }
     }
@@ -209,21 +215,32 @@ impl Parent for MttyParent {
         env: &DeviceEnv,
     ) -> Result<MdevParts, Errno> {
         let ports = type_ports(&description.type_name).ok_or(Errno::INVAL)?;
-        let host = (0..ports)
-            .map(|i| match self.console {
-                Console::None => Ok(HostEndpoint::None),
-                Console::Pty => Ok(HostEndpoint::Pty),
-                Console::Sockets => env
-                    .path(&port_socket(i))
-                    .map(HostEndpoint::UnixSocket)
-                    .ok_or(Errno::NOTDIR),
-            })
-            .collect::<Result<Vec<_>, Errno>>()?;
+        // Port sockets are bound through the device's environment, which hands them to the
+        // device's next process in a live upgrade.
+        let mut host = Vec::new();
+        let mut listeners = Vec::new();
+        for i in 0..ports {
+            match self.console {
+                Console::None => host.push(HostEndpoint::None),
+                Console::Pty => host.push(HostEndpoint::Pty),
+                Console::Sockets => {
+                    let (listener, path) = env.bind(&port_socket(i)).map_err(|e| {
+                        tracing::warn!(%uuid, error = %e, "cannot bind an mtty port's socket");
+                        match e.kind() {
+                            std::io::ErrorKind::NotADirectory => Errno::NOTDIR,
+                            _ => e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error),
+                        }
+                    })?;
+                    host.push(HostEndpoint::UnixSocket(path));
+                    listeners.push(Some(listener));
+                }
+            }
+        }
         let config = MttyConfig {
             sockets: *env.policy(),
             ..MttyConfig::new(ports, host)
         };
-        let mtty = Mtty::new(config).map_err(|e| {
+        let mtty = Mtty::with_listeners(config, listeners).map_err(|e| {
             tracing::warn!(%uuid, error = %e, "cannot build an mtty card");
             match e {
                 MttyError::Listen { source, .. } | MttyError::Thread(source) => source
@@ -236,7 +253,7 @@ impl Parent for MttyParent {
         })?;
         let attrs = MttyAttrs {
             uuid: *uuid,
-            host: mtty.host_paths(),
+            host: mtty.shown_host_paths(),
         };
         Ok(MdevParts {
             spec: mtty.spec(),

@@ -28,7 +28,7 @@ const PORT_HOST_IN: u16 = 0x21;
 /// How long the final save waits for the host threads to hand their connections over.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn base(port: usize) -> u16 {
+pub(crate) fn base(port: usize) -> u16 {
     0x100 * (u16::try_from(port).unwrap_or(0) + 1)
 }
 
@@ -81,6 +81,12 @@ impl Mtty {
         if !lock(&self.card).running {
             self.detach_hosts()?;
         }
+        self.write_ports(w);
+        Ok(())
+    }
+
+    /// Every port's registers and queues.
+    pub(crate) fn write_ports(&self, w: &mut StateWriter) {
         let card = lock(&self.card);
         w.u8(TAG_PORTS, self.ports);
         for (i, p) in card.ports.iter().enumerate() {
@@ -91,7 +97,6 @@ impl Mtty {
             let (a, c) = p.host_in.as_slices();
             w.bytes(b + PORT_HOST_IN, &[a, c].concat());
         }
-        Ok(())
     }
 
     pub(crate) fn load_state(&mut self, r: &StateReader<'_>) -> Result<(), Errno> {

@@ -325,6 +325,10 @@ impl PciFunction {
             // Watched from `resume`.
             self.paused_io_fds.entry(region).or_default().push(area);
         }
+        let mode = self.irqs.mode();
+        if mode != IrqMode::Intx {
+            self.device.irq_mode_changed(mode);
+        }
         let dev = r.bytes(T_DEVICE).map_err(stream)?;
         let dev = StateReader::parse(dev).map_err(stream)?;
         self.device.take_over(&dev, &mut fds)?;

@@ -410,6 +410,14 @@ pub struct TakenOver {
     pub(crate) session: Option<crate::TakenSession>,
     /// When the old server paused (`CLOCK_MONOTONIC` ns).
     pub paused_at: u64,
+    pub(crate) client: Option<ClientId>,
+}
+
+impl TakenOver {
+    /// The client that came with the device, if one was attached.
+    pub fn client(&self) -> Option<ClientId> {
+        self.client
+    }
 }
 
 /// The listening socket of a handed-over device, from its fd.

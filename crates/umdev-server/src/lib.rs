@@ -199,12 +199,14 @@ impl Server {
             return Ok(TakenOver {
                 session: None,
                 paused_at,
+                client: None,
             });
         };
         let detached = parts.detached.take().ok_or(Errno::INVAL)?;
         let transport = UnixTransport::resume(detached)
             .with_spin(self.config.spin)
             .with_wake(self.stop.handover.wake.clone());
+        let client = parts.client;
         let resumed = session::Resumed::new(Arc::new(transport), parts, unpacked.function);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Errno>>();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -242,6 +244,7 @@ impl Server {
                     go: go_tx,
                 }),
                 paused_at,
+                client: Some(client),
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Errno::IO),

@@ -601,6 +601,33 @@ impl PciDevice for TestDevice {
         Ok(())
     }
 
+    /// BAR2's memory object: the spec's, or the one a live upgrade handed over.
+    fn bar_memory(&self, bar: BarIndex) -> Option<Arc<OwnedFd>> {
+        (bar.get() == 2).then(|| self.bar2.clone())
+    }
+
+    /// A live upgrade: the migration state (registers, BAR2's contents, pins) and BAR2's
+    /// memory object, which the client has mapped.
+    fn hand_over(
+        &mut self,
+        w: &mut umdev_pci::StateWriter,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<(), Errno> {
+        self.save(w)?;
+        let fd = self.bar2.try_clone().map_err(|_| Errno::IO)?;
+        w.u32(5, umdev_pci::push_fd(fds, fd));
+        Ok(())
+    }
+
+    fn take_over(
+        &mut self,
+        r: &umdev_pci::StateReader<'_>,
+        fds: &mut umdev_pci::HandedFds,
+    ) -> Result<(), Errno> {
+        self.bar2 = Arc::new(fds.take(r.u32(5)?)?);
+        self.load(TEST_STATE_VERSION, r)
+    }
+
     fn dma_unmap(&mut self, iova: u64, len: u64) {
         self.observed.unmap_hooks.lock().unwrap().push((iova, len));
         let mode = self.regs().reg32(reg::UNMAP_MODE);

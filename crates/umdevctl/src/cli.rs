@@ -168,6 +168,17 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         max_rounds: usize,
     },
+    /// Live upgrade (isolation = "worker"): replace the worker of one IOMMU group, or every
+    /// worker, by the daemon's binary as it is on disk now; clients keep their devices and
+    /// connections and see a pause.
+    Upgrade {
+        /// Only the worker of this IOMMU group (`umdevctl groups` lists them).
+        #[arg(long, conflicts_with = "all")]
+        group: Option<u32>,
+        /// Every worker.
+        #[arg(long)]
+        all: bool,
+    },
     /// Stop the daemon. With worker isolation its workers serve on (the next daemon adopts
     /// them) unless --remove-devices.
     Shutdown {

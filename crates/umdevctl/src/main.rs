@@ -216,6 +216,33 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{path}")?;
             writeln!(out, "{}", qemu_arg(&path))?;
         }
+        Command::Upgrade { group, all } => {
+            if group.is_none() && !all {
+                anyhow::bail!("say which workers: --group N or --all");
+            }
+            let Response::Upgraded { workers } = call(&client, &Request::Upgrade { group })? else {
+                anyhow::bail!("unexpected reply");
+            };
+            let mut failed = 0;
+            for w in &workers {
+                match &w.error {
+                    None => {
+                        for (uuid, us) in &w.paused_us {
+                            writeln!(out, "{uuid} upgraded, paused {us} us")?;
+                        }
+                    }
+                    Some(e) => {
+                        failed += 1;
+                        for uuid in &w.devices {
+                            writeln!(out, "{uuid} not upgraded: {e}")?;
+                        }
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} workers not upgraded (they serve on)", workers.len());
+            }
+        }
         Command::Shutdown { remove_devices } => {
             call(&client, &Request::Shutdown { remove_devices })?;
         }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{Map, Value};
 use umdev_api::control::{
     DeviceEntry, DriverEntry, DriverOption, GroupEntry, Holder, PlaneInfo, TypeEntry,
+    UpgradeEntry,
 };
 use umdev_api::{Definition, DefinitionStore, ModifyRequest, Request, Response, Start};
 use umdev_core::{Core, CoreError, MdevUuid};
@@ -202,6 +203,7 @@ impl Handler {
                 .map(|()| Response::Done)
                 .map_err(Failure::from),
             Request::Drivers => Ok(self.drivers()),
+            Request::Upgrade { group } => self.upgrade(group),
             Request::Shutdown { remove_devices } => {
                 self.shared.request_stop(remove_devices);
                 Ok(Response::Done)
@@ -652,6 +654,37 @@ impl Handler {
             },
             fds: vec![p.memory],
         })
+    }
+
+    fn upgrade(&self, group: Option<u32>) -> Result<Response, Failure> {
+        let Some(workers) = self.shared.workers.get() else {
+            return Err(fail(
+                rustix::io::Errno::NOTSUP,
+                "live upgrade needs isolation = \"worker\" (devices run in the daemon's threads)",
+            ));
+        };
+        let only: Option<Vec<String>> = match group {
+            Some(id) => {
+                let g = self
+                    .core
+                    .group(id)
+                    .ok_or_else(|| fail(rustix::io::Errno::NOENT, format!("no IOMMU group {id}")))?;
+                Some(g.devices.iter().map(ToString::to_string).collect())
+            }
+            None => None,
+        };
+        let workers = workers
+            .upgrade(only.as_deref())
+            .into_iter()
+            .map(|u| UpgradeEntry {
+                devices: u.devices,
+                error: u.result.as_ref().err().map(|e| {
+                    format!("{e} (the worker's log says why; it serves on as before)")
+                }),
+                paused_us: u.result.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::Upgraded { workers })
     }
 
     fn groups(&self) -> Response {

@@ -40,6 +40,8 @@ pub struct Shared {
     pub recipes: Mutex<std::collections::BTreeMap<String, Recipe>>,
     /// A stop asked through the control API removes every device.
     pub remove_on_stop: std::sync::atomic::AtomicBool,
+    /// The workers, with `isolation = "worker"`.
+    pub workers: std::sync::OnceLock<Arc<WorkerServe>>,
 }
 
 impl Shared {
@@ -232,6 +234,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         config: config.clone(),
         recipes: Mutex::new(Default::default()),
         remove_on_stop: std::sync::atomic::AtomicBool::new(false),
+        workers: std::sync::OnceLock::new(),
     });
     let dirs = Arc::new(DirServe {
         dir: sockets.clone(),
@@ -257,6 +260,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
                 config.sandbox.clone(),
             ));
             workers = Some(w.clone());
+            let _ = shared.workers.set(w.clone());
             w
         }
     };

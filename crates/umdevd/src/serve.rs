@@ -15,18 +15,26 @@ use std::thread::JoinHandle;
 
 use umdev_core::{DeviceEnv, MdevUuid, Serve, Served, VFIO_USER_SOCKET};
 use umdev_pci::{DisplayPlane, Errno, PciFunction};
-use umdev_server::{Server, ServerConfig, Stopper};
+use umdev_server::{HandOverCtl, Server, ServerConfig, Stopper, TakenOver};
 use umdev_transport::{SocketPolicy, Stale};
 
 /// The server threads poll and hand over to a session thread; they need little stack.
 const SERVER_STACK: usize = 256 << 10;
 
 /// A device served on a socket by a thread of its own.
-struct SocketServed {
+pub(crate) struct SocketServed {
     path: PathBuf,
     stopper: Stopper,
+    ctl: HandOverCtl,
     function: Arc<Mutex<PciFunction>>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl SocketServed {
+    /// Asks the server to hand its device over to another process (a live upgrade).
+    pub(crate) fn hand_over_ctl(&self) -> &HandOverCtl {
+        &self.ctl
+    }
 }
 
 /// Starts a server for `function` on `listener` (bound at `path`) in a thread of its own.
@@ -36,28 +44,53 @@ pub(crate) fn serve_on(
     listener: UnixListener,
     function: PciFunction,
     config: &ServerConfig,
-) -> std::io::Result<Box<dyn Served>> {
+) -> std::io::Result<SocketServed> {
     let server = Server::new(function, config.clone()).map_err(std::io::Error::other)?;
+    spawn_server(uuid, path, server, move |s| s.serve(listener))
+}
+
+/// Serves a device another process handed over (`taken`, by `server`) on its listening
+/// socket, the handed-over client first.
+pub(crate) fn serve_taken_over(
+    uuid: &MdevUuid,
+    path: PathBuf,
+    listener: UnixListener,
+    server: Server,
+    taken: TakenOver,
+) -> std::io::Result<SocketServed> {
+    spawn_server(uuid, path, server, move |s| {
+        s.serve_taken_over(listener, taken)
+    })
+}
+
+fn spawn_server(
+    uuid: &MdevUuid,
+    path: PathBuf,
+    server: Server,
+    run: impl FnOnce(&Server) -> Result<(), umdev_server::ServerError> + Send + 'static,
+) -> std::io::Result<SocketServed> {
     let stopper = server.stopper();
+    let ctl = server.hand_over_ctl();
     let function = server.function().clone();
     let name = format!("umdev-{}", &uuid.to_string()[..8]);
     let thread = std::thread::Builder::new()
         .name(name)
         .stack_size(SERVER_STACK)
         .spawn(move || {
-            if let Err(e) = server.serve(listener) {
+            if let Err(e) = run(&server) {
                 tracing::warn!(
                     error = &e as &(dyn std::error::Error + 'static),
                     "vfio-user server stopped with an error"
                 );
             }
         })?;
-    Ok(Box::new(SocketServed {
+    Ok(SocketServed {
         path,
         stopper,
+        ctl,
         function,
         thread: Some(thread),
-    }))
+    })
 }
 
 impl Served for SocketServed {
@@ -160,7 +193,13 @@ impl Serve for DirServe {
 
     fn start(&self, env: &DeviceEnv, function: PciFunction) -> std::io::Result<Box<dyn Served>> {
         let (listener, path) = env.bind(VFIO_USER_SOCKET)?;
-        serve_on(env.uuid(), path, listener, function, &self.server)
+        Ok(Box::new(serve_on(
+            env.uuid(),
+            path,
+            listener,
+            function,
+            &self.server,
+        )?))
     }
 
     fn release(&self, env: &DeviceEnv) {
@@ -190,13 +229,13 @@ impl Serve for PathServe {
 
     fn start(&self, env: &DeviceEnv, function: PciFunction) -> std::io::Result<Box<dyn Served>> {
         let listener = umdev_transport::listen::bind(&self.socket, &self.policy)?;
-        serve_on(
+        Ok(Box::new(serve_on(
             env.uuid(),
             self.socket.clone(),
             listener,
             function,
             &self.server,
-        )
+        )?))
     }
 }
 

@@ -128,6 +128,13 @@ pub enum Call {
         /// The device.
         uuid: String,
     },
+    /// Daemon to a serving worker (a live upgrade): pause every device between two
+    /// messages and hand it over on the socket that comes with the call, then exit once
+    /// the new worker has it (or run on if it fails).
+    HandOver,
+    /// Daemon to a new worker, sealed for the same devices: take them over from the socket
+    /// that comes with the call and serve them.
+    TakeOver,
 }
 
 /// A device for a worker to build and serve.
@@ -177,6 +184,9 @@ pub enum Reply {
     Text(String),
     /// Failed with this errno.
     Failed(i32),
+    /// Devices taken over, each with its pause (from the old worker's pause to the new
+    /// one's resume, in microseconds).
+    TakenOver(Vec<(String, u64)>),
     /// A display plane; its memory's fd travels with the message.
     Plane {
         /// DRM fourcc.
@@ -208,6 +218,16 @@ pub struct Link {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A connected pair of UNIX `SOCK_SEQPACKET` sockets (for a hand-over between workers).
+pub fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// A new UNIX `SOCK_SEQPACKET` socket.
@@ -298,6 +318,16 @@ impl Link {
     /// Asks `call` and waits for the answer; ENODEV if the link is or goes down first,
     /// ETIMEDOUT after [`CALL_TIMEOUT`], the other side's errno if it failed.
     pub fn call(&self, call: Call) -> Result<Answer, Errno> {
+        self.call_with(call, None, CALL_TIMEOUT)
+    }
+
+    /// [`call`](Self::call) with `fd` attached, waiting up to `timeout`.
+    pub fn call_with(
+        &self,
+        call: Call,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Answer, Errno> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         match lock(&self.pending).as_mut() {
@@ -306,13 +336,13 @@ impl Link {
             }
             None => return Err(Errno::NODEV),
         }
-        if let Err(e) = self.send(&Frame::Call { id, call }, None) {
+        if let Err(e) = self.send(&Frame::Call { id, call }, fd) {
             if let Some(p) = lock(&self.pending).as_mut() {
                 p.remove(&id);
             }
             return Err(e);
         }
-        match rx.recv_timeout(CALL_TIMEOUT) {
+        match rx.recv_timeout(timeout) {
             Ok((Reply::Failed(errno), _)) => Err(Errno::from_raw_os_error(errno)),
             Ok(answer) => Ok(answer),
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -397,21 +427,21 @@ impl Link {
     pub fn serve(
         self: &Arc<Self>,
         name: &str,
-        mut handle: impl FnMut(u64, Call) + Send + 'static,
+        mut handle: impl FnMut(u64, Call, Option<OwnedFd>) + Send + 'static,
     ) -> std::io::Result<()> {
-        let (tx, rx) = mpsc::channel::<(u64, Call)>();
+        let (tx, rx) = mpsc::channel::<(u64, Call, Option<OwnedFd>)>();
         std::thread::Builder::new()
             .name(format!("{name}-calls"))
             .spawn(move || {
-                for (id, call) in rx {
-                    handle(id, call);
+                for (id, call, fd) in rx {
+                    handle(id, call, fd);
                 }
             })?;
         let mut buf = vec![0u8; MAX_MESSAGE];
         while let Some((frame, fd)) = self.recv(&mut buf) {
             match frame {
                 Frame::Call { id, call } => {
-                    if tx.send((id, call)).is_err() {
+                    if tx.send((id, call, fd)).is_err() {
                         break;
                     }
                 }

@@ -13,12 +13,13 @@
 //! stopped in its worker and built again in its new group's (the last device of a worker
 //! ends it).
 
+mod handover;
 mod link;
 pub mod process;
 mod sandbox;
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +38,8 @@ use crate::daemon::Shared;
 use crate::serve::DirServe;
 use link::{Call, Link, Reply, StartDevice};
 
+/// How long each step of a live upgrade (hand-over, take-over) may take.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a new worker has to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause before a worker that died is started again.
@@ -285,20 +288,111 @@ impl WorkerServe {
         adopted
     }
 
+    /// Every worker, once (of the devices in `only`, if given).
+    fn workers(&self, only: Option<&[String]>) -> Vec<Arc<Worker>> {
+        let placements = lock(&self.placements);
+        let mut v: Vec<Arc<Worker>> = Vec::new();
+        for (uuid, p) in placements.iter() {
+            if only.is_some_and(|o| !o.contains(uuid)) {
+                continue;
+            }
+            let w = p.get();
+            if !v.iter().any(|x| Arc::ptr_eq(x, &w)) {
+                v.push(w);
+            }
+        }
+        v
+    }
+
+    /// Live upgrade: each worker (of the devices in `only`, or every one) is replaced by a
+    /// new process of the daemon's binary as it is on disk now, which takes its devices
+    /// over with their clients (see `process.rs`). One result per worker.
+    pub fn upgrade(&self, only: Option<&[String]>) -> Vec<Upgraded> {
+        self.workers(only)
+            .into_iter()
+            .map(|w| {
+                let devices: Vec<String> = lock(&w.devices).keys().cloned().collect();
+                let result = self.upgrade_worker(&w);
+                match &result {
+                    Ok(p) => tracing::info!(worker = w.name, pauses_us = ?p, "worker upgraded"),
+                    Err(e) => tracing::warn!(worker = w.name, error = %e, "worker not upgraded; it serves on"),
+                }
+                Upgraded { devices, result }
+            })
+            .collect()
+    }
+
+    fn upgrade_worker(&self, old: &Arc<Worker>) -> Result<Vec<(String, u64)>, Errno> {
+        if old.down.load(Ordering::Acquire) {
+            return Err(Errno::AGAIN);
+        }
+        let old_link = old.link()?;
+        let entries: BTreeMap<String, Entry> = lock(&old.devices)
+            .iter()
+            .map(|(u, e)| {
+                (
+                    u.clone(),
+                    Entry {
+                        start: e.start.clone_for_restart(),
+                        guard: e.guard.clone(),
+                        held: e.held,
+                    },
+                )
+            })
+            .collect();
+        let new = self.worker(entries, None);
+        // Until it has the devices, a new worker that dies is not started again (the old
+        // one serves them).
+        new.stopping.store(true, Ordering::Release);
+        let link = new.spawn().map_err(|e| {
+            tracing::warn!(worker = new.name, error = %e, "cannot start the new worker");
+            Errno::from_io_error(&e).unwrap_or(Errno::IO)
+        })?;
+        let give_up = |new: &Arc<Worker>, e: Errno| {
+            if let Ok(l) = new.link() {
+                l.shut();
+            }
+            new.reap(true);
+            e
+        };
+        if let Err(e) = Worker::supervise(&new, link.clone()) {
+            return Err(give_up(&new, Errno::from_io_error(&e).unwrap_or(Errno::IO)));
+        }
+        let (a, b) = link::pair().map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        let taker = std::thread::Builder::new()
+            .name(format!("{}-take", new.name))
+            .spawn(move || link.call_with(Call::TakeOver, Some(b.as_fd()), UPGRADE_TIMEOUT))
+            .map_err(|_| Errno::AGAIN)?;
+        let handed = old_link.call_with(Call::HandOver, Some(a.as_fd()), UPGRADE_TIMEOUT);
+        drop(a);
+        let taken = taker.join().unwrap_or(Err(Errno::IO));
+        match (handed, taken) {
+            (Ok(_), Ok((Reply::TakenOver(pauses), _))) => {
+                // The old process exits when its link closes; it is not started again.
+                old.stopping.store(true, Ordering::Release);
+                lock(&old.devices).clear();
+                old_link.shut();
+                new.stopping.store(false, Ordering::Release);
+                let placements = lock(&self.placements);
+                for p in placements.values() {
+                    let mut w = lock(&p.worker);
+                    if Arc::ptr_eq(&w, old) {
+                        *w = new.clone();
+                    }
+                }
+                Ok(pauses)
+            }
+            (handed, taken) => {
+                let e = handed.err().or(taken.err()).unwrap_or(Errno::PROTO);
+                Err(give_up(&new, e))
+            }
+        }
+    }
+
     /// Lets every worker go without stopping its devices (a daemon stop with workers):
     /// each serves on and waits for the next daemon. Returns how many there were.
     pub fn detach_all(&self) -> usize {
-        let workers: Vec<Arc<Worker>> = {
-            let placements = lock(&self.placements);
-            let mut v: Vec<Arc<Worker>> = Vec::new();
-            for p in placements.values() {
-                let w = p.get();
-                if !v.iter().any(|x| Arc::ptr_eq(x, &w)) {
-                    v.push(w);
-                }
-            }
-            v
-        };
+        let workers = self.workers(None);
         for w in &workers {
             w.detached.store(true, Ordering::Release);
             w.stopping.store(true, Ordering::Release);
@@ -469,6 +563,16 @@ impl Ledger {
     }
 }
 
+/// What a live upgrade did to one worker.
+#[derive(Debug)]
+pub struct Upgraded {
+    /// Its devices.
+    pub devices: Vec<String>,
+    /// Each device's pause in microseconds (old worker's pause to new worker's resume), or
+    /// why the worker was not upgraded (it serves on).
+    pub result: Result<Vec<(String, u64)>, Errno>,
+}
+
 /// A device of a worker, as the daemon keeps it.
 struct Entry {
     /// How to build it again.
@@ -605,7 +709,7 @@ impl Worker {
             }
             let w = self.clone();
             let l = link.clone();
-            if let Err(e) = link.serve(&self.name, move |id, call| w.handle(&l, id, call)) {
+            if let Err(e) = link.serve(&self.name, move |id, call, _fd| w.handle(&l, id, call)) {
                 tracing::warn!(worker = self.name, error = %e, "cannot read a worker's link");
             }
             *lock(&self.link) = None;

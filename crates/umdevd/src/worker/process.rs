@@ -6,7 +6,7 @@
 //! here meanwhile) and waits on its adoption socket for the next daemon to take it over.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,20 +18,41 @@ use umdev_core::{
 };
 use umdev_dma::SharedBudget;
 use umdev_pci::{ClientId, Interrupts, OpenGuard, PciFunction, PeerCred};
-use umdev_server::SharedBudgets;
+use umdev_server::{HandOverCtl, Server, ServerConfig, SharedBudgets, TakenOver};
 use umdev_transport::{SocketPolicy, Stale};
 
+use super::handover::{self, DevicePackage};
 use super::link::{self, Adopted, Call, Frame, Link, Reply, StartDevice};
+use crate::serve::SocketServed;
 use super::sandbox::Allowed;
 use crate::config::SandboxConfig;
 
 /// A device this worker serves.
 struct Device {
     start: StartDevice,
-    served: Box<dyn Served>,
+    served: SocketServed,
+    /// Its environment: the listening sockets a live upgrade hands over.
+    env: DeviceEnv,
     irqs: Interrupts,
     attrs: Option<Box<dyn VendorAttrs>>,
 }
+
+/// A device taken over from the worker before this one, ready to serve.
+struct Ready {
+    start: StartDevice,
+    server: Server,
+    taken: TakenOver,
+    listener: std::os::unix::net::UnixListener,
+    path: std::path::PathBuf,
+    env: DeviceEnv,
+    irqs: Interrupts,
+    attrs: Option<Box<dyn VendorAttrs>>,
+}
+
+/// How long a live upgrade waits for a session to reach a message boundary.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long each side of a live upgrade waits for the other.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The worker's parents (built as the daemon built them) and devices.
 struct Worker {
@@ -45,6 +66,13 @@ struct Worker {
     sealed: std::sync::atomic::AtomicBool,
     /// The servers' configuration, made at the first device.
     server: Mutex<Option<umdev_server::ServerConfig>>,
+    /// The devices it was sealed for, by UUID (a new worker of a live upgrade builds them
+    /// from these).
+    sealed_for: Mutex<HashMap<String, StartDevice>>,
+    /// Where the next daemon would find this worker (removed when it hands over).
+    adopt_path: std::path::PathBuf,
+    /// Its devices were handed over: it exits when its link closes, cleaning up nothing.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 /// The group rules around the device's `open` and `close`: the daemon's, over the link;
@@ -191,6 +219,11 @@ impl Worker {
     /// Builds the devices' parents, then confines the process to what they need: their
     /// directories and what their drivers declare.
     fn seal(&self, devices: &[StartDevice], sandbox: &SandboxConfig) -> Result<()> {
+        lock(&self.sealed_for).extend(
+            devices
+                .iter()
+                .map(|d| (d.uuid.clone(), d.clone_for_restart())),
+        );
         let mut allowed = Vec::new();
         for d in devices {
             let parent = self
@@ -226,9 +259,8 @@ impl Worker {
         Ok(())
     }
 
-    fn start(self: &Arc<Self>, s: &StartDevice) -> Result<Reply, Errno> {
-        let uuid = MdevUuid::parse(&s.uuid).map_err(|_| Errno::INVAL)?;
-        let parent = self.parent(s)?;
+    /// The environment of device `s` (`uuid` parsed), its sockets as they should be bound.
+    fn env(&self, uuid: MdevUuid, s: &StartDevice) -> DeviceEnv {
         // A sealed worker cannot chown: the daemon gives the sockets their owner.
         let sealed = self.sealed.load(std::sync::atomic::Ordering::Acquire);
         let policy = SocketPolicy {
@@ -236,30 +268,50 @@ impl Worker {
             mode: s.mode,
             owner: if sealed { None } else { s.owner },
         };
-        let env = DeviceEnv::new(uuid, Some(s.dir.clone()), policy);
-        let parts = parent.build(&uuid, &s.description, &env)?;
+        DeviceEnv::new(uuid, Some(s.dir.clone()), policy)
+    }
+
+    /// Builds device `s` in `env`: its function (with the group rules over the link), its
+    /// interrupts and attributes.
+    fn build(
+        self: &Arc<Self>,
+        uuid: &MdevUuid,
+        s: &StartDevice,
+        env: &DeviceEnv,
+    ) -> Result<(PciFunction, Option<Box<dyn VendorAttrs>>), Errno> {
+        let parent = self.parent(s)?;
+        let parts = parent.build(uuid, &s.description, env)?;
         let guard = RemoteGuard {
             worker: Arc::downgrade(self),
             uuid: s.uuid.clone(),
         };
         let function = PciFunction::new(parts.spec, parts.device).with_guard(Arc::new(guard));
+        Ok((function, parts.attrs))
+    }
+
+    /// One server configuration for all the worker's devices: its clients' table is
+    /// shared, so a client's devices here share their mmaps and per-page charges.
+    fn server_config(self: &Arc<Self>, s: &StartDevice) -> Result<ServerConfig, Errno> {
+        let mut cfg = lock(&self.server);
+        if cfg.is_none() {
+            let mut c = s.server.server_config().map_err(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "worker: bad server tunables");
+                Errno::INVAL
+            })?;
+            c.locked_memory.shared = Some(Arc::new(LinkBudgets {
+                worker: Arc::downgrade(self),
+            }));
+            *cfg = Some(c);
+        }
+        cfg.clone().ok_or(Errno::INVAL)
+    }
+
+    fn start(self: &Arc<Self>, s: &StartDevice) -> Result<Reply, Errno> {
+        let uuid = MdevUuid::parse(&s.uuid).map_err(|_| Errno::INVAL)?;
+        let env = self.env(uuid, s);
+        let (function, attrs) = self.build(&uuid, s, &env)?;
         let irqs = function.interrupts();
-        // One server configuration for all the worker's devices: its clients' table is
-        // shared, so a client's devices here share their mmaps and per-page charges.
-        let server = {
-            let mut cfg = lock(&self.server);
-            if cfg.is_none() {
-                let mut c = s.server.server_config().map_err(|e| {
-                    tracing::warn!(error = %format!("{e:#}"), "worker: bad server tunables");
-                    Errno::INVAL
-                })?;
-                c.locked_memory.shared = Some(Arc::new(LinkBudgets {
-                    worker: Arc::downgrade(self),
-                }));
-                *cfg = Some(c);
-            }
-            cfg.clone().ok_or(Errno::INVAL)?
-        };
+        let server = self.server_config(s)?;
         let (listener, path) = env.bind(VFIO_USER_SOCKET).map_err(io_errno)?;
         let served =
             crate::serve::serve_on(&uuid, path, listener, function, &server).map_err(io_errno)?;
@@ -268,17 +320,165 @@ impl Worker {
             Device {
                 start: s.clone_for_restart(),
                 served,
+                env,
                 irqs,
-                attrs: parts.attrs,
+                attrs,
             },
         );
         tracing::info!(uuid = s.uuid, parent = s.parent, "worker: serving");
         Ok(Reply::Done)
     }
 
-    fn handle(self: &Arc<Self>, link: &Link, id: u64, call: Call) {
+    /// A live upgrade, this worker's side: every device paused between two messages and
+    /// sent on `chan`; once the new worker has them all, this process exits without
+    /// cleaning up (what it would close, the new worker uses). If anything fails, every
+    /// device runs on here.
+    fn hand_over(&self, link: &Link, id: u64, chan: Option<OwnedFd>) {
+        let Some(chan) = chan else {
+            link.reply(id, Err(Errno::INVAL), None);
+            return;
+        };
+        let mut paused: Vec<HandOverCtl> = Vec::new();
+        let mut packages = Vec::new();
+        let abort = |paused: &[HandOverCtl]| paused.iter().for_each(HandOverCtl::abort);
+        {
+            let devices = lock(&self.devices);
+            let mut uuids: Vec<&String> = devices.keys().collect();
+            uuids.sort();
+            for uuid in uuids {
+                let d = &devices[uuid];
+                let ctl = d.served.hand_over_ctl().clone();
+                let sockets = match d.env.sockets() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        abort(&paused);
+                        tracing::warn!(uuid, error = %e, "worker: cannot hand a device's sockets over");
+                        link.reply(id, Err(io_errno(e)), None);
+                        return;
+                    }
+                };
+                match ctl.pause(PAUSE_TIMEOUT) {
+                    Ok(package) => {
+                        paused.push(ctl);
+                        packages.push(DevicePackage {
+                            uuid: uuid.clone(),
+                            sockets,
+                            package,
+                        });
+                    }
+                    Err(e) => {
+                        abort(&paused);
+                        tracing::warn!(uuid, error = %e,
+                            "worker: a device cannot be handed over now (ENOTSUP: its driver cannot; EBUSY: a migration is in progress; ETIMEDOUT: its session did not pause); every device runs on");
+                        link.reply(id, Err(e), None);
+                        return;
+                    }
+                }
+            }
+        }
+        let verdict = handover::send_all(chan.as_fd(), &packages)
+            .and_then(|()| handover::recv_verdict(chan.as_fd(), HANDOVER_TIMEOUT));
+        drop(packages);
+        match verdict {
+            Ok(()) => {
+                for c in &paused {
+                    c.commit();
+                }
+                let _ = std::fs::remove_file(&self.adopt_path);
+                self.handed_over
+                    .store(true, std::sync::atomic::Ordering::Release);
+                tracing::info!(devices = paused.len(), "worker: devices handed over; exiting when the daemon lets go");
+                link.reply(id, Ok(Reply::Done), None);
+            }
+            Err(e) => {
+                abort(&paused);
+                tracing::warn!(error = %e, "worker: the new worker did not take the devices; they run on here");
+                link.reply(id, Err(e), None);
+            }
+        }
+    }
+
+    /// A live upgrade, the new worker's side: takes every device sent on `chan` (built from
+    /// the description it was sealed for, with the sockets and state of the old worker),
+    /// tells the old worker, and serves them.
+    fn take_over(self: &Arc<Self>, chan: Option<OwnedFd>) -> Result<Reply, Errno> {
+        let chan = chan.ok_or(Errno::INVAL)?;
+        let packages = handover::recv_all(chan.as_fd(), HANDOVER_TIMEOUT)?;
+        let mut ready = Vec::with_capacity(packages.len());
+        for p in packages {
+            let uuid = p.uuid.clone();
+            match self.take_one(p) {
+                Ok(r) => ready.push(r),
+                Err(e) => {
+                    tracing::warn!(uuid, error = %e, "worker: cannot take a device over");
+                    let _ = handover::send_verdict(chan.as_fd(), Err(e));
+                    return Err(e);
+                }
+            }
+        }
+        handover::send_verdict(chan.as_fd(), Ok(()))?;
+        let mut pauses = Vec::with_capacity(ready.len());
+        for r in ready {
+            let uuid = MdevUuid::parse(&r.start.uuid).map_err(|_| Errno::INVAL)?;
+            let paused_at = r.taken.paused_at;
+            if let Some(c) = r.taken.client() {
+                lock(&self.held).insert(r.start.uuid.clone(), c);
+            }
+            let served =
+                crate::serve::serve_taken_over(&uuid, r.path, r.listener, r.server, r.taken)
+                    .map_err(io_errno)?;
+            let pause_us = umdev_server::handover::monotonic_ns().saturating_sub(paused_at) / 1000;
+            tracing::info!(uuid = r.start.uuid, pause_us, "worker: device taken over");
+            pauses.push((r.start.uuid.clone(), pause_us));
+            lock(&self.devices).insert(
+                r.start.uuid.clone(),
+                Device {
+                    start: r.start,
+                    served,
+                    env: r.env,
+                    irqs: r.irqs,
+                    attrs: r.attrs,
+                },
+            );
+        }
+        Ok(Reply::TakenOver(pauses))
+    }
+
+    fn take_one(self: &Arc<Self>, p: DevicePackage) -> Result<Ready, Errno> {
+        let s = lock(&self.sealed_for)
+            .get(&p.uuid)
+            .map(StartDevice::clone_for_restart)
+            .ok_or(Errno::NODEV)?;
+        let uuid = MdevUuid::parse(&s.uuid).map_err(|_| Errno::INVAL)?;
+        let env = self.env(uuid, &s).inherit(p.sockets);
+        let (function, attrs) = self.build(&uuid, &s, &env)?;
+        let irqs = function.interrupts();
+        let server = Server::new(function, self.server_config(&s)?).map_err(|e| {
+            tracing::warn!(error = %e, "worker: cannot make a server");
+            Errno::IO
+        })?;
+        let taken = server.take_over(p.package)?;
+        let (listener, path) = env.bind(VFIO_USER_SOCKET).map_err(io_errno)?;
+        Ok(Ready {
+            start: s,
+            server,
+            taken,
+            listener,
+            path,
+            env,
+            irqs,
+            attrs,
+        })
+    }
+
+    fn handle(self: &Arc<Self>, link: &Link, id: u64, call: Call, fd: Option<OwnedFd>) {
         let answer = match call {
             Call::Start(s) => self.start(&s),
+            Call::HandOver => {
+                self.hand_over(link, id, fd);
+                return;
+            }
+            Call::TakeOver => self.take_over(fd),
             Call::Adopt => {
                 let held = lock(&self.held).clone();
                 let devices = lock(&self.devices)
@@ -296,7 +496,7 @@ impl Worker {
                 let d = lock(&self.devices).remove(&uuid);
                 match d {
                     Some(d) => {
-                        d.served.stop();
+                        Box::new(d.served).stop();
                         Ok(Reply::Done)
                     }
                     None => Err(Errno::NODEV),
@@ -376,6 +576,9 @@ pub fn run(drivers: Drivers, link_path: &Path, adopt_path: &Path) -> Result<()> 
         held: Mutex::new(HashMap::new()),
         sealed: std::sync::atomic::AtomicBool::new(false),
         server: Mutex::new(None),
+        sealed_for: Mutex::new(HashMap::new()),
+        adopt_path: adopt_path.to_path_buf(),
+        handed_over: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(pid = std::process::id(), "worker: started");
     // Sealed from the only thread there is yet: every thread started later inherits it.
@@ -390,8 +593,14 @@ pub fn run(drivers: Drivers, link_path: &Path, adopt_path: &Path) -> Result<()> 
     let mut link = link;
     loop {
         let (w, l) = (worker.clone(), link.clone());
-        link.serve("worker", move |id, call| w.handle(&l, id, call))?;
+        link.serve("worker", move |id, call, fd| w.handle(&l, id, call, fd))?;
         *lock(&worker.link) = None;
+        if worker.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            // Sockets, mappings and the devices' host sides are the new worker's now:
+            // nothing here may close or remove them.
+            tracing::info!("worker: handed over; exiting");
+            std::process::exit(0);
+        }
         if lock(&worker.devices).is_empty() {
             break;
         }
