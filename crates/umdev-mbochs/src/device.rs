@@ -331,15 +331,14 @@ impl PciDevice for Mbochs {
 
     /// A live upgrade: the registers as a migration saves them, and the VRAM memory
     /// object itself (the client has it mapped as BAR0).
-    fn hand_over(
-        &mut self,
-        w: &mut StateWriter,
-        fds: &mut Vec<OwnedFd>,
-    ) -> Result<(), Errno> {
+    fn hand_over(&mut self, w: &mut StateWriter, fds: &mut Vec<OwnedFd>) -> Result<(), Errno> {
         self.save(w)?;
-        let fd = self.shared.vram.fd().try_clone().map_err(|e| {
-            Errno::from_io_error(&e).unwrap_or(Errno::IO)
-        })?;
+        let fd = self
+            .shared
+            .vram
+            .fd()
+            .try_clone()
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
         w.u32(tag::VRAM_FD, umdev_pci::push_fd(fds, fd));
         Ok(())
     }

@@ -81,7 +81,11 @@ impl Vram {
     pub fn adopt(&self, fd: OwnedFd) -> Result<(), Errno> {
         let size = rustix::fs::fstat(&fd)?.st_size;
         if u64::try_from(size).ok() != Some(self.size) {
-            tracing::warn!(size, want = self.size, "mbochs: handed-over VRAM of another size");
+            tracing::warn!(
+                size,
+                want = self.size,
+                "mbochs: handed-over VRAM of another size"
+            );
             return Err(Errno::INVAL);
         }
         *self.fd.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(fd);

@@ -14,8 +14,8 @@
 //! path, +0x26 the peer stopped reading.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use umdev_pci::{push_fd, Errno, HandedFds, StateReader, StateWriter};
 
@@ -70,8 +70,14 @@ impl Mtty {
             let Some(Some(wake)) = self.wakers.get(port).cloned() else {
                 continue;
             };
-            let t = host::resume(Arc::clone(&self.card), port, p, wake, Arc::clone(&self.stop))
-                .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::AGAIN))?;
+            let t = host::resume(
+                Arc::clone(&self.card),
+                port,
+                p,
+                wake,
+                Arc::clone(&self.stop),
+            )
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::AGAIN))?;
             self.threads[port] = Some(t);
         }
         Ok(())

@@ -123,7 +123,9 @@ impl PciFunction {
         for (region, watcher) in std::mem::take(&mut self.io_fds) {
             self.paused_io_fds.insert(region, watcher.into_areas());
         }
-        self.mig.stopped_flag().store(true, std::sync::atomic::Ordering::Release);
+        self.mig
+            .stopped_flag()
+            .store(true, std::sync::atomic::Ordering::Release);
         self.irqs.set_gated(true);
         if let Err(e) = self.device.set_running(false) {
             // Its ioeventfds are watched again.
@@ -144,7 +146,9 @@ impl PciFunction {
             }
         }
         let r = self.device.set_running(true);
-        self.mig.stopped_flag().store(false, std::sync::atomic::Ordering::Release);
+        self.mig
+            .stopped_flag()
+            .store(false, std::sync::atomic::Ordering::Release);
         self.irqs.set_gated(false);
         self.work.release();
         r?;
@@ -165,7 +169,11 @@ impl PciFunction {
                 .iter()
                 .find(|s| s.offset == a.offset && s.size == a.size && s.datamatch == a.datamatch)
                 .ok_or_else(|| {
-                    tracing::warn!(region, offset = a.offset, "an ioeventfd the device no longer offers");
+                    tracing::warn!(
+                        region,
+                        offset = a.offset,
+                        "an ioeventfd the device no longer offers"
+                    );
                     DeviceError::Device(Errno::INVAL)
                 })?;
             watched.push((spec.clone(), a.fd));
@@ -244,7 +252,11 @@ impl PciFunction {
     pub fn take_over(
         &mut self,
         h: HandOver,
-        dma: Option<(std::sync::Arc<dyn Dma>, ClientId, Option<std::sync::Arc<Pinner>>)>,
+        dma: Option<(
+            std::sync::Arc<dyn Dma>,
+            ClientId,
+            Option<std::sync::Arc<Pinner>>,
+        )>,
     ) -> Result<(), DeviceError> {
         let r = StateReader::parse(&h.state).map_err(stream)?;
         let mut fds = HandedFds::new(h.fds);
@@ -260,7 +272,9 @@ impl PciFunction {
         let open = r.bool(T_OPEN).map_err(stream)?;
         // Paused from the start: nothing is delivered or run until resume.
         self.work.hold();
-        self.mig.stopped_flag().store(true, std::sync::atomic::Ordering::Release);
+        self.mig
+            .stopped_flag()
+            .store(true, std::sync::atomic::Ordering::Release);
         self.irqs.set_gated(true);
         if let Err(e) = self.device.set_running(false) {
             return Err(e.into());

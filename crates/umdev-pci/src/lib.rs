@@ -70,11 +70,11 @@ pub use function::{
     IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE, REGION_INFO_FLAG_MMAP,
     REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
+pub use handover::{push_fd, HandOver, HandedFds};
 pub use interrupts::{
     Interrupts, IrqData, IrqMode, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
 };
-pub use handover::{push_fd, HandOver, HandedFds};
 pub use io_fds::{IoFdArea, IoFdSpec, IoNotify};
 pub use migration::{MigState, MigrationError, MigrationSpec};
 pub use msix::MSIX_ENTRY_SIZE;

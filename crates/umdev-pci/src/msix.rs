@@ -50,7 +50,12 @@ impl MsixTable {
     /// The table, which vectors were programmed, the PBA and the function mask (for a
     /// hand-over).
     pub(crate) fn parts(&self) -> (&[u8], &[bool], &[u64], bool) {
-        (&self.entries, &self.programmed, &self.pba, self.function_mask)
+        (
+            &self.entries,
+            &self.programmed,
+            &self.pba,
+            self.function_mask,
+        )
     }
 
     /// Sets what [`parts`](Self::parts) gave; EINVAL if the sizes are not this table's.

@@ -79,7 +79,10 @@ impl Package {
         let mut w = StateWriter::new();
         w.u64(T_PAUSED_AT, monotonic_ns());
         w.bytes(T_FUNCTION, &function.state);
-        w.u32(T_FUNCTION_FDS, u32::try_from(function.fds.len()).unwrap_or(u32::MAX));
+        w.u32(
+            T_FUNCTION_FDS,
+            u32::try_from(function.fds.len()).unwrap_or(u32::MAX),
+        );
         let mut fds = function.fds;
         w.bool(T_SESSION, session.is_some());
         if let Some(s) = session {
@@ -242,7 +245,9 @@ impl Package {
                     connection: r.u64(T_CONNECTION).map_err(|_| bad("connection"))?,
                     peer,
                 },
-                write_multiple: r.bool(T_WRITE_MULTIPLE).map_err(|_| bad("write_multiple"))?,
+                write_multiple: r
+                    .bool(T_WRITE_MULTIPLE)
+                    .map_err(|_| bad("write_multiple"))?,
                 client_max_fds: r.u32(T_CLIENT_MAX_FDS).map_err(|_| bad("max fds"))?,
                 client_max_xfer: r.u32(T_CLIENT_MAX_XFER).map_err(|_| bad("max xfer"))?,
                 max_dma_maps: r.u32(T_MAX_DMA_MAPS).map_err(|_| bad("max maps"))?,

@@ -168,9 +168,7 @@ impl Server {
                 stopped: AtomicBool::new(false),
                 wake,
                 current: Mutex::new(None),
-                handover: Arc::new(
-                    handover::HandOverState::new().map_err(ServerError::Listener)?,
-                ),
+                handover: Arc::new(handover::HandOverState::new().map_err(ServerError::Listener)?),
                 handed: AtomicBool::new(false),
             }),
         })
@@ -239,10 +237,7 @@ impl Server {
             .map_err(|_| Errno::AGAIN)?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(TakenOver {
-                session: Some(TakenSession {
-                    thread,
-                    go: go_tx,
-                }),
+                session: Some(TakenSession { thread, go: go_tx }),
                 paused_at,
                 client: Some(client),
             }),

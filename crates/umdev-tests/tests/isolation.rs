@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mdev::{new_uuid, Daemon};
+use mdev::{new_uuid, ppid, workers, Daemon};
 use umdev_client::Client;
 use umdev_tests::device::reg;
 use umdev_tests::drivers::ATTR_TRAPPED_BAR2;
@@ -40,34 +40,6 @@ options = { ports = 3, console = "none", peer_to_peer = true }
 
 fn connect(socket: &Path) -> (Client, u32) {
     umdev_tests::connect_served(socket).unwrap()
-}
-
-/// The parent pid of process `pid`, if it is alive.
-fn ppid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut f = rest.split(' ');
-    let state = f.next()?;
-    if state == "Z" {
-        return None;
-    }
-    f.next()?.parse().ok()
-}
-
-/// Every live process whose parent is `parent` and whose command line has `worker`.
-fn workers(parent: u32) -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| ppid(*p) == Some(parent))
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"worker"))
-        })
-        .collect();
-    v.sort_unstable();
-    v
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {

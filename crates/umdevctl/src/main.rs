@@ -240,7 +240,10 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             if failed > 0 {
-                anyhow::bail!("{failed} of {} workers not upgraded (they serve on)", workers.len());
+                anyhow::bail!(
+                    "{failed} of {} workers not upgraded (they serve on)",
+                    workers.len()
+                );
             }
         }
         Command::Shutdown { remove_devices } => {

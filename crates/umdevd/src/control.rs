@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 use umdev_api::control::{
-    DeviceEntry, DriverEntry, DriverOption, GroupEntry, Holder, PlaneInfo, TypeEntry,
-    UpgradeEntry,
+    DeviceEntry, DriverEntry, DriverOption, GroupEntry, Holder, PlaneInfo, TypeEntry, UpgradeEntry,
 };
 use umdev_api::{Definition, DefinitionStore, ModifyRequest, Request, Response, Start};
 use umdev_core::{Core, CoreError, MdevUuid};
@@ -665,25 +664,25 @@ impl Handler {
         };
         let only: Option<Vec<String>> = match group {
             Some(id) => {
-                let g = self
-                    .core
-                    .group(id)
-                    .ok_or_else(|| fail(rustix::io::Errno::NOENT, format!("no IOMMU group {id}")))?;
+                let g = self.core.group(id).ok_or_else(|| {
+                    fail(rustix::io::Errno::NOENT, format!("no IOMMU group {id}"))
+                })?;
                 Some(g.devices.iter().map(ToString::to_string).collect())
             }
             None => None,
         };
-        let workers = workers
-            .upgrade(only.as_deref())
-            .into_iter()
-            .map(|u| UpgradeEntry {
-                devices: u.devices,
-                error: u.result.as_ref().err().map(|e| {
-                    format!("{e} (the worker's log says why; it serves on as before)")
-                }),
-                paused_us: u.result.unwrap_or_default(),
-            })
-            .collect();
+        let workers =
+            workers
+                .upgrade(only.as_deref())
+                .into_iter()
+                .map(|u| UpgradeEntry {
+                    devices: u.devices,
+                    error: u.result.as_ref().err().map(|e| {
+                        format!("{e} (the worker's log says why; it serves on as before)")
+                    }),
+                    paused_us: u.result.unwrap_or_default(),
+                })
+                .collect();
         Ok(Response::Upgraded { workers })
     }
 

@@ -166,7 +166,10 @@ impl<'a> Session<'a> {
         s.remote.set_client_max_xfer(parts.client_max_xfer);
         space.set_remote(Some(s.remote.clone()));
         s.function()
-            .take_over(handed, Some((space.clone(), parts.client, Some(pinner.clone()))))
+            .take_over(
+                handed,
+                Some((space.clone(), parts.client, Some(pinner.clone()))),
+            )
             .map_err(|e| Errno::from_raw_os_error(e.errno()))?;
         s.space = Some(space);
         s.pinner = Some(pinner);
@@ -250,11 +253,9 @@ impl<'a> Session<'a> {
     fn package(&mut self) -> Result<Package, Errno> {
         let errno = |e: umdev_pci::DeviceError| Errno::from_raw_os_error(e.errno());
         let function = self.function().hand_over().map_err(errno)?;
-        let n = self
-            .negotiated
-            .as_ref()
-            .ok_or(Errno::INVAL)?;
-        let mappings = self.space()
+        let n = self.negotiated.as_ref().ok_or(Errno::INVAL)?;
+        let mappings = self
+            .space()
             .map_err(|_| Errno::INVAL)?
             .export()
             .map_err(|e| e.as_errno())?;

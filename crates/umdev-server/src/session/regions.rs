@@ -187,6 +187,7 @@ impl Session<'_> {
     pub(super) fn reset(&self, fds: usize) -> Result<Reply, RequestError> {
         request::no_fds(fds)?;
         self.function().reset()?;
+        tracing::info!(client = %self.client, "device reset by the client");
         Ok(Reply::empty())
     }
 }

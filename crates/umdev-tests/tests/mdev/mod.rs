@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     config: PathBuf,
     binary: PathBuf,
+    /// Where the daemon's (and its workers') log goes, at info level, if kept.
+    log: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -81,7 +83,35 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Starts `binary` (a daemon built with the public builder) with `config`, its log (and
+    /// its workers') at info level kept in a file ([`log`](Self::log)).
+    pub fn start_logged(binary: PathBuf, config: &str) -> Daemon {
+        let mut d = Daemon::prepare(binary, config);
+        d.log = Some(d.dir.path().join("umdevd.log"));
+        d.spawn();
+        d
+    }
+
+    /// The log so far ([`start_logged`](Self::start_logged)).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// The temporary directory the daemon's root is in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     fn start_binary(binary: PathBuf, config: &str) -> Daemon {
+        let mut d = Daemon::prepare(binary, config);
+        d.spawn();
+        d
+    }
+
+    fn prepare(binary: PathBuf, config: &str) -> Daemon {
         require();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("umdevd.toml");
@@ -98,26 +128,33 @@ impl Daemon {
         }
         text.push_str(config);
         std::fs::write(&path, text).unwrap();
-        let mut d = Daemon {
+        Daemon {
             dir,
             child: None,
             config: path,
             binary,
-        };
-        d.spawn();
-        d
+            log: None,
+        }
     }
 
     /// Starts the daemon process (again) and waits for `ready`.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(&self.binary)
-            .arg("--config")
-            .arg(&self.config)
-            .env("UMDEV_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--config").arg(&self.config).stdout(Stdio::piped());
+        match &self.log {
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap();
+                cmd.env("UMDEV_LOG", "info").stderr(f);
+            }
+            None => {
+                cmd.env("UMDEV_LOG", "warn").stderr(Stdio::inherit());
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         let out = child.stdout.take().unwrap();
         let mut lines = BufReader::new(out).lines();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -126,7 +163,11 @@ impl Daemon {
             match lines.next() {
                 Some(Ok(l)) if l == "ready" => break,
                 Some(Ok(_)) => {}
-                _ => panic!("umdevd exited before ready: {:?}", child.wait()),
+                _ => panic!(
+                    "umdevd exited before ready: {:?}\n{}",
+                    child.wait(),
+                    self.log()
+                ),
             }
         }
         self.child = Some(child);
@@ -236,6 +277,34 @@ impl Drop for Daemon {
             let _ = Command::new("umount").arg("-l").arg(self.sys()).status();
         }
     }
+}
+
+/// The parent pid of process `pid`, if it is alive.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split(' ');
+    let state = f.next()?;
+    if state == "Z" {
+        return None;
+    }
+    f.next()?.parse().ok()
+}
+
+/// Every live process whose parent is `parent` and whose command line has `worker`.
+pub fn workers(parent: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| ppid(*p) == Some(parent))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"worker"))
+        })
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 /// A fresh random UUID, lowercase.

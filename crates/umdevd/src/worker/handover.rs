@@ -67,7 +67,10 @@ fn send(fd: BorrowedFd<'_>, kind: u8, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> R
 
 /// One message: its kind, its bytes and its fds.
 fn recv(fd: BorrowedFd<'_>, timeout: Duration) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), Errno> {
-    let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    let mut pfd = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
     let ts = rustix::fs::Timespec {
         tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
         tv_nsec: i64::from(timeout.subsec_nanos()),

@@ -23,9 +23,9 @@ use umdev_transport::{SocketPolicy, Stale};
 
 use super::handover::{self, DevicePackage};
 use super::link::{self, Adopted, Call, Frame, Link, Reply, StartDevice};
-use crate::serve::SocketServed;
 use super::sandbox::Allowed;
 use crate::config::SandboxConfig;
+use crate::serve::SocketServed;
 
 /// A device this worker serves.
 struct Device {
@@ -387,7 +387,10 @@ impl Worker {
                 let _ = std::fs::remove_file(&self.adopt_path);
                 self.handed_over
                     .store(true, std::sync::atomic::Ordering::Release);
-                tracing::info!(devices = paused.len(), "worker: devices handed over; exiting when the daemon lets go");
+                tracing::info!(
+                    devices = paused.len(),
+                    "worker: devices handed over; exiting when the daemon lets go"
+                );
                 link.reply(id, Ok(Reply::Done), None);
             }
             Err(e) => {
@@ -595,7 +598,10 @@ pub fn run(drivers: Drivers, link_path: &Path, adopt_path: &Path) -> Result<()> 
         let (w, l) = (worker.clone(), link.clone());
         link.serve("worker", move |id, call, fd| w.handle(&l, id, call, fd))?;
         *lock(&worker.link) = None;
-        if worker.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+        if worker
+            .handed_over
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             // Sockets, mappings and the devices' host sides are the new worker's now:
             // nothing here may close or remove them.
             tracing::info!("worker: handed over; exiting");
