@@ -33,6 +33,9 @@ struct Regs {
     mode: Option<IrqMode>,
 }
 
+/// The hand-over's field for the request counter (after the registers' 1..).
+const TAG_REQUESTS: u16 = 0x100;
+
 /// What the device shares with its work and its attributes.
 #[derive(Clone, Default)]
 pub(crate) struct Shared {
@@ -218,14 +221,17 @@ impl PciDevice for Hello {
         Ok(())
     }
 
-    /// A live upgrade carries the registers as a migration does; the device has no fd of
-    /// its own to hand over.
+    /// A live upgrade carries the registers as a migration does, and what a migration
+    /// leaves behind but the host still sees here: the request counter of `vendor/requests`.
+    /// The device has no fd of its own to hand over.
     fn hand_over(
         &mut self,
         state: &mut StateWriter,
         _fds: &mut Vec<std::os::fd::OwnedFd>,
     ) -> Result<(), Errno> {
-        self.save(state)
+        self.save(state)?;
+        state.u64(TAG_REQUESTS, self.shared.requests());
+        Ok(())
     }
 
     fn take_over(
@@ -233,7 +239,10 @@ impl PciDevice for Hello {
         state: &StateReader<'_>,
         _fds: &mut umdev_pci::HandedFds,
     ) -> Result<(), Errno> {
-        self.load(1, state)
+        let requests = state.u64(TAG_REQUESTS)?;
+        self.load(1, state)?;
+        self.shared.requests.store(requests, Ordering::Relaxed);
+        Ok(())
     }
 }
 

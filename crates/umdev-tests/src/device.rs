@@ -113,6 +113,9 @@ pub struct Observed {
     pub space: Mutex<Option<Arc<AddressSpace>>>,
     /// The device's pinner while a client is attached.
     pub pinner: Mutex<Weak<Pinner>>,
+    /// BAR2's memory when a live upgrade handed the device over (it is then not the
+    /// memory the device was built with).
+    pub bar2: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 /// The registers and pins, shared by the hooks (session thread) and the work (the device's
@@ -616,6 +619,15 @@ impl PciDevice for TestDevice {
         self.save(w)?;
         let fd = self.bar2.try_clone().map_err(|_| Errno::IO)?;
         w.u32(5, umdev_pci::push_fd(fds, fd));
+        // What the vendor attributes count: the BAR2 accesses seen so far.
+        for (bar, off, len, write) in self.observed.accesses.lock().unwrap().iter() {
+            if *bar == 2 {
+                let mut a = off.to_le_bytes().to_vec();
+                a.extend_from_slice(&(*len as u64).to_le_bytes());
+                a.push(u8::from(*write));
+                w.bytes(6, &a);
+            }
+        }
         Ok(())
     }
 
@@ -625,6 +637,19 @@ impl PciDevice for TestDevice {
         fds: &mut umdev_pci::HandedFds,
     ) -> Result<(), Errno> {
         self.bar2 = Arc::new(fds.take(r.u32(5)?)?);
+        *self.observed.bar2.lock().unwrap() = Some(self.bar2.clone());
+        let mut seen = Vec::new();
+        for a in r.all(6) {
+            let field = |at: usize| {
+                a.get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .ok_or(Errno::INVAL)
+            };
+            let len = usize::try_from(field(8)?).map_err(|_| Errno::INVAL)?;
+            seen.push((2u8, field(0)?, len, a.get(16) == Some(&1)));
+        }
+        self.observed.accesses.lock().unwrap().splice(0..0, seen);
         self.load(TEST_STATE_VERSION, r)
     }
 

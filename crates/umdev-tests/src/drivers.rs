@@ -105,10 +105,12 @@ impl VendorAttrs for TestAttrs {
             ATTR_TRAPPED_SPARSE => Ok(format!("{}\n", count(true))),
             ATTR_TRAPPED_BAR2 => Ok(format!("{}\n", count(false))),
             ATTR_BAR2_HEAD => {
+                let handed = self.observed.bar2.lock().unwrap().clone();
+                let bar2 = handed.unwrap_or_else(|| self.bar2.clone());
                 let mut s = String::new();
                 for &(o, _) in &BAR2_AREAS {
                     let mut b = [0u8; 16];
-                    rustix::io::pread(&*self.bar2, &mut b, o)?;
+                    rustix::io::pread(&*bar2, &mut b, o)?;
                     for x in b {
                         let _ = write!(s, "{x:02x}");
                     }

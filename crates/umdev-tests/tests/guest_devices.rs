@@ -403,6 +403,10 @@ fn run(memory: Memory, which: Run) {
     let restart_log = log_dir.join("restarted");
     fs::create_dir_all(&restart_log).unwrap();
     let mut restarted = false;
+    // Then, while the guest does O_DIRECT I/O on the controller, every worker is upgraded
+    // (`umdevctl upgrade --all`): QEMU keeps its connections and sees a pause.
+    let mut upgraded: Option<String> = None;
+    let control = root.join("state/control.sock");
     let mut guest = Guest::boot(&boot).unwrap_or_else(|e| panic!("{e}"));
     let mut screens = Screens {
         uuid: vga_uuid.clone(),
@@ -433,6 +437,22 @@ fn run(memory: Memory, which: Run) {
             daemon = HostDaemon::spawn(&binary, &args, &restart_log)
                 .map_err(|e| format!("the daemon did not start again: {e}"))?;
             restarted = true;
+        }
+        if kill_spare && restarted && upgraded.is_none() && text.contains("GUEST-CHECK nvme-buffered")
+        {
+            let o = std::process::Command::new(umdev_tests::prereq::binary("umdevctl"))
+                .args(["upgrade", "--all"])
+                .env("UMDEV_CONTROL", &control)
+                .output()
+                .map_err(|e| format!("umdevctl upgrade: {e}"))?;
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            if !o.status.success() {
+                return Err(format!(
+                    "umdevctl upgrade --all failed: {out}{}",
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+            upgraded = Some(out);
         }
         Ok(())
     });
@@ -547,6 +567,29 @@ fn run(memory: Memory, which: Run) {
         }
         if spare.device_info().is_ok() {
             problems.push("a killed worker's client was still answered".into());
+        }
+        // The upgrade, judged on the server side: the new workers (the restarted daemon's
+        // children, logging to its stderr) took QEMU's three connections over, and QEMU
+        // neither reset a device nor connected again.
+        match &upgraded {
+            None => problems.push("the workers were never upgraded".into()),
+            Some(out) => {
+                let n = out.matches("upgraded, paused").count();
+                if n != 5 {
+                    problems.push(format!("umdevctl upgrade reported {n} devices: {out}"));
+                }
+                let after = fs::read_to_string(restart_log.join("daemon.stderr")).unwrap_or_default();
+                let taken = after.matches("client taken over").count();
+                if taken != 3 {
+                    problems.push(format!("{taken} clients taken over, not QEMU's 3"));
+                }
+                for bad in ["device reset by the client", "client connected"] {
+                    if after.contains(bad) {
+                        problems.push(format!("after the upgrade the server logged {bad:?}"));
+                    }
+                }
+                println!("host: upgrade while the guest did NVMe I/O:\n{out}");
+            }
         }
         // The daemon started it again: the device takes a new client, in a new process.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -17,8 +17,10 @@
 //! vfio-user socket from the device's `vfio_user_socket` and the ports' host sides from its
 //! `vendor/console`; the daemon runs a worker per IOMMU group, and while the guest waits for
 //! the host's answers it is stopped (SIGTERM) and started again, then killed (SIGKILL) and
-//! started again: each new daemon adopts the card's worker, and the answers go through the
-//! console connections opened before either (no byte lost, the same connections). After the
+//! started again: each new daemon adopts the card's worker; then every worker is upgraded
+//! (`umdevctl upgrade --all`: a new process takes the card over with QEMU's connection and
+//! the console connections), and the answers go through the console connections opened
+//! before all of it (no byte lost, the same connections). After the
 //! guest run, `echo 1 > .../remove`, then SIGTERM must stop the daemon cleanly with its
 //! sockets gone and its tree unmounted.
 //!
@@ -209,6 +211,7 @@ impl<'a> Run<'a> {
             {
                 self.restart_daemon(false)?;
                 self.restart_daemon(true)?;
+                self.upgrade_workers()?;
                 restarted = true;
             }
             for (i, sink) in self.ports.iter().enumerate() {
@@ -299,6 +302,51 @@ impl<'a> Run<'a> {
                 "the daemon started after the {how} did not adopt the card's worker"
             ));
         }
+        Ok(())
+    }
+
+    /// Every worker is replaced by a new process (`umdevd upgrade --all`) while the guest
+    /// waits for the host's answers, which then go through the console connections opened
+    /// before it. Judged on the server side: the new worker (a child of the daemon started
+    /// after the kill, logging to its stderr) took QEMU's connection over, and QEMU neither
+    /// reset the card nor connected again.
+    fn upgrade_workers(&mut self) -> Result<(), String> {
+        let control = self.daemon_root().join("state/control.sock");
+        let o = Command::new(umdev_tests::prereq::binary("umdevctl"))
+            .args(["upgrade", "--all"])
+            .env("UMDEV_CONTROL", &control)
+            .output()
+            .map_err(|e| format!("umdevctl upgrade: {e}"))?;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if !o.status.success() || !out.contains("upgraded, paused") {
+            return Err(format!(
+                "umdevctl upgrade --all: {out}{}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        let state = read_trimmed(&self.mdev_dir().join("state"))?;
+        if state != "running" {
+            return Err(format!("after the upgrade the card's state is {state}"));
+        }
+        // The new worker logs as it takes the card.
+        let log = self.log_dir.join("after-kill").join("daemon.stderr");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("client taken over") || Instant::now() > deadline {
+                break text;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        if text.matches("client taken over").count() != 1 {
+            return Err(format!("the new worker did not take QEMU's connection over:\n{}", tail(&log)));
+        }
+        for bad in ["device reset by the client", "client connected"] {
+            if text.contains(bad) {
+                return Err(format!("after the upgrade the server logged {bad:?}"));
+            }
+        }
+        println!("host: {}", out.trim());
         Ok(())
     }
 

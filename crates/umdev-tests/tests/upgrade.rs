@@ -269,6 +269,7 @@ fn upgrade_all_hands_every_device_over_with_its_client() {
     let log_before = d.log().len();
     let (ok, out) = upgrade(&d, &["--all"]);
     assert!(ok, "{out}");
+    println!("{out}");
     for u in [&t, &m, &n] {
         assert!(out.contains(&format!("{u} upgraded, paused")), "{out}");
     }
