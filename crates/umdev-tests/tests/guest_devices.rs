@@ -406,6 +406,8 @@ fn run(memory: Memory, which: Run) {
     // Then, while the guest does O_DIRECT I/O on the controller, every worker is upgraded
     // (`umdevctl upgrade --all`): QEMU keeps its connections and sees a pause.
     let mut upgraded: Option<String> = None;
+    // What the first daemon's workers had logged when the daemon was restarted.
+    let mut marks = (0, 0);
     let control = root.join("state/control.sock");
     let mut guest = Guest::boot(&boot).unwrap_or_else(|e| panic!("{e}"));
     let mut screens = Screens {
@@ -430,6 +432,9 @@ fn run(memory: Memory, which: Run) {
             killed = true;
         }
         if kill_spare && !restarted && text.contains("GUEST-CHECK nvme-size") {
+            marks = server_marks(
+                &fs::read_to_string(log_dir.join("daemon.stderr")).unwrap_or_default(),
+            );
             let s = daemon.proc.stop();
             if !s.is_some_and(|s| s.success()) {
                 return Err(format!("the daemon's SIGTERM stop: {s:?}"));
@@ -438,7 +443,10 @@ fn run(memory: Memory, which: Run) {
                 .map_err(|e| format!("the daemon did not start again: {e}"))?;
             restarted = true;
         }
-        if kill_spare && restarted && upgraded.is_none() && text.contains("GUEST-CHECK nvme-buffered")
+        if kill_spare
+            && restarted
+            && upgraded.is_none()
+            && text.contains("GUEST-CHECK nvme-buffered")
         {
             let o = std::process::Command::new(umdev_tests::prereq::binary("umdevctl"))
                 .args(["upgrade", "--all"])
@@ -568,6 +576,15 @@ fn run(memory: Memory, which: Run) {
         if spare.device_info().is_ok() {
             problems.push("a killed worker's client was still answered".into());
         }
+        // The restart, judged on the server side: the first daemon's workers (logging to its
+        // stderr until they were upgraded) took no new client and reset nothing.
+        let first =
+            server_marks(&fs::read_to_string(log_dir.join("daemon.stderr")).unwrap_or_default());
+        if first != marks {
+            problems.push(format!(
+                "across the daemon's restart the workers logged (connections, resets) {marks:?} -> {first:?}"
+            ));
+        }
         // The upgrade, judged on the server side: the new workers (the restarted daemon's
         // children, logging to its stderr) took QEMU's three connections over, and QEMU
         // neither reset a device nor connected again.
@@ -578,7 +595,8 @@ fn run(memory: Memory, which: Run) {
                 if n != 5 {
                     problems.push(format!("umdevctl upgrade reported {n} devices: {out}"));
                 }
-                let after = fs::read_to_string(restart_log.join("daemon.stderr")).unwrap_or_default();
+                let after =
+                    fs::read_to_string(restart_log.join("daemon.stderr")).unwrap_or_default();
                 let taken = after.matches("client taken over").count();
                 if taken != 3 {
                     problems.push(format!("{taken} clients taken over, not QEMU's 3"));
@@ -634,6 +652,14 @@ fn run(memory: Memory, which: Run) {
         "host: trapped in sparse areas {in_sparse}, outside {outside}; QEMU served {reads} DMA_READ and {writes} DMA_WRITE messages"
     );
     finish(&console, &name, daemon, &root.join("state/control.sock"));
+}
+
+/// How many client connections and client resets a server log shows.
+fn server_marks(log: &str) -> (usize, usize) {
+    (
+        log.matches("client connected").count(),
+        log.matches("device reset by the client").count(),
+    )
 }
 
 /// A device as a pod's VMM gets it from the device plugin: umdev-k8s (beside the daemon)

@@ -120,6 +120,8 @@ struct Run<'a> {
     daemon: Option<HostDaemon>,
     guest: Option<Guest>,
     ports: Vec<Sink>,
+    /// How often the first daemon's log said each of a few things before the restarts.
+    log_marks: Vec<(String, usize)>,
 }
 
 impl<'a> Run<'a> {
@@ -147,6 +149,7 @@ impl<'a> Run<'a> {
             daemon: None,
             guest: None,
             ports: Vec::new(),
+            log_marks: Vec::new(),
         })
     }
 
@@ -267,6 +270,14 @@ impl<'a> Run<'a> {
     /// The daemon (worker mode) goes, by SIGTERM or SIGKILL, and a new one starts on the
     /// same root: it must adopt the card's worker, which served on meanwhile.
     fn restart_daemon(&mut self, kill: bool) -> Result<(), String> {
+        let before = self.management_view()?;
+        if self.log_marks.is_empty() {
+            let log = fs::read_to_string(self.log_dir.join("daemon.stderr")).unwrap_or_default();
+            self.log_marks = ["device reset by the client", "client connected"]
+                .iter()
+                .map(|w| (w.to_string(), log.matches(w).count()))
+                .collect();
+        }
         let mut old = self.daemon.take().ok_or("no daemon to restart")?;
         let how = if kill { "kill" } else { "term" };
         if kill {
@@ -302,7 +313,61 @@ impl<'a> Run<'a> {
                 "the daemon started after the {how} did not adopt the card's worker"
             ));
         }
+        let after = self.management_view()?;
+        if after != before {
+            return Err(format!(
+                "after the {how} restart the management view changed:\n--- before ---\n{before}\n--- after ---\n{after}"
+            ));
+        }
+        // The card's worker (a child of the first daemon, logging to its stderr) kept
+        // QEMU's connection: it neither reset the card nor took a new client.
+        let worker_log = fs::read_to_string(self.log_dir.join("daemon.stderr")).unwrap_or_default();
+        for bad in ["device reset by the client", "client connected"] {
+            if worker_log.matches(bad).count() > self.connected_before_restarts(bad) {
+                return Err(format!(
+                    "across the {how} restart the server logged {bad:?}"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// How often the first daemon's log said `what` when the guest first wrote (before any
+    /// restart): QEMU connects once and resets the card at boot.
+    fn connected_before_restarts(&self, what: &str) -> usize {
+        self.log_marks
+            .iter()
+            .find(|(w, _)| w == what)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// What management shows of the card: `umdevctl list` and `groups`, the real mdevctl's
+    /// `list` (when it is installed) and the card's directory in the tree.
+    fn management_view(&self) -> Result<String, String> {
+        let root = self.daemon_root();
+        let control = root.join("state/control.sock");
+        let mut view = String::new();
+        for args in [&["list"][..], &["groups"][..]] {
+            let o = Command::new(umdev_tests::prereq::binary("umdevctl"))
+                .args(args)
+                .env("UMDEV_CONTROL", &control)
+                .output()
+                .map_err(|e| format!("umdevctl {args:?}: {e}"))?;
+            view += &format!("umdevctl {args:?}:\n{}", String::from_utf8_lossy(&o.stdout));
+        }
+        let o = Command::new(umdev_tests::prereq::mdevctl())
+            .arg("list")
+            .env("MDEVCTL_ENV_ROOT", &root)
+            .output()
+            .map_err(|e| format!("mdevctl list: {e}"))?;
+        view += &format!("mdevctl list:\n{}", String::from_utf8_lossy(&o.stdout));
+        let mut entries: Vec<String> = fs::read_dir(self.mdev_dir())
+            .map_err(|e| format!("{}: {e}", self.mdev_dir().display()))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        entries.sort();
+        view += &format!("tree: {}\n", entries.join(" "));
+        Ok(view)
     }
 
     /// Every worker is replaced by a new process (`umdevd upgrade --all`) while the guest
@@ -339,7 +404,10 @@ impl<'a> Run<'a> {
             thread::sleep(Duration::from_millis(20));
         };
         if text.matches("client taken over").count() != 1 {
-            return Err(format!("the new worker did not take QEMU's connection over:\n{}", tail(&log)));
+            return Err(format!(
+                "the new worker did not take QEMU's connection over:\n{}",
+                tail(&log)
+            ));
         }
         for bad in ["device reset by the client", "client connected"] {
             if text.contains(bad) {
