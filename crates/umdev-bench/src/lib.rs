@@ -66,7 +66,10 @@ fn spawn_ready(umdevd: &Path, config: &Path) -> Result<Child> {
     let mut child = Command::new(umdevd)
         .arg("--config")
         .arg(config)
-        .env("UMDEV_LOG", "warn")
+        .env(
+            "UMDEV_LOG",
+            std::env::var("UMDEV_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", umdevd.display()))?;

@@ -275,6 +275,9 @@ pub(crate) enum Phase {
 /// The hand-over state shared by a server's accept loop, its session and its
 /// [`HandOverCtl`].
 pub(crate) struct HandOverState {
+    /// Set while a pause is asked: a busy session checks it between messages (it may
+    /// never wait on its socket long enough to be woken).
+    pub(crate) asking: std::sync::atomic::AtomicBool,
     pub(crate) phase: Mutex<Phase>,
     pub(crate) changed: Condvar,
     /// Wakes the session's reader between messages.
@@ -284,6 +287,7 @@ pub(crate) struct HandOverState {
 impl HandOverState {
     pub(crate) fn new() -> std::io::Result<HandOverState> {
         Ok(HandOverState {
+            asking: std::sync::atomic::AtomicBool::new(false),
             phase: Mutex::new(Phase::Idle),
             changed: Condvar::new(),
             wake: Arc::new(rustix::event::eventfd(
@@ -326,7 +330,14 @@ impl HandOverState {
         }
     }
 
+    /// Whether a pause may be asked (cheap: for every message).
+    pub(crate) fn maybe_asked(&self) -> bool {
+        self.asking.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn clear_wake(&self) {
+        self.asking
+            .store(false, std::sync::atomic::Ordering::Release);
         let mut b = [0u8; 8];
         let _ = rustix::io::read(&*self.wake, &mut b);
     }
@@ -353,6 +364,9 @@ impl HandOverCtl {
             }
             *p = Phase::Asked;
         }
+        self.state
+            .asking
+            .store(true, std::sync::atomic::Ordering::Release);
         let _ = rustix::io::write(&*self.state.wake, &1u64.to_ne_bytes());
         self.accept_wake.wake();
         let deadline = std::time::Instant::now() + timeout;

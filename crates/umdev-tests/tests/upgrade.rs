@@ -397,3 +397,30 @@ fn upgrade_refuses_with_reasons_and_leaves_the_worker_serving() {
     c.region_read(0, 0x40, &mut b).unwrap();
     assert_eq!(b, [1, 2, 3, 4]);
 }
+
+#[test]
+fn replacing_the_binary_upgrades_every_worker_when_configured() {
+    mdev::require();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let binary = copy_binary(bin_dir.path());
+    let config = format!("upgrade_on_replace = true\n{CONFIG}");
+    let d = Daemon::start_logged(binary.clone(), &config);
+    let t = new_uuid();
+    d.create("test0", "umdevtest-plain", &t).unwrap();
+    let old = listener_pid(&d.socket(&t));
+    let old_inode = exe_inode(old);
+    let mut c = Client::connect(d.socket(&t)).unwrap();
+    c.region_write(0, 0x40, &[9, 8, 7, 6]).unwrap();
+    replace_binary(&binary);
+    wait_until("the worker was not upgraded to the new binary", || {
+        !alive(old)
+    });
+    let daemon = d.child.as_ref().unwrap().id();
+    let now = workers(daemon);
+    assert_eq!(now.len(), 1);
+    assert_ne!(exe_inode(now[0]), old_inode);
+    let mut b = [0u8; 4];
+    c.region_read(0, 0x40, &mut b).unwrap();
+    assert_eq!(b, [9, 8, 7, 6], "the same connection, the same device");
+    assert!(d.log().contains("the daemon's binary was replaced"));
+}

@@ -10,6 +10,8 @@
 //! socket_owner = "qemu:kvm"           # user[:group], names or numbers; default: the daemon's
 //! release_timeout_ms = 2000           # how long `remove` waits for a client after REQ
 //! isolation = "thread"                # "worker": each IOMMU group in a process of its own
+//! upgrade_on_replace = false          # workers only: when this binary is replaced on disk,
+//!                                     # upgrade every worker to it (`umdevctl upgrade --all`)
 //!
 //! [sandbox]                           # workers only: Landlock, seccomp, no capabilities
 //! enabled = true
@@ -71,6 +73,10 @@ pub struct Config {
     /// How workers confine themselves.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// With workers: when the daemon's binary is replaced on disk, upgrade every worker to
+    /// it (a live upgrade, as `umdevctl upgrade --all`).
+    #[serde(default)]
+    pub upgrade_on_replace: bool,
     /// The parents to host (absent: the daemon's defaults).
     pub parent: Option<Vec<ParentConfig>>,
 }
@@ -255,6 +261,7 @@ impl Default for Config {
             server: ServerSection::default(),
             isolation: Isolation::default(),
             sandbox: SandboxConfig::default(),
+            upgrade_on_replace: false,
             parent: None,
         }
     }

@@ -42,6 +42,8 @@ pub struct Shared {
     pub remove_on_stop: std::sync::atomic::AtomicBool,
     /// The workers, with `isolation = "worker"`.
     pub workers: std::sync::OnceLock<Arc<WorkerServe>>,
+    /// Set when the daemon starts to stop.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -176,6 +178,9 @@ impl Running {
     /// every device and parent. With workers: leaves them serving their clients (each waits
     /// for the next daemon to adopt it). Then stops the control API and unmounts the tree.
     pub fn stop(self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let remove = self
             .shared
             .remove_on_stop
@@ -235,6 +240,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         recipes: Mutex::new(Default::default()),
         remove_on_stop: std::sync::atomic::AtomicBool::new(false),
         workers: std::sync::OnceLock::new(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     let dirs = Arc::new(DirServe {
         dir: sockets.clone(),
@@ -261,6 +267,9 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
             ));
             workers = Some(w.clone());
             let _ = shared.workers.set(w.clone());
+            if config.upgrade_on_replace {
+                watch_binary(w.exe.clone(), shared.clone());
+            }
             w
         }
     };
@@ -302,6 +311,54 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         workers,
         _lock: lock,
     })
+}
+
+/// What identifies a file's contents cheaply: device, inode, size and modification time.
+fn file_identity(path: &Path) -> Option<(u64, u64, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime()))
+}
+
+/// `upgrade_on_replace`: watches the daemon's binary once a second; when it is replaced (and
+/// the new file stays the same for a second, so a copy in progress is not taken), every
+/// worker is upgraded to it.
+fn watch_binary(exe: std::path::PathBuf, shared: Arc<Shared>) {
+    let spawned = std::thread::Builder::new()
+        .name("umdevd-exe-watch".into())
+        .spawn(move || {
+            let mut known = file_identity(&exe);
+            let mut seen = known;
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let now = file_identity(&exe);
+                if now.is_none() || now == known {
+                    seen = now;
+                    continue;
+                }
+                if now != seen {
+                    // Changed since the last look: wait until it settles.
+                    seen = now;
+                    continue;
+                }
+                known = now;
+                tracing::info!(exe = %exe.display(), "the daemon's binary was replaced: upgrading every worker");
+                let Some(w) = shared.workers.get() else {
+                    return;
+                };
+                for u in w.upgrade(None) {
+                    if let Err(e) = u.result {
+                        tracing::warn!(devices = ?u.devices, error = %e, "a worker was not upgraded to the new binary");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the daemon's binary; upgrade_on_replace is off");
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM, printing `root`, `control` and `ready` lines.

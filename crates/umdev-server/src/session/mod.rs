@@ -279,6 +279,9 @@ impl<'a> Session<'a> {
 
     fn serve(&mut self) -> Result<Ended, ServerError> {
         loop {
+            if self.handover.as_ref().is_some_and(|h| h.maybe_asked()) && self.hand_over_point()? {
+                return Ok(Ended::HandedOver);
+            }
             let incoming = match self.remote.take_deferred() {
                 Some(Ok(i)) => i,
                 Some(Err(TransportError::Closed)) => return Ok(Ended::Gone),
