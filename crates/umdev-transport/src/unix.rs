@@ -478,6 +478,53 @@ mod tests {
     }
 
     #[test]
+    fn a_detached_connection_goes_on_with_what_was_buffered_and_its_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = (UnixTransport::new(a), UnixTransport::new(b));
+        let (p1, _p2) = UnixStream::pair().unwrap();
+        let h1 = Header::command(1, Command::DeviceGetInfo, 4).unwrap();
+        let h2 = Header::command(2, Command::DmaMap, 8).unwrap();
+        // Both arrive in one read: the second, with its fd, stays buffered.
+        a.send_raw(
+            &[h1.as_bytes(), &[1u8; 4], h2.as_bytes(), &[2u8; 8]].concat(),
+            &[p1.as_fd()],
+        )
+        .unwrap();
+        let Incoming::Message(m) = b.recv(limits()).unwrap() else {
+            panic!("no message")
+        };
+        assert_eq!(m.header, h1);
+        let d = b.detach().unwrap();
+        assert_eq!(d.pending.len(), 16 + 8);
+        drop(b);
+        let c = UnixTransport::resume(d);
+        let Incoming::Message(m) = c.recv(limits()).unwrap() else {
+            panic!("no message")
+        };
+        assert_eq!((m.header, m.body, m.fds.len()), (h2, vec![2u8; 8], 1));
+        // And the connection itself is the same: what comes next arrives there.
+        a.send(&h1, &[&[3u8; 4]], &[]).unwrap();
+        assert!(matches!(c.recv(limits()).unwrap(), Incoming::Message(m) if m.body == [3u8; 4]));
+    }
+
+    #[test]
+    fn a_wake_interrupts_a_reader_between_messages_only() {
+        use rustix::event::{eventfd, EventfdFlags};
+        let (a, b) = UnixStream::pair().unwrap();
+        let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+        let (a, b) = (UnixTransport::new(a), UnixTransport::new(b).with_wake(wake.clone()));
+        let reader = std::thread::spawn(move || (b.recv(limits()).map(|_| ()), b));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        rustix::io::write(&*wake, &1u64.to_ne_bytes()).unwrap();
+        let (r, b) = reader.join().unwrap();
+        assert!(matches!(r, Err(TransportError::Interrupted)));
+        // A message already there is read whole even while the wake is set.
+        let h = Header::command(5, Command::DeviceGetInfo, 4).unwrap();
+        a.send(&h, &[&[9u8; 4]], &[]).unwrap();
+        assert!(matches!(b.recv(limits()).unwrap(), Incoming::Message(m) if m.header == h));
+    }
+
+    #[test]
     fn message_with_fds_arrives_whole() {
         let (a, b) = UnixStream::pair().unwrap();
         let (a, b) = (UnixTransport::new(a), UnixTransport::new(b));

@@ -366,10 +366,18 @@ impl WorkerServe {
         let handed = old_link.call_with(Call::HandOver, Some(a.as_fd()), UPGRADE_TIMEOUT);
         drop(a);
         let taken = taker.join().unwrap_or(Err(Errno::IO));
-        match (handed, taken) {
-            (Ok(_), Ok((Reply::TakenOver(pauses), _))) => {
-                // The old process exits when its link closes; it is not started again.
+        match taken {
+            // The new worker serves the devices: the old one must let go. It does once its
+            // link closes; if its side failed after the new one took them (a lost verdict),
+            // it is killed rather than left serving too.
+            Ok((Reply::TakenOver(pauses), _)) => {
                 old.stopping.store(true, Ordering::Release);
+                if let Err(e) = handed {
+                    tracing::warn!(worker = old.name, error = %e, "the old worker did not confirm the hand-over; killing it");
+                    if let Some(c) = lock(&old.child).as_mut() {
+                        let _ = c.kill();
+                    }
+                }
                 lock(&old.devices).clear();
                 old_link.shut();
                 new.stopping.store(false, Ordering::Release);
@@ -382,7 +390,8 @@ impl WorkerServe {
                 }
                 Ok(pauses)
             }
-            (handed, taken) => {
+            // The old worker runs on (or, if it died, its supervisor starts it again).
+            taken => {
                 let e = handed.err().or(taken.err()).unwrap_or(Errno::PROTO);
                 Err(give_up(&new, e))
             }
