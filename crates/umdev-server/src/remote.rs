@@ -15,6 +15,7 @@
 //! unrelated messages interleave).
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,33 @@ impl RemoteChannel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
+    }
+
+    /// The commands read while waiting and not handled yet, as the bytes they came as and
+    /// duplicates of their fds (`(start, end, fds)` by position in the bytes): what a live
+    /// upgrade puts before the connection's unread bytes. They stay queued here too.
+    /// `None` if something else is queued (an oversized message, the connection's end).
+    pub(crate) fn deferred_bytes(&self) -> Option<(Vec<u8>, Vec<(u64, u64, Vec<OwnedFd>)>)> {
+        let deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bytes = Vec::new();
+        let mut marks = Vec::new();
+        for d in deferred.iter() {
+            let Ok(Incoming::Message(m)) = d else {
+                return None;
+            };
+            let start = bytes.len() as u64;
+            bytes.extend_from_slice(m.header.as_bytes());
+            bytes.extend_from_slice(&m.body);
+            if !m.fds.is_empty() {
+                let fds = m
+                    .fds
+                    .iter()
+                    .map(|f| f.try_clone().ok())
+                    .collect::<Option<Vec<_>>>()?;
+                marks.push((start, bytes.len() as u64, fds));
+            }
+        }
+        Some((bytes, marks))
     }
 
     /// Whether commands read while waiting are still to be handled.

@@ -135,8 +135,13 @@ impl UnixTransport {
         let t = UnixTransport::new(d.stream);
         {
             let mut rx = t.rx.lock().unwrap_or_else(|e| e.into_inner());
-            let n = d.pending.len().min(RX_BUF);
-            rx.buf[..n].copy_from_slice(&d.pending[..n]);
+            // Whole messages may be pending (read while the old reader waited): the buffer
+            // takes them all.
+            if d.pending.len() > rx.buf.len() {
+                rx.buf = vec![0u8; d.pending.len()].into_boxed_slice();
+            }
+            let n = d.pending.len();
+            rx.buf[..n].copy_from_slice(&d.pending);
             rx.tail = n;
             rx.marks = d
                 .fds

@@ -229,13 +229,21 @@ impl<'a> Session<'a> {
             state.deliver(Err(Errno::from_raw_os_error(e.errno())));
             return Ok(false);
         }
-        // Draining the device's work read the client's socket: what came is handled first
-        // (and the pause tried again, as the wake is still set).
-        if self.remote.has_deferred() {
-            let _ = self.function().resume();
-            return Ok(false);
-        }
-        let package = self.package();
+        // Draining the device's work read the client's socket: what came goes with the
+        // connection, ahead of what is unread (or, if that cannot be, is handled first and
+        // the pause tried again: the request is still set).
+        let deferred = if self.remote.has_deferred() {
+            match self.remote.deferred_bytes() {
+                Some(d) => Some(d),
+                None => {
+                    let _ = self.function().resume();
+                    return Ok(false);
+                }
+            }
+        } else {
+            None
+        };
+        let package = self.package(deferred);
         let failed = package.is_err();
         if state.deliver(package) {
             tracing::info!(client = %self.client, "session handed over to another process");
@@ -250,7 +258,10 @@ impl<'a> Session<'a> {
         Ok(false)
     }
 
-    fn package(&mut self) -> Result<Package, Errno> {
+    fn package(
+        &mut self,
+        deferred: Option<(Vec<u8>, Vec<(u64, u64, Vec<OwnedFd>)>)>,
+    ) -> Result<Package, Errno> {
         let errno = |e: umdev_pci::DeviceError| Errno::from_raw_os_error(e.errno());
         let function = self.function().hand_over().map_err(errno)?;
         let n = self.negotiated.as_ref().ok_or(Errno::INVAL)?;
@@ -259,10 +270,22 @@ impl<'a> Session<'a> {
             .map_err(|_| Errno::INVAL)?
             .export()
             .map_err(|e| e.as_errno())?;
-        let detached = self
+        let mut detached = self
             .transport
             .detach()
             .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOTSUP))?;
+        if let Some((mut bytes, mut marks)) = deferred {
+            let shift = bytes.len() as u64;
+            bytes.append(&mut detached.pending);
+            detached.pending = bytes;
+            marks.extend(
+                detached
+                    .fds
+                    .drain(..)
+                    .map(|(s, e, f)| (s + shift, e + shift, f)),
+            );
+            detached.fds = marks;
+        }
         Ok(Package::make(
             function,
             Some(SessionParts {
