@@ -175,6 +175,30 @@ impl Default for Efd {
     }
 }
 
+/// What an mtty card's port 0 received, read as its guest driver would (LSR's data-ready,
+/// then RBR) through client `c`, until `want` bytes or `timeout`.
+pub fn mtty_port0_reads(
+    c: &mut umdev_client::Client,
+    want: usize,
+    timeout: std::time::Duration,
+) -> Vec<u8> {
+    use umdev_mtty::regs::{LSR, LSR_DR, RBR_THR};
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + timeout;
+    while got.len() < want && std::time::Instant::now() < deadline {
+        let mut lsr = [0u8];
+        c.region_read(0, LSR, &mut lsr).unwrap();
+        if lsr[0] & LSR_DR != 0 {
+            let mut b = [0u8];
+            c.region_read(0, RBR_THR, &mut b).unwrap();
+            got.push(b[0]);
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+    got
+}
+
 /// A negotiated client of the vfio-user socket `socket`, and the pid of the process serving
 /// it (the listener's, by `SO_PEERCRED`): the daemon's, or a worker's.
 pub fn connect_served(socket: &std::path::Path) -> Result<(umdev_client::Client, u32), String> {

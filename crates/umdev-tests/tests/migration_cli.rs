@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use mdev::{binary, new_uuid, require, Daemon};
 use umdev_client::Client;
-use umdev_mtty::regs::{LSR, LSR_DR, RBR_THR};
+use umdev_mtty::regs::{LSR, LSR_DR};
 
 /// One parent with host sockets for its ports.
 const CONFIG: &str = r#"
@@ -113,19 +113,7 @@ fn connect_retrying(path: &Path) -> UnixStream {
 /// Reads what the card's port 0 received, as its guest driver would, until `want` bytes.
 fn guest_reads(socket: &Path, want: usize) -> Vec<u8> {
     let mut c = Client::connect(socket).unwrap();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while got.len() < want && Instant::now() < deadline {
-        let mut lsr = [0u8];
-        c.region_read(0, LSR, &mut lsr).unwrap();
-        if lsr[0] & LSR_DR != 0 {
-            let mut b = [0u8];
-            c.region_read(0, RBR_THR, &mut b).unwrap();
-            got.push(b[0]);
-        } else {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
+    let got = umdev_tests::mtty_port0_reads(&mut c, want, Duration::from_secs(30));
     // Nothing more than what was typed.
     std::thread::sleep(Duration::from_millis(50));
     let mut lsr = [0u8];

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use mdev::{new_uuid, workers, Daemon};
 use umdev_client::nvme::{op, HostMemory, Nvme, NvmeOptions, Sqe};
 use umdev_client::Client;
-use umdev_mtty::regs::{LSR, LSR_DR, RBR_THR};
+use umdev_mtty::regs::RBR_THR;
 use umdev_proto::wire;
 use umdev_tests::device::reg;
 use umdev_tests::{cmd, Efd};
@@ -110,20 +110,8 @@ fn upgrade(d: &Daemon, args: &[&str]) -> (bool, String) {
 
 /// Reads what port 0 received, as its guest driver would, until `want` bytes.
 fn guest_reads(c: &mut Client, want: usize) -> Vec<u8> {
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while got.len() < want {
-        assert!(Instant::now() < deadline, "port 0 received only {got:?}");
-        let mut lsr = [0u8];
-        c.region_read(0, LSR, &mut lsr).unwrap();
-        if lsr[0] & LSR_DR != 0 {
-            let mut b = [0u8];
-            c.region_read(0, RBR_THR, &mut b).unwrap();
-            got.push(b[0]);
-        } else {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
+    let got = umdev_tests::mtty_port0_reads(c, want, Duration::from_secs(30));
+    assert_eq!(got.len(), want, "port 0 received only {got:?}");
     got
 }
 
