@@ -106,6 +106,13 @@ fn mode_code(m: IrqMode) -> u8 {
     }
 }
 
+/// The client a handed-over function is opened for: its DMA, who it is, its pins.
+pub type Admitted = (
+    std::sync::Arc<dyn Dma>,
+    ClientId,
+    Option<std::sync::Arc<Pinner>>,
+);
+
 impl PciFunction {
     /// Stops the function for a hand-over: the device's work drains and is held, its
     /// interrupts are held (delivered by whoever resumes it), its DMA writes refused, and
@@ -204,8 +211,12 @@ impl PciFunction {
                     if let Some(fd) = slot {
                         let n = push_fd(&mut fds, fd.try_clone().map_err(io)?);
                         let mut b = Vec::with_capacity(12);
-                        b.extend_from_slice(&(index as u32).to_le_bytes());
-                        b.extend_from_slice(&(vector as u32).to_le_bytes());
+                        let (index, vector) = (
+                            u32::try_from(index).unwrap_or(u32::MAX),
+                            u32::try_from(vector).unwrap_or(u32::MAX),
+                        );
+                        b.extend_from_slice(&index.to_le_bytes());
+                        b.extend_from_slice(&vector.to_le_bytes());
                         b.extend_from_slice(&n.to_le_bytes());
                         w.bytes(T_EVENTFD, &b);
                     }
@@ -249,15 +260,7 @@ impl PciFunction {
     /// with `dma` and `pins`, the interrupts get the client's eventfds, the ioeventfds are
     /// watched again, and the device takes its state ([`PciDevice::take_over`](crate::PciDevice)).
     /// The function stays paused until [`resume`](Self::resume).
-    pub fn take_over(
-        &mut self,
-        h: HandOver,
-        dma: Option<(
-            std::sync::Arc<dyn Dma>,
-            ClientId,
-            Option<std::sync::Arc<Pinner>>,
-        )>,
-    ) -> Result<(), DeviceError> {
+    pub fn take_over(&mut self, h: HandOver, dma: Option<Admitted>) -> Result<(), DeviceError> {
         let r = StateReader::parse(&h.state).map_err(stream)?;
         let mut fds = HandedFds::new(h.fds);
         let config = r.bytes(T_CONFIG).map_err(stream)?;

@@ -28,6 +28,12 @@ use umdev_proto::{wire, Command, Header};
 use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
 use zerocopy::IntoBytes;
 
+/// Messages read and not handled, as bytes with their fds (`(start, end, fds)` by position).
+pub(crate) struct Unread {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) marks: Vec<(u64, u64, Vec<OwnedFd>)>,
+}
+
 /// The server side of server-to-client requests for one session.
 pub(crate) struct RemoteChannel {
     transport: Arc<dyn Transport>,
@@ -79,7 +85,7 @@ impl RemoteChannel {
     /// duplicates of their fds (`(start, end, fds)` by position in the bytes): what a live
     /// upgrade puts before the connection's unread bytes. They stay queued here too.
     /// `None` if something else is queued (an oversized message, the connection's end).
-    pub(crate) fn deferred_bytes(&self) -> Option<(Vec<u8>, Vec<(u64, u64, Vec<OwnedFd>)>)> {
+    pub(crate) fn deferred_bytes(&self) -> Option<Unread> {
         let deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
         let mut bytes = Vec::new();
         let mut marks = Vec::new();
@@ -99,7 +105,7 @@ impl RemoteChannel {
                 marks.push((start, bytes.len() as u64, fds));
             }
         }
-        Some((bytes, marks))
+        Some(Unread { bytes, marks })
     }
 
     /// Whether commands read while waiting are still to be handled.

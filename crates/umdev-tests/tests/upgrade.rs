@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test patterns wrap on purpose
 //! Live upgrade (`umdevctl upgrade`) through a real daemon with worker isolation and
 //! devices created through sysfs `create`: the daemon runs from a copy of its binary, the
 //! copy is replaced on disk, and `umdevctl upgrade --all` puts every group in a process of

@@ -517,7 +517,10 @@ mod tests {
         use rustix::event::{eventfd, EventfdFlags};
         let (a, b) = UnixStream::pair().unwrap();
         let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
-        let (a, b) = (UnixTransport::new(a), UnixTransport::new(b).with_wake(wake.clone()));
+        let (a, b) = (
+            UnixTransport::new(a),
+            UnixTransport::new(b).with_wake(wake.clone()),
+        );
         let reader = std::thread::spawn(move || (b.recv(limits()).map(|_| ()), b));
         std::thread::sleep(std::time::Duration::from_millis(20));
         rustix::io::write(&*wake, &1u64.to_ne_bytes()).unwrap();

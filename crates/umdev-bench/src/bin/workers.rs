@@ -318,7 +318,7 @@ fn upgrade_pauses(umdevd: &Path, rounds: u32) -> Result<Upgrades> {
                 g += 1;
                 let lba = (g % 256) * 8;
                 let want: Vec<u8> = (0..4096u64)
-                    .map(|i| (i ^ g.wrapping_mul(131)) as u8)
+                    .map(|i| (i ^ g.wrapping_mul(131)).to_le_bytes()[0])
                     .collect();
                 let t = Instant::now();
                 data.write(buf, &want)?;

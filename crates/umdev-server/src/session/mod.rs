@@ -258,10 +258,7 @@ impl<'a> Session<'a> {
         Ok(false)
     }
 
-    fn package(
-        &mut self,
-        deferred: Option<(Vec<u8>, Vec<(u64, u64, Vec<OwnedFd>)>)>,
-    ) -> Result<Package, Errno> {
+    fn package(&mut self, deferred: Option<crate::remote::Unread>) -> Result<Package, Errno> {
         let errno = |e: umdev_pci::DeviceError| Errno::from_raw_os_error(e.errno());
         let function = self.function().hand_over().map_err(errno)?;
         let n = self.negotiated.as_ref().ok_or(Errno::INVAL)?;
@@ -274,7 +271,11 @@ impl<'a> Session<'a> {
             .transport
             .detach()
             .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOTSUP))?;
-        if let Some((mut bytes, mut marks)) = deferred {
+        if let Some(crate::remote::Unread {
+            mut bytes,
+            mut marks,
+        }) = deferred
+        {
             let shift = bytes.len() as u64;
             bytes.append(&mut detached.pending);
             detached.pending = bytes;
