@@ -12,10 +12,10 @@
 //! on. After a commit it neither reads nor writes the connection again, and its process is
 //! expected to exit without cleaning up (a cleanup would close what the client still uses).
 //!
-//! The new server takes the package ([`Server::take_over`]: the mappings are mapped again
+//! The new server takes the package ([`Server::take_over`](crate::Server::take_over): the mappings are mapped again
 //! from their files, the device opened for the same client without asking the group rules
 //! again, the function's state restored) and, once every device of a hand-over has been
-//! taken, runs it ([`Server::serve_taken_over`]).
+//! taken, runs it ([`Server::serve_taken_over`](crate::Server::serve_taken_over)).
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -424,7 +424,7 @@ impl HandOverCtl {
 }
 
 /// A package taken in by a new server, ready to run (see
-/// [`Server::serve_taken_over`](crate::Server::serve_taken_over)).
+/// [`Server::serve_taken_over`](crate::Server::serve_taken_over)(crate::Server::serve_taken_over)).
 pub struct TakenOver {
     pub(crate) session: Option<crate::TakenSession>,
     /// When the old server paused (`CLOCK_MONOTONIC` ns).
