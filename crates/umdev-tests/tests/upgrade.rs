@@ -372,6 +372,7 @@ fn upgrade_refuses_with_reasons_and_leaves_the_worker_serving() {
     let daemon = d.child.as_ref().unwrap().id();
     let (ok, out) = upgrade(&d, &["--all"]);
     assert!(!ok && out.contains(&format!("{t} not upgraded")), "{out}");
+    assert!(out.contains("in a migration"), "{out}");
     assert_eq!(workers(daemon), vec![pid], "the worker serves on");
     c.set_mig_state(wire::DEVICE_STATE_RUNNING).unwrap();
     let mut b = [0u8; 4];

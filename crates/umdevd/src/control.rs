@@ -671,18 +671,15 @@ impl Handler {
             }
             None => None,
         };
-        let workers =
-            workers
-                .upgrade(only.as_deref())
-                .into_iter()
-                .map(|u| UpgradeEntry {
-                    devices: u.devices,
-                    error: u.result.as_ref().err().map(|e| {
-                        format!("{e} (the worker's log says why; it serves on as before)")
-                    }),
-                    paused_us: u.result.unwrap_or_default(),
-                })
-                .collect();
+        let workers = workers
+            .upgrade(only.as_deref())
+            .into_iter()
+            .map(|u| UpgradeEntry {
+                devices: u.devices,
+                error: u.result.as_ref().err().map(|e| upgrade_refusal(*e)),
+                paused_us: u.result.unwrap_or_default(),
+            })
+            .collect();
         Ok(Response::Upgraded { workers })
     }
 
@@ -704,4 +701,18 @@ impl Handler {
             .collect();
         Response::Groups { groups }
     }
+}
+
+/// Why a worker was not upgraded, from the errno its side answered.
+fn upgrade_refusal(e: rustix::io::Errno) -> String {
+    use rustix::io::Errno;
+    let why = match e {
+        Errno::NOTSUP => "a device's driver cannot hand its device over (no hand_over hook)",
+        Errno::BUSY => "a device is in a migration or logs dirty pages",
+        Errno::TIMEDOUT => "a session did not reach a message boundary in time",
+        Errno::AGAIN => "the worker is being restarted",
+        Errno::NODEV => "the worker is gone",
+        _ => "see the worker's log",
+    };
+    format!("{why} ({e}); the worker serves on as before")
 }
