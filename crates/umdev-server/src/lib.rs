@@ -35,7 +35,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::Errno;
@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub unpin_timeout: Duration,
     /// Locked-memory budgets for pins, and the clients' shared memory.
     pub locked_memory: LockedMemory,
+    /// How long a client that connected has to complete VERSION; until it has, a new
+    /// connection takes its place.
+    pub version_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             dma_timeout: Duration::from_secs(5),
             unpin_timeout: Duration::from_secs(1),
             locked_memory: LockedMemory::default(),
+            version_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -114,9 +118,23 @@ pub(crate) struct StopSignal {
     handover: Arc<handover::HandOverState>,
     /// Set once the device was handed over: nothing here touches it again.
     handed: AtomicBool,
+    /// Whether the current session's client has completed VERSION.
+    negotiated: Arc<AtomicBool>,
 }
 
 impl StopSignal {
+    /// Disconnects the current client, if any (its session tears down as usual).
+    fn cut_current(&self) {
+        if let Some(t) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            t.shutdown();
+        }
+    }
+
     /// Wakes the accept loop.
     pub(crate) fn wake(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
@@ -170,6 +188,7 @@ impl Server {
                 current: Mutex::new(None),
                 handover: Arc::new(handover::HandOverState::new().map_err(ServerError::Listener)?),
                 handed: AtomicBool::new(false),
+                negotiated: Arc::new(AtomicBool::new(false)),
             }),
         })
     }
@@ -215,8 +234,11 @@ impl Server {
             .name("umdev-session".into())
             .spawn(move || {
                 let client = resumed.client();
+                stop.negotiated.store(true, Ordering::Release);
                 let s = match session::Session::resumed(&function, &config, resumed) {
-                    Ok(s) => s.with_handover(stop.handover.clone()),
+                    Ok(s) => s
+                        .with_handover(stop.handover.clone())
+                        .with_negotiated_flag(stop.negotiated.clone()),
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
@@ -360,12 +382,26 @@ impl Server {
             .set_nonblocking(true)
             .map_err(ServerError::Listener)?;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        // When the current session started, while its client has not completed VERSION.
+        let mut waiting_since: Option<Instant> = None;
         while !self.stop.stopped.load(Ordering::Acquire) {
+            if self.stop.negotiated.load(Ordering::Acquire)
+                || session.as_ref().is_none_or(JoinHandle::is_finished)
+            {
+                waiting_since = None;
+            }
+            let timeout = waiting_since.map(|t| {
+                let left = self.config.version_timeout.saturating_sub(t.elapsed());
+                rustix::fs::Timespec {
+                    tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                }
+            });
             let mut fds = [
                 PollFd::new(&listener, PollFlags::IN),
                 PollFd::new(&self.stop.wake, PollFlags::IN),
             ];
-            match poll(&mut fds, None) {
+            match poll(&mut fds, timeout.as_ref()) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(ServerError::Listener(e.into())),
@@ -382,6 +418,16 @@ impl Server {
                 std::mem::forget(listener);
                 return Ok(());
             }
+            if waiting_since.is_some_and(|t| t.elapsed() >= self.config.version_timeout)
+                && !self.stop.negotiated.load(Ordering::Acquire)
+            {
+                tracing::warn!(
+                    timeout_ms = self.config.version_timeout.as_millis(),
+                    "a client sent no VERSION in time: disconnected"
+                );
+                self.stop.cut_current();
+                waiting_since = None;
+            }
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -389,6 +435,11 @@ impl Server {
                 Err(e) => return Err(ServerError::Listener(e)),
             };
             if let Some(h) = session.take() {
+                if !h.is_finished() && !self.stop.negotiated.load(Ordering::Acquire) {
+                    // A client that has not completed VERSION does not hold the device.
+                    tracing::warn!("a client that sent no VERSION yields to a new connection");
+                    self.stop.cut_current();
+                }
                 // The previous client may have just gone without its session having noticed
                 // yet (a VMM that reconnects): give the session a moment to wind down. The
                 // session signals `done` as its last act, so a join after it is immediate.
@@ -416,6 +467,8 @@ impl Server {
             let config = self.config.clone();
             let stop = self.stop.clone();
             let done = done_tx.clone();
+            self.stop.negotiated.store(false, Ordering::Release);
+            waiting_since = Some(Instant::now());
             session = Some(
                 std::thread::Builder::new()
                     .name("umdev-session".into())
@@ -475,6 +528,7 @@ fn serve_one(
     tracing::info!(%client, "client connected");
     let result = session::Session::new(function, config, transport, client)
         .with_handover(stop.handover.clone())
+        .with_negotiated_flag(stop.negotiated.clone())
         .run();
     if matches!(result, Ok(session::Ended::HandedOver)) {
         stop.handed.store(true, Ordering::Release);

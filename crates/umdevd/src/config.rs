@@ -24,6 +24,7 @@
 //! unpin_timeout_ms = 1000             # a device's release of its pins at DMA_UNMAP
 //! max_data_xfer_size = 1048576        # announced in VERSION
 //! max_dma_maps = 65535                # announced in VERSION
+//! version_timeout_ms = 2000           # a client's time to complete VERSION after connecting
 //!
 //! [[parent]]
 //! name = "mtty0"
@@ -157,6 +158,14 @@ pub struct ServerSection {
     /// Most DMA mappings a client may hold.
     #[serde(default = "default_max_maps")]
     pub max_dma_maps: u32,
+    /// How long a client that connected has to complete VERSION (until then, a new
+    /// connection takes its place).
+    #[serde(default = "default_version_timeout")]
+    pub version_timeout_ms: u64,
+}
+
+fn default_version_timeout() -> u64 {
+    2000
 }
 
 impl Default for ServerSection {
@@ -167,6 +176,7 @@ impl Default for ServerSection {
             unpin_timeout_ms: default_unpin_timeout(),
             max_data_xfer_size: default_max_xfer(),
             max_dma_maps: default_max_maps(),
+            version_timeout_ms: default_version_timeout(),
         }
     }
 }
@@ -186,6 +196,7 @@ impl ServerSection {
             unpin_timeout: Duration::from_millis(self.unpin_timeout_ms),
             max_data_xfer_size: self.max_data_xfer_size,
             max_dma_maps: self.max_dma_maps,
+            version_timeout: Duration::from_millis(self.version_timeout_ms.max(1)),
             ..ServerConfig::default()
         })
     }

@@ -108,6 +108,8 @@ pub(crate) struct Session<'a> {
     client: ClientId,
     /// Where a live upgrade asks this session to pause.
     handover: Option<Arc<HandOverState>>,
+    /// Set when VERSION is complete (the accept loop's timeout and yield rule read it).
+    negotiated_flag: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<'a> Session<'a> {
@@ -136,7 +138,14 @@ impl<'a> Session<'a> {
             negotiated: None,
             client,
             handover: None,
+            negotiated_flag: None,
         }
+    }
+
+    /// Sets `flag` when the client completes VERSION.
+    pub(crate) fn with_negotiated_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.negotiated_flag = Some(flag);
+        self
     }
 
     /// Lets a live upgrade pause this session between messages (`state`'s wake fd must be
@@ -481,6 +490,9 @@ impl<'a> Session<'a> {
             write_multiple: write_multiple.then_some(true),
             ..Capabilities::default()
         };
+        if let Some(f) = &self.negotiated_flag {
+            f.store(true, std::sync::atomic::Ordering::Release);
+        }
         let minor = v.minor.min(umdev_proto::MAX_MINOR);
         tracing::info!(
             client_minor = v.minor,

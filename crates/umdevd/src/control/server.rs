@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,7 +121,11 @@ impl Connections {
 /// The control socket's server.
 pub struct ControlServer {
     path: PathBuf,
+    /// The path's file as bound (device, inode): removed at stop only if still there.
+    bound: Option<(u64, u64)>,
     stopped: Arc<AtomicBool>,
+    /// Wakes the accept loop (a stop never depends on the path on disk).
+    wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     connections: Arc<Connections>,
     /// How long `stop` waits for requests in flight.
@@ -135,17 +139,27 @@ impl ControlServer {
         let path = &shared.config.control_socket();
         let listener = umdev_transport::listen::bind(path, &crate::serve::private_policy())
             .with_context(|| format!("listening on {}", path.display()))?;
+        let bound = file_identity(path);
+        listener
+            .set_nonblocking(true)
+            .context("making the control socket non-blocking")?;
         let stopped = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+                .context("the control socket's wake eventfd")?,
+        );
         let connections = Arc::new(Connections::default());
         let drain = core.config().release_timeout + STOP_GRACE;
         let handler = Arc::new(Handler::new(core, store, shared));
-        let (stop, conns) = (stopped.clone(), connections.clone());
+        let (stop, conns, w) = (stopped.clone(), connections.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("umdev-control".into())
-            .spawn(move || accept_loop(&listener, &stop, &conns, &handler))
+            .spawn(move || accept_loop(&listener, &w, &stop, &conns, &handler))
             .context("starting the control thread")?;
         Ok(ControlServer {
             path: path.to_owned(),
+            bound,
+            wake,
             stopped,
             thread: Some(thread),
             connections,
@@ -158,12 +172,16 @@ impl ControlServer {
     /// requests being answered.
     pub fn stop(mut self) {
         self.stopped.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own socket: the path may have been removed, or be another's now.
+        if self.bound.is_some() && file_identity(&self.path) == self.bound {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            tracing::warn!(path = %self.path.display(), "the control socket's path is not ours any more; left as it is");
+        }
         self.connections.cut_reads();
         let left = self.connections.wait_ended(Instant::now() + self.drain);
         if left > 0 {
@@ -177,23 +195,49 @@ impl ControlServer {
     }
 }
 
+/// A file's device and inode, if it exists.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 fn accept_loop(
     listener: &UnixListener,
+    wake: &OwnedFd,
     stopped: &AtomicBool,
     connections: &Arc<Connections>,
     handler: &Arc<Handler>,
 ) {
-    for stream in listener.incoming() {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "control socket poll failed; the control API stops");
+                return;
+            }
+        }
         if stopped.load(Ordering::Acquire) {
             break;
         }
-        let s = match stream {
-            Ok(s) => s,
+        let s = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept");
                 continue;
             }
         };
+        if let Err(e) = s.set_nonblocking(false) {
+            tracing::warn!(error = %e, "control connection: blocking mode");
+            continue;
+        }
         if let Err(e) = s
             .set_read_timeout(Some(IO_TIMEOUT))
             .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
