@@ -5,7 +5,10 @@
 //!   device: a proper client that connects next is served, and the silent one is
 //!   disconnected after the VERSION timeout;
 //! - `umdevd` stops on SIGTERM even when its control socket's path was removed or replaced
-//!   while it ran (its stop must not depend on a path on disk).
+//!   while it ran (its stop must not depend on a path on disk);
+//! - a client that shrinks a memfd it mapped must not crash the server (SIGBUS): the
+//!   device's DMA into the gone pages, by copy and through a pin, answers an error, and the
+//!   server, the client's connection and another device go on.
 
 mod mdev;
 
@@ -94,4 +97,39 @@ fn finding_sigterm_stops_the_daemon_whose_control_socket_path_is_gone() {
         };
         assert!(status.success(), "{status}");
     }
+}
+
+#[test]
+fn finding_a_client_shrinking_its_mapped_memfd_does_not_crash_the_server() {
+    use umdev_tests::cmd;
+    let d = Daemon::start_test_daemon(CONFIG);
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("test0", "umdevtest-plain", &b).unwrap();
+    let mut ca = Client::connect(d.socket(&a)).unwrap();
+    let mut cb = Client::connect(d.socket(&b)).unwrap();
+    const BASE: u64 = 0x10_0000;
+    const PINNED: u64 = 0x40_0000;
+    let mem = cmd::map_memfd(&mut ca, BASE, 1 << 20, true);
+    let pinned = cmd::map_memfd(&mut ca, PINNED, 1 << 20, true);
+    assert_eq!(cmd::copy_write(&mut ca, BASE, 64, 1), 0, "DMA works first");
+    assert_eq!(cmd::pin(&mut ca, PINNED, 1, 3), 0);
+    assert_eq!(cmd::pinned_write(&mut ca, PINNED, 64, 1), 0);
+    // The client takes its memory away under the device.
+    rustix::fs::ftruncate(&mem, 0).unwrap();
+    rustix::fs::ftruncate(&pinned, 0).unwrap();
+    let copy = cmd::copy_write(&mut ca, BASE + 0x2000, 64, 2);
+    assert_ne!(copy, 0, "a copy into memory the client took away succeeded");
+    let through_pin = cmd::pinned_write(&mut ca, PINNED, 64, 3);
+    assert_ne!(through_pin, 0, "a write through a pin of gone memory succeeded");
+    // The server, the client's connection and the other device go on.
+    ca.region_write(0, 0x40, &[5, 6, 7, 8]).unwrap();
+    let mut back = [0u8; 4];
+    ca.region_read(0, 0x40, &mut back).unwrap();
+    assert_eq!(back, [5, 6, 7, 8]);
+    cb.region_write(0, 0x40, &[1, 1, 2, 2]).unwrap();
+    cb.region_read(0, 0x40, &mut back).unwrap();
+    assert_eq!(back, [1, 1, 2, 2]);
+    let _mb = cmd::map_memfd(&mut cb, BASE, 1 << 20, true);
+    assert_eq!(cmd::copy_write(&mut cb, BASE, 64, 4), 0);
 }
