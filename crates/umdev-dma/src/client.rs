@@ -50,6 +50,9 @@ pub(crate) struct SharedMmap {
     pub(crate) len: u64,
     pub(crate) writable: bool,
     pub(crate) region: MmapRegion,
+    /// SIGBUS in `region` (the client shrank its file, a memory error) poisons this
+    /// instead of killing the process: accesses check it (see `umdev_sys::sigbus`).
+    pub(crate) guard: umdev_sys::sigbus::Guard,
     live: Arc<AtomicUsize>,
 }
 
@@ -58,6 +61,16 @@ impl Drop for SharedMmap {
         // `region` munmaps and closes its fd right after this.
         self.live.fetch_sub(1, Ordering::Relaxed);
         tracing::debug!(id = self.id, len = self.len, "shared mmap released");
+    }
+}
+
+impl MmapSlice {
+    /// EFAULT (`Poisoned`) once an access in the shared mmap took a SIGBUS.
+    pub(crate) fn check_poison(&self, iova: u64) -> Result<(), DmaError> {
+        if self.shared.guard.poisoned() {
+            return Err(DmaError::Poisoned { iova });
+        }
+        Ok(())
     }
 }
 
@@ -292,6 +305,14 @@ impl ClientMemory {
                     (offset, range.len())
                 };
                 let region = mmap_file(range, fd, file_start, len, writable)?;
+                let guard = umdev_sys::sigbus::Guard::new(&region).map_err(|errno| {
+                    tracing::warn!(%errno, "cannot guard a client's mmap against SIGBUS; refused");
+                    DmaError::Mmap {
+                        range,
+                        offset,
+                        errno,
+                    }
+                })?;
                 self.live.fetch_add(1, Ordering::Relaxed);
                 let m = Arc::new(SharedMmap {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -300,6 +321,7 @@ impl ClientMemory {
                     len,
                     writable,
                     region,
+                    guard,
                     live: self.live.clone(),
                 });
                 list.push(Arc::downgrade(&m));

@@ -23,6 +23,7 @@
 //! | logging started twice                     | `LoggingActive`           | EBUSY   |
 //! | dirty report while logging is off         | `LoggingInactive`         | EINVAL  |
 //! | bad page size, range or bitmap size       | `BadBitmap`               | EINVAL  |
+//! | access to memory the client took away     | `Poisoned`                | EFAULT  |
 //!
 //! Where the kernel differs: type1's `vfio_pin_pages` answers EPERM for a mapping that lacks
 //! the permission; the issue that specified pinning asks for EINVAL, which we follow.
@@ -198,6 +199,14 @@ pub enum DmaError {
     /// A dirty report or logging start was malformed. EINVAL.
     #[error("Bad dirty bitmap request: {0}")]
     BadBitmap(&'static str),
+    /// The client's memory behind the access is gone (it shrank its file, or a memory
+    /// error): a SIGBUS was caught (`umdev_sys::sigbus`), and every later access to the same
+    /// mmap fails too. EFAULT, as an IOMMU fault.
+    #[error("DMA access at IOVA {iova:#x} reached memory the client took away")]
+    Poisoned {
+        /// Where the access was.
+        iova: u64,
+    },
     /// `fstat` of a mapping's fd failed; carries its errno.
     #[error("Cannot stat the file of mapping {range}")]
     Stat {
@@ -235,7 +244,9 @@ impl DmaError {
             DmaError::Overlap { .. } => Errno::EXIST,
             DmaError::TooManyMappings { .. } => Errno::NOSPC,
             DmaError::NotMapped { .. } => Errno::NOENT,
-            DmaError::Fault { .. } | DmaError::NoRemote { .. } => Errno::FAULT,
+            DmaError::Fault { .. } | DmaError::NoRemote { .. } | DmaError::Poisoned { .. } => {
+                Errno::FAULT
+            }
             DmaError::PermissionDenied { .. } => Errno::PERM,
             DmaError::Remote { errno, .. }
             | DmaError::Mmap { errno, .. }

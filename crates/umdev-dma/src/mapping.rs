@@ -182,12 +182,14 @@ impl Mapping {
             .region
             .get_slice(self.host_offset(s, iova)?, buf.len())
             .map_err(|_| DmaError::Fault { iova })?;
+        s.check_poison(iova)?;
         // `copy_to` is a `copy_nonoverlapping` (memcpy) for anything longer than a word and
         // volatile word accesses below that: memcpy speed without a `&[u8]` over guest memory.
         if slice.copy_to(buf) != buf.len() {
             return Err(DmaError::Fault { iova });
         }
-        Ok(())
+        // A SIGBUS during the copy gave zeroes: not the client's data.
+        s.check_poison(iova)
     }
 
     /// Copies `data` into the mmap at `iova` (inside the mapping). The caller has entered
@@ -201,9 +203,11 @@ impl Mapping {
             .region
             .get_slice(self.host_offset(s, iova)?, data.len())
             .map_err(|_| DmaError::Fault { iova })?;
+        s.check_poison(iova)?;
         // `get_slice` returned exactly `data.len()` bytes, so `copy_from` copies all of them.
         slice.copy_from(data);
-        Ok(())
+        // A SIGBUS during the copy sent the bytes to a page that is not the client's.
+        s.check_poison(iova)
     }
 
     /// Byte offset of `iova` in the shared mmap.

@@ -67,6 +67,10 @@ pub struct ServerConfig {
     /// How long a client that connected has to complete VERSION; until it has, a new
     /// connection takes its place.
     pub version_timeout: Duration,
+    /// Refuse DMA_MAP of a file not sealed against shrinking (`F_SEAL_SHRINK`): its client
+    /// could take the memory away under the device. Off by default: such memory is
+    /// accepted, and an access to memory that went fails with EFAULT (SIGBUS caught).
+    pub refuse_unsealed: bool,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +84,7 @@ impl Default for ServerConfig {
             unpin_timeout: Duration::from_secs(1),
             locked_memory: LockedMemory::default(),
             version_timeout: Duration::from_secs(2),
+            refuse_unsealed: false,
         }
     }
 }

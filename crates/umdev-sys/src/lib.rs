@@ -4,6 +4,8 @@
 //!
 //! - [`mlock`] / [`munlock`]: lock pages of a live [`MmapRegion`] in memory, for pinning
 //!   with real locking.
+//! - [`sigbus`]: a SIGBUS-safe access path for mappings of clients' files (a fault poisons
+//!   the mapping's guard instead of killing the process).
 //!
 //! ```
 //! use vm_memory::MmapRegion;
@@ -15,6 +17,8 @@
 //! assert!(umdev_sys::mlock(&region, 4096, 8192).is_err(), "past the end");
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod sigbus;
 
 use rustix::io::Errno;
 use vm_memory::MmapRegion;

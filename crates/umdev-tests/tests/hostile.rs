@@ -133,3 +133,33 @@ fn finding_a_client_shrinking_its_mapped_memfd_does_not_crash_the_server() {
     let _mb = cmd::map_memfd(&mut cb, BASE, 1 << 20, true);
     assert_eq!(cmd::copy_write(&mut cb, BASE, 64, 4), 0);
 }
+
+#[test]
+fn the_refuse_policy_maps_only_memory_sealed_against_shrinking() {
+    use std::os::fd::AsFd;
+    use umdev_tests::cmd;
+    let config = format!("[server]\nunsealed_memory = \"refuse\"\n{CONFIG}");
+    let d = Daemon::start_test_daemon(&config);
+    let a = new_uuid();
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    let mut c = Client::connect(d.socket(&a)).unwrap();
+    let flags = umdev_proto::wire::DMA_MAP_FLAG_READ | umdev_proto::wire::DMA_MAP_FLAG_WRITE;
+    let unsealed = umdev_tests::guest_memfd(1 << 20);
+    let e = c
+        .dma_map(0x10_0000, 1 << 20, flags, Some((unsealed.as_fd(), 0)))
+        .unwrap_err();
+    assert_eq!(e.errno(), Some(1), "EPERM for an unsealed memfd: {e:?}");
+    let sealed = rustix::fs::memfd_create(
+        "sealed",
+        rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+    )
+    .unwrap();
+    rustix::fs::ftruncate(&sealed, 1 << 20).unwrap();
+    rustix::fs::fcntl_add_seals(&sealed, rustix::fs::SealFlags::SHRINK).unwrap();
+    c.dma_map(0x10_0000, 1 << 20, flags, Some((sealed.as_fd(), 0)))
+        .unwrap();
+    assert_eq!(cmd::copy_write(&mut c, 0x10_0000, 64, 3), 0);
+    let mut seen = [0u8; 64];
+    rustix::io::pread(&sealed, &mut seen, 0).unwrap();
+    assert_eq!(seen.to_vec(), cmd::pattern(64, 3));
+}

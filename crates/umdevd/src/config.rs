@@ -25,6 +25,7 @@
 //! max_data_xfer_size = 1048576        # announced in VERSION
 //! max_dma_maps = 65535                # announced in VERSION
 //! version_timeout_ms = 2000           # a client's time to complete VERSION after connecting
+//! unsealed_memory = "accept"          # or "refuse": DMA_MAP only of files sealed F_SEAL_SHRINK
 //!
 //! [[parent]]
 //! name = "mtty0"
@@ -162,6 +163,21 @@ pub struct ServerSection {
     /// connection takes its place).
     #[serde(default = "default_version_timeout")]
     pub version_timeout_ms: u64,
+    /// Memory files not sealed against shrinking: accepted (an access to memory the client
+    /// took away fails), or refused at DMA_MAP.
+    #[serde(default)]
+    pub unsealed_memory: UnsealedMemory,
+}
+
+/// What a server does with a DMA_MAP of a file not sealed against shrinking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsealedMemory {
+    /// Accepted; SIGBUS on memory that went is caught and the access fails (EFAULT).
+    #[default]
+    Accept,
+    /// Refused (EPERM): only memfds sealed with `F_SEAL_SHRINK`, as QEMU's memfd backend.
+    Refuse,
 }
 
 fn default_version_timeout() -> u64 {
@@ -177,6 +193,7 @@ impl Default for ServerSection {
             max_data_xfer_size: default_max_xfer(),
             max_dma_maps: default_max_maps(),
             version_timeout_ms: default_version_timeout(),
+            unsealed_memory: UnsealedMemory::Accept,
         }
     }
 }
@@ -197,6 +214,7 @@ impl ServerSection {
             max_data_xfer_size: self.max_data_xfer_size,
             max_dma_maps: self.max_dma_maps,
             version_timeout: Duration::from_millis(self.version_timeout_ms.max(1)),
+            refuse_unsealed: self.unsealed_memory == UnsealedMemory::Refuse,
             ..ServerConfig::default()
         })
     }

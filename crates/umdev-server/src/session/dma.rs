@@ -20,6 +20,23 @@ impl Session<'_> {
         let prot = Prot::from_bits(u8::try_from(req.flags).unwrap_or(0))
             .ok_or(ProtoError::UnknownFlags(req.flags))?;
         let range = IovaRange::new(req.address, req.size)?;
+        if self.config.refuse_unsealed {
+            if let Some(fd) = fds.last() {
+                let sealed = rustix::fs::fcntl_get_seals(fd)
+                    .is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
+                if !sealed {
+                    tracing::warn!(
+                        client = %self.client,
+                        iova = req.address,
+                        "DMA_MAP refused: the file is not sealed against shrinking (F_SEAL_SHRINK), as this server's policy asks"
+                    );
+                    return Err(refuse(
+                        Errno::PERM,
+                        "the file is not sealed against shrinking",
+                    ));
+                }
+            }
+        }
         let backing = match fds.pop() {
             Some(fd) => Backing::Fd {
                 fd,
