@@ -280,7 +280,7 @@ fn run(memory: Memory, which: Run) {
         "thread"
     };
     let text = format!(
-        "root = {:?}\nsockets_dir = {:?}\nisolation = \"{isolation}\"\n\n[[parent]]\nname = \"spare0\"\ndriver = \"mtty\"\noptions = {{ ports = 1, console = \"none\" }}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n\n[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
+        "root = {:?}\nsockets_dir = {:?}\nisolation = \"{isolation}\"\n\n[server]\nunsealed_memory = \"refuse\"\n\n[[parent]]\nname = \"spare0\"\ndriver = \"mtty\"\noptions = {{ ports = 1, console = \"none\" }}\n\n[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\n\n[[parent]]\nname = \"hello0\"\ndriver = \"hello\"\noptions = {{ devices = 1 }}\n\n[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = {{ pool = {:?}, capacity_gib = 1 }}\n\n[[parent]]\nname = \"vga0\"\ndriver = \"mbochs\"\n",
         root.display().to_string(),
         sockets.path().display().to_string(),
         pool.display().to_string(),
