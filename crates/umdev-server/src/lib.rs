@@ -28,6 +28,7 @@
 mod error;
 pub mod handover;
 mod memory;
+pub mod refusals;
 mod remote;
 mod session;
 
@@ -71,6 +72,15 @@ pub struct ServerConfig {
     /// could take the memory away under the device. Off by default: such memory is
     /// accepted, and an access to memory that went fails with EFAULT (SIGBUS caught).
     pub refuse_unsealed: bool,
+    /// How long a reply (or a DMA request) may wait for room in the client's socket: a
+    /// client that stops reading is disconnected after it, instead of holding its device
+    /// (and the server's memory) forever.
+    pub send_timeout: Duration,
+    /// Only peers (SO_PEERCRED) with one of these uids may connect (empty: any peer that
+    /// can open the socket).
+    pub allow_uids: Vec<u32>,
+    /// Only peers with one of these gids may connect (empty: any).
+    pub allow_gids: Vec<u32>,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +95,9 @@ impl Default for ServerConfig {
             locked_memory: LockedMemory::default(),
             version_timeout: Duration::from_secs(2),
             refuse_unsealed: false,
+            send_timeout: Duration::from_secs(10),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
         }
     }
 }
@@ -295,6 +308,15 @@ impl Server {
         self.accept_loop(listener, session)
     }
 
+    /// Whether `client` may connect (the allow-lists).
+    fn allowed(&self, client: &ClientId) -> bool {
+        let Some(p) = client.peer else {
+            return self.config.allow_uids.is_empty() && self.config.allow_gids.is_empty();
+        };
+        (self.config.allow_uids.is_empty() || self.config.allow_uids.contains(&p.uid))
+            && (self.config.allow_gids.is_empty() || self.config.allow_gids.contains(&p.gid))
+    }
+
     fn lock_function(&self) -> std::sync::MutexGuard<'_, PciFunction> {
         self.function.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -426,9 +448,13 @@ impl Server {
             if waiting_since.is_some_and(|t| t.elapsed() >= self.config.version_timeout)
                 && !self.stop.negotiated.load(Ordering::Acquire)
             {
-                tracing::warn!(
-                    timeout_ms = self.config.version_timeout.as_millis(),
-                    "a client sent no VERSION in time: disconnected"
+                refusals::refused(
+                    "version-timeout",
+                    None,
+                    &format!(
+                        "no VERSION within {} ms: disconnected",
+                        self.config.version_timeout.as_millis()
+                    ),
                 );
                 self.stop.cut_current();
                 waiting_since = None;
@@ -442,7 +468,11 @@ impl Server {
             if let Some(h) = session.take() {
                 if !h.is_finished() && !self.stop.negotiated.load(Ordering::Acquire) {
                     // A client that has not completed VERSION does not hold the device.
-                    tracing::warn!("a client that sent no VERSION yields to a new connection");
+                    refusals::refused(
+                        "version-yield",
+                        None,
+                        "a client that sent no VERSION yields to a new connection",
+                    );
                     self.stop.cut_current();
                 }
                 // The previous client may have just gone without its session having noticed
@@ -451,7 +481,11 @@ impl Server {
                 if h.is_finished() || done_rx.recv_timeout(HANDOVER_WAIT).is_ok() {
                     let _ = h.join();
                 } else {
-                    tracing::warn!("refusing a second client: the device already has one");
+                    refusals::refused(
+                        "second-client",
+                        Some(&client_id(peer_cred(&stream))),
+                        "the device already has a client",
+                    );
                     drop(stream);
                     session = Some(h);
                     continue;
@@ -463,6 +497,18 @@ impl Server {
                 continue;
             }
             let client = client_id(peer_cred(&stream));
+            if !self.allowed(&client) {
+                refusals::refused(
+                    "peer-not-allowed",
+                    Some(&client),
+                    "its uid and gid are not in the server's allow-lists",
+                );
+                continue;
+            }
+            if let Err(e) = stream.set_write_timeout(Some(self.config.send_timeout)) {
+                tracing::warn!(error = %e, "cannot set the client socket's send timeout; dropping it");
+                continue;
+            }
             let transport: Arc<dyn Transport> = Arc::new(
                 UnixTransport::new(stream)
                     .with_spin(self.config.spin)
@@ -515,6 +561,15 @@ fn log_end(result: &Result<session::Ended, ServerError>) {
     match result {
         Ok(session::Ended::Gone) => tracing::info!("client disconnected"),
         Ok(session::Ended::HandedOver) => {}
+        Err(ServerError::Transport(umdev_transport::TransportError::Io(e)))
+            if e.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            refusals::refused(
+                "stopped-reading",
+                None,
+                "the client left its replies unread past the send timeout: disconnected",
+            );
+        }
         Err(e) => tracing::warn!(
             error = e as &(dyn std::error::Error + 'static),
             "client session failed"

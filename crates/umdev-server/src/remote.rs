@@ -28,6 +28,9 @@ use umdev_proto::{wire, Command, Header};
 use umdev_transport::{Incoming, Message, RecvLimits, Transport, TransportError};
 use zerocopy::IntoBytes;
 
+/// Most commands read while waiting for device work that wait to be handled.
+const MAX_DEFERRED: usize = 64;
+
 /// Messages read and not handled, as bytes with their fds (`(start, end, fds)` by position).
 pub(crate) struct Unread {
     pub(crate) bytes: Vec<u8>,
@@ -216,6 +219,18 @@ impl RemoteChannel {
     pub(crate) fn pump(&self, timeout: Duration) {
         if std::thread::current().id() != self.session_thread || self.closed.load(Ordering::Acquire)
         {
+            std::thread::sleep(timeout);
+            return;
+        }
+        if self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+            >= MAX_DEFERRED
+        {
+            // A client that floods commands while the device's work drains waits for them
+            // to be handled: its socket, not the server's memory, holds the rest.
             std::thread::sleep(timeout);
             return;
         }

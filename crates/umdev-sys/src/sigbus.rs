@@ -131,7 +131,9 @@ impl Guard {
     /// Guards the whole of `region`. ENOSPC past [`MAX_GUARDS`] ranges.
     pub fn new(region: &MmapRegion) -> Result<Guard, Errno> {
         install()?;
-        let mut used = USED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut used = USED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if used.is_empty() {
             used.resize(MAX_GUARDS, false);
         }
@@ -140,8 +142,7 @@ impl Guard {
         let s = &SLOTS[slot];
         s.poisoned.store(false, Ordering::Release);
         s.len.store(region.size(), Ordering::Release);
-        s.start
-            .store(region.as_ptr() as usize, Ordering::Release);
+        s.start.store(region.as_ptr() as usize, Ordering::Release);
         Ok(Guard { slot })
     }
 
@@ -172,7 +173,10 @@ mod tests {
         let fd = rustix::fs::memfd_create("sigbus-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&fd, 8192).unwrap();
         let region = MmapRegion::<()>::build(
-            Some(FileOffset::new(std::fs::File::from(fd.try_clone().unwrap()), 0)),
+            Some(FileOffset::new(
+                std::fs::File::from(fd.try_clone().unwrap()),
+                0,
+            )),
             8192,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,

@@ -53,7 +53,10 @@ fn finding_a_silent_connection_does_not_hold_the_device() {
         .unwrap();
     let mut buf = [0u8; 16];
     let n = silent2.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the server sent something to a client that never spoke");
+    assert_eq!(
+        n, 0,
+        "the server sent something to a client that never spoke"
+    );
     let waited = t0.elapsed();
     assert!(
         waited >= VERSION_TIMEOUT - Duration::from_millis(100)
@@ -121,7 +124,10 @@ fn finding_a_client_shrinking_its_mapped_memfd_does_not_crash_the_server() {
     let copy = cmd::copy_write(&mut ca, BASE + 0x2000, 64, 2);
     assert_ne!(copy, 0, "a copy into memory the client took away succeeded");
     let through_pin = cmd::pinned_write(&mut ca, PINNED, 64, 3);
-    assert_ne!(through_pin, 0, "a write through a pin of gone memory succeeded");
+    assert_ne!(
+        through_pin, 0,
+        "a write through a pin of gone memory succeeded"
+    );
     // The server, the client's connection and the other device go on.
     ca.region_write(0, 0x40, &[5, 6, 7, 8]).unwrap();
     let mut back = [0u8; 4];
@@ -162,4 +168,84 @@ fn the_refuse_policy_maps_only_memory_sealed_against_shrinking() {
     let mut seen = [0u8; 64];
     rustix::io::pread(&sealed, &mut seen, 0).unwrap();
     assert_eq!(seen.to_vec(), cmd::pattern(64, 3));
+}
+
+/// A client that sends requests and never reads the replies: the server's sends wait for
+/// room at most `send_timeout_ms`, then the client is disconnected; another device's client
+/// never notices, and the device takes a new client.
+#[test]
+fn a_client_that_stops_reading_is_disconnected_and_nobody_else_notices() {
+    use umdev_proto::{wire, Command};
+    use zerocopy::IntoBytes;
+    let config = format!("[server]\nsend_timeout_ms = 500\n{CONFIG}");
+    let d = Daemon::start_test_daemon(&config);
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("test0", "umdevtest-plain", &b).unwrap();
+    let mut other = Client::connect(d.socket(&b)).unwrap();
+    let flood = umdev_tests::wire::Raw::negotiated(&d.socket(&a));
+    let req = wire::RegionAccess {
+        offset: 0,
+        region: 0,
+        count: 4096,
+    };
+    // Far more replies than a socket holds (4 KiB each), none read; until the server
+    // closes the connection.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut n = 0u32;
+        for id in 0..2000u16 {
+            let h = umdev_proto::Header::command(id, Command::RegionRead, 16).unwrap();
+            if umdev_transport::Transport::send(&flood.t, &h, &[req.as_bytes()], &[]).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        let _ = tx.send((n, flood));
+    });
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut back = [0u8; 4];
+    while t0.elapsed() < Duration::from_secs(2) {
+        let t = Instant::now();
+        other.region_read(0, 0x40, &mut back).unwrap();
+        worst = worst.max(t.elapsed());
+    }
+    assert!(
+        worst < Duration::from_millis(500),
+        "the other device stalled {worst:?}"
+    );
+    let (n, mut flood) = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the server never gave up on a client that stopped reading");
+    assert!(n > 0);
+    // Its connection was closed: what the socket held, then the end.
+    let mut got = 0;
+    while flood.try_recv().is_ok() {
+        got += 1;
+    }
+    assert!(got < 2000, "every reply was sent: the server never gave up");
+    // The device takes a new client.
+    let mut c = Client::connect(d.socket(&a)).unwrap();
+    c.region_read(0, 0x40, &mut back).unwrap();
+}
+
+/// `allow_uids`: a peer whose uid is not listed is refused before VERSION.
+#[test]
+fn peers_outside_the_allow_lists_are_refused() {
+    let me = rustix::process::getuid().as_raw();
+    let config = format!("[server]\nallow_uids = [{}]\n{CONFIG}", me + 1);
+    let d = Daemon::start_test_daemon(&config);
+    let a = new_uuid();
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    assert!(
+        Client::connect(d.socket(&a)).is_err(),
+        "a peer outside the allow-list was served"
+    );
+    drop(d);
+    let config = format!("[server]\nallow_uids = [{me}]\n{CONFIG}");
+    let d = Daemon::start_test_daemon(&config);
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    let mut c = Client::connect(d.socket(&a)).unwrap();
+    c.device_info().unwrap();
 }

@@ -26,6 +26,9 @@
 //! max_dma_maps = 65535                # announced in VERSION
 //! version_timeout_ms = 2000           # a client's time to complete VERSION after connecting
 //! unsealed_memory = "accept"          # or "refuse": DMA_MAP only of files sealed F_SEAL_SHRINK
+//! send_timeout_ms = 10000             # a client that leaves replies unread is disconnected
+//! allow_uids = [107]                  # only these peers (SO_PEERCRED) may connect (empty: any)
+//! allow_gids = []
 //!
 //! [[parent]]
 //! name = "mtty0"
@@ -167,6 +170,21 @@ pub struct ServerSection {
     /// took away fails), or refused at DMA_MAP.
     #[serde(default)]
     pub unsealed_memory: UnsealedMemory,
+    /// How long a reply may wait for room in a client's socket before the client (which
+    /// stopped reading) is disconnected.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout_ms: u64,
+    /// Only these peer uids may connect to devices (empty: anyone the sockets' owner and
+    /// mode let in).
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Only these peer gids may connect to devices (empty: any).
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+}
+
+fn default_send_timeout() -> u64 {
+    10_000
 }
 
 /// What a server does with a DMA_MAP of a file not sealed against shrinking.
@@ -194,6 +212,9 @@ impl Default for ServerSection {
             max_dma_maps: default_max_maps(),
             version_timeout_ms: default_version_timeout(),
             unsealed_memory: UnsealedMemory::Accept,
+            send_timeout_ms: default_send_timeout(),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
         }
     }
 }
@@ -215,6 +236,9 @@ impl ServerSection {
             max_dma_maps: self.max_dma_maps,
             version_timeout: Duration::from_millis(self.version_timeout_ms.max(1)),
             refuse_unsealed: self.unsealed_memory == UnsealedMemory::Refuse,
+            send_timeout: Duration::from_millis(self.send_timeout_ms.max(1)),
+            allow_uids: self.allow_uids.clone(),
+            allow_gids: self.allow_gids.clone(),
             ..ServerConfig::default()
         })
     }

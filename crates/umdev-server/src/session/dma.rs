@@ -25,10 +25,10 @@ impl Session<'_> {
                 let sealed = rustix::fs::fcntl_get_seals(fd)
                     .is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
                 if !sealed {
-                    tracing::warn!(
-                        client = %self.client,
-                        iova = req.address,
-                        "DMA_MAP refused: the file is not sealed against shrinking (F_SEAL_SHRINK), as this server's policy asks"
+                    crate::refusals::refused(
+                        "unsealed-memory",
+                        Some(&self.client),
+                        "DMA_MAP of a file not sealed against shrinking (F_SEAL_SHRINK)",
                     );
                     return Err(refuse(
                         Errno::PERM,

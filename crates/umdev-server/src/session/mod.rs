@@ -385,10 +385,13 @@ impl<'a> Session<'a> {
                     "request failed"
                 );
                 if header.no_reply() {
-                    tracing::warn!(
-                        command = header.command,
-                        errno,
-                        "a posted request failed; the client asked for no reply"
+                    crate::refusals::refused(
+                        "posted-request-failed",
+                        Some(&self.client),
+                        &format!(
+                            "a posted request (command {}) failed with errno {errno}; the client asked for no reply",
+                            header.command
+                        ),
                     );
                     return Ok(());
                 }
