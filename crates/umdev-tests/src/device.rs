@@ -402,6 +402,16 @@ impl TestDevice {
     }
 }
 
+/// A fresh memfd with `old`'s BAR2 contents.
+fn renewed(old: &OwnedFd) -> Result<OwnedFd, Errno> {
+    let fd = rustix::fs::memfd_create("umdev-test-bar2", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&fd, BAR2_SIZE)?;
+    let mut buf = vec![0u8; BAR2_SIZE as usize];
+    rustix::io::pread(old, &mut buf, 0)?;
+    rustix::io::pwrite(&fd, &buf, 0)?;
+    Ok(fd)
+}
+
 fn range(len: usize, off: u64, n: usize) -> Result<std::ops::Range<usize>, Errno> {
     let start = usize::try_from(off).map_err(|_| Errno::INVAL)?;
     let end = start
@@ -501,6 +511,15 @@ impl PciDevice for TestDevice {
         // Dropping the context drops the pinner, which releases what the device still pins.
         self.regs().pins.clear();
         self.ctx = None;
+        // BAR2's contents move to a fresh memory object: the gone client may have kept the
+        // fd (or a mapping) of this one, which must reach nothing of the next client's.
+        match renewed(&self.bar2) {
+            Ok(fd) => {
+                self.bar2 = Arc::new(fd);
+                *self.observed.bar2.lock().unwrap() = Some(self.bar2.clone());
+            }
+            Err(e) => tracing::error!(error = %e, "test device: cannot renew BAR2's memory"),
+        }
     }
 
     fn irq_mode_changed(&mut self, mode: IrqMode) {

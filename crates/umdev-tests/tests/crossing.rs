@@ -67,7 +67,10 @@ fn a_gone_clients_bar2_fd_reaches_nothing_of_the_next_clients() {
     rustix::io::pwrite(&kept, b"planted by a", 0x3000).unwrap();
     let mut seen = [0u8; 12];
     b.region_read(2, 0x3000, &mut seen).unwrap();
-    assert_eq!(seen, [0u8; 12], "the gone client wrote into the next client's BAR2");
+    assert_eq!(
+        seen, [0u8; 12],
+        "the gone client wrote into the next client's BAR2"
+    );
     // What the device holds goes on for the next client (its contents are the device's).
     let mut first = [0u8; 13];
     b.region_read(2, 0x1000, &mut first).unwrap();
