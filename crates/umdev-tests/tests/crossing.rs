@@ -139,7 +139,7 @@ fn an_mnvme_controller_left_by_a_gone_client_never_touches_its_memory_again() {
     };
     let snapshot = |m: &HostMemory| {
         let (base, len) = m.range();
-        let mut v = vec![0u8; len as usize];
+        let mut v = vec![0u8; usize::try_from(len).unwrap()];
         m.read(base, &mut v).unwrap();
         v
     };
