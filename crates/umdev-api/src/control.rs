@@ -104,6 +104,8 @@ pub enum Request {
         /// The device.
         uuid: String,
     },
+    /// Every device's counters (and the processes'), in the Prometheus text format.
+    Stats,
     /// Live upgrade (worker isolation): the worker of IOMMU group `group`, or every worker,
     /// is replaced by a new process of the daemon's binary as it is on disk now, which
     /// takes the devices over with their clients attached (a pause, not a reset).
@@ -311,6 +313,11 @@ pub enum Response {
     Drivers {
         /// The drivers.
         drivers: Vec<DriverEntry>,
+    },
+    /// Counters in the Prometheus text format.
+    Metrics {
+        /// The text.
+        text: String,
     },
     /// A live upgrade's outcome, per worker.
     Upgraded {

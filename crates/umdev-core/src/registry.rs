@@ -108,6 +108,11 @@ pub trait Served: Send {
     fn state(&self) -> ServedState {
         ServedState::Running
     }
+    /// The device's counters in the Prometheus text format, each sample with `labels`
+    /// (none by default).
+    fn metrics(&self, _labels: &str) -> String {
+        String::new()
+    }
 }
 
 /// Whether a device is being served (its `state` attribute in the tree).
@@ -1062,6 +1067,23 @@ impl Core {
             errno,
             message: format!("querying the display plane of {uuid}"),
         })
+    }
+
+    /// Every device's counters ([`Served::metrics`]) in the Prometheus text format, labelled
+    /// with its UUID, parent and type.
+    pub fn metrics(&self) -> String {
+        let st = self.inner.lock();
+        let mut out = String::new();
+        for (uuid, m) in &st.mdevs {
+            if let Some(served) = &m.served {
+                let labels = format!(
+                    "uuid=\"{uuid}\",parent=\"{}\",type=\"{}\"",
+                    m.parent, m.type_id
+                );
+                out.push_str(&served.metrics(&labels));
+            }
+        }
+        out
     }
 
     /// The configuration the core was built with.

@@ -31,6 +31,7 @@ mod memory;
 pub mod refusals;
 mod remote;
 mod session;
+pub mod stats;
 
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -190,6 +191,7 @@ pub struct Server {
     function: Arc<Mutex<PciFunction>>,
     config: Arc<ServerConfig>,
     stop: Arc<StopSignal>,
+    stats: Arc<stats::Stats>,
 }
 
 impl Server {
@@ -208,7 +210,13 @@ impl Server {
                 handed: AtomicBool::new(false),
                 negotiated: Arc::new(AtomicBool::new(false)),
             }),
+            stats: stats::Stats::new(),
         })
+    }
+
+    /// The device's counters ([`stats::Stats::render`]).
+    pub fn stats(&self) -> &Arc<stats::Stats> {
+        &self.stats
     }
 
     /// A handle that asks this server to hand its device over to another process (a live
@@ -248,6 +256,7 @@ impl Server {
         let function = self.function.clone();
         let config = self.config.clone();
         let stop = self.stop.clone();
+        let stats = self.stats.clone();
         let thread = std::thread::Builder::new()
             .name("umdev-session".into())
             .spawn(move || {
@@ -256,7 +265,8 @@ impl Server {
                 let s = match session::Session::resumed(&function, &config, resumed) {
                     Ok(s) => s
                         .with_handover(stop.handover.clone())
-                        .with_negotiated_flag(stop.negotiated.clone()),
+                        .with_negotiated_flag(stop.negotiated.clone())
+                        .with_stats(stats),
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
@@ -387,6 +397,7 @@ impl Server {
             &self.function,
             &self.config,
             &self.stop,
+            &self.stats,
             transport,
             client_id(None),
         )
@@ -517,6 +528,7 @@ impl Server {
             let function = self.function.clone();
             let config = self.config.clone();
             let stop = self.stop.clone();
+            let stats = self.stats.clone();
             let done = done_tx.clone();
             self.stop.negotiated.store(false, Ordering::Release);
             waiting_since = Some(Instant::now());
@@ -525,7 +537,7 @@ impl Server {
                     .name("umdev-session".into())
                     .spawn(move || {
                         // serve_one logs how the session ended.
-                        let _ = serve_one(&function, &config, &stop, transport, client);
+                        let _ = serve_one(&function, &config, &stop, &stats, transport, client);
                         let _ = done.send(());
                     })
                     .map_err(ServerError::Listener)?,
@@ -581,14 +593,17 @@ fn serve_one(
     function: &Mutex<PciFunction>,
     config: &ServerConfig,
     stop: &StopSignal,
+    stats: &Arc<stats::Stats>,
     transport: Arc<dyn Transport>,
     client: ClientId,
 ) -> Result<(), ServerError> {
+    stats.connected();
     *stop.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(transport.clone());
     tracing::info!(%client, "client connected");
     let result = session::Session::new(function, config, transport, client)
         .with_handover(stop.handover.clone())
         .with_negotiated_flag(stop.negotiated.clone())
+        .with_stats(stats.clone())
         .run();
     if matches!(result, Ok(session::Ended::HandedOver)) {
         stop.handed.store(true, Ordering::Release);

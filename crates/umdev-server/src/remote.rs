@@ -50,6 +50,8 @@ pub(crate) struct RemoteChannel {
     limits: RecvLimits,
     closed: AtomicBool,
     timeout: Duration,
+    /// The device's counters (DMA message bytes).
+    pub(crate) stats: std::sync::OnceLock<Arc<crate::stats::Stats>>,
 }
 
 impl RemoteChannel {
@@ -68,6 +70,7 @@ impl RemoteChannel {
             limits,
             closed: AtomicBool::new(false),
             timeout,
+            stats: std::sync::OnceLock::new(),
         }
     }
 
@@ -280,6 +283,9 @@ impl RemoteDma for RemoteChannel {
             return Err(bad());
         }
         buf.copy_from_slice(&data[..buf.len()]);
+        if let Some(st) = self.stats.get() {
+            st.dma_message(false, len);
+        }
         Ok(())
     }
 
@@ -290,6 +296,9 @@ impl RemoteDma for RemoteChannel {
             count: len,
         };
         self.exchange(Command::DmaWrite, &[req.as_bytes(), data], iova, len)?;
+        if let Some(st) = self.stats.get() {
+            st.dma_message(true, len);
+        }
         Ok(())
     }
 

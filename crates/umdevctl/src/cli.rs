@@ -168,6 +168,12 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         max_rounds: usize,
     },
+    /// Counters of every device (or of one), in the Prometheus text format (as the
+    /// daemon's metrics socket serves them).
+    Stats {
+        /// Only this device's.
+        uuid: Option<String>,
+    },
     /// Live upgrade (isolation = "worker"): replace the worker of one IOMMU group, or every
     /// worker, by the daemon's binary as it is on disk now; clients keep their devices and
     /// connections and see a pause.

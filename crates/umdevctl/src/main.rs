@@ -216,6 +216,21 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{path}")?;
             writeln!(out, "{}", qemu_arg(&path))?;
         }
+        Command::Stats { uuid } => {
+            let Response::Metrics { text } = call(&client, &Request::Stats)? else {
+                anyhow::bail!("unexpected reply");
+            };
+            match uuid {
+                None => write!(out, "{text}")?,
+                Some(u) => {
+                    let u = u.trim().to_ascii_lowercase();
+                    let label = format!("uuid=\"{u}\"");
+                    for line in text.lines().filter(|l| l.contains(&label)) {
+                        writeln!(out, "{line}")?;
+                    }
+                }
+            }
+        }
         Command::Upgrade { group, all } => {
             if group.is_none() && !all {
                 anyhow::bail!("say which workers: --group N or --all");

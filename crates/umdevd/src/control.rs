@@ -203,6 +203,9 @@ impl Handler {
                 .map_err(Failure::from),
             Request::Drivers => Ok(self.drivers()),
             Request::Upgrade { group } => self.upgrade(group),
+            Request::Stats => Ok(Response::Metrics {
+                text: crate::metrics::render(&self.core, &self.shared),
+            }),
             Request::Shutdown { remove_devices } => {
                 self.shared.request_stop(remove_devices);
                 Ok(Response::Done)

@@ -162,6 +162,7 @@ pub struct Running {
     core: Core,
     mount: SysfsMount,
     control: ControlServer,
+    metrics: crate::metrics::MetricsServer,
     sys: std::path::PathBuf,
     shared: Arc<Shared>,
     workers: Option<Arc<WorkerServe>>,
@@ -185,6 +186,7 @@ impl Running {
             .shared
             .remove_on_stop
             .load(std::sync::atomic::Ordering::SeqCst);
+        self.metrics.stop();
         if let (Some(w), false) = (&self.workers, remove) {
             self.control.stop();
             let n = w.detach_all();
@@ -301,11 +303,13 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         start_auto_definitions(&core, &store, &p);
     }
     let control = ControlServer::start(core.clone(), store, shared.clone())?;
+    let metrics = crate::metrics::MetricsServer::start(core.clone(), shared.clone())?;
     tracing::info!(root = %root.display(), parents = ?core.parents(), "umdevd ready");
     Ok(Running {
         core,
         mount,
         control,
+        metrics,
         sys,
         shared,
         workers,

@@ -37,6 +37,7 @@
 pub mod config;
 mod control;
 mod daemon;
+pub mod metrics;
 mod serve;
 mod single;
 mod worker;

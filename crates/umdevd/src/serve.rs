@@ -27,6 +27,7 @@ pub(crate) struct SocketServed {
     stopper: Stopper,
     ctl: HandOverCtl,
     function: Arc<Mutex<PciFunction>>,
+    stats: Arc<umdev_server::stats::Stats>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -72,6 +73,7 @@ fn spawn_server(
     let stopper = server.stopper();
     let ctl = server.hand_over_ctl();
     let function = server.function().clone();
+    let stats = server.stats().clone();
     let name = format!("umdev-{}", &uuid.to_string()[..8]);
     let thread = std::thread::Builder::new()
         .name(name)
@@ -89,6 +91,7 @@ fn spawn_server(
         stopper,
         ctl,
         function,
+        stats,
         thread: Some(thread),
     })
 }
@@ -108,6 +111,12 @@ impl Served for SocketServed {
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a socket");
         }
+    }
+
+    fn metrics(&self, labels: &str) -> String {
+        let mut out = String::new();
+        self.stats.render(labels, &mut out);
+        out
     }
 
     fn display_plane(&self) -> Result<DisplayPlane, Errno> {

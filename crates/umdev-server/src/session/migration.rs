@@ -24,6 +24,7 @@ impl Session<'_> {
         let mut f = self.function();
         let state = if req.ops & wire::DEVICE_FEATURE_SET != 0 {
             let (set, _) = wire::split::<wire::MigDeviceState>(req.data, "MIG_DEVICE_STATE")?;
+            self.stats.mig_change();
             f.set_mig_state(set.device_state)?
         } else {
             f.mig_state()?

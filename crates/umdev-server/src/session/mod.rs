@@ -110,6 +110,8 @@ pub(crate) struct Session<'a> {
     handover: Option<Arc<HandOverState>>,
     /// Set when VERSION is complete (the accept loop's timeout and yield rule read it).
     negotiated_flag: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The device's counters.
+    stats: Arc<crate::stats::Stats>,
 }
 
 impl<'a> Session<'a> {
@@ -139,7 +141,15 @@ impl<'a> Session<'a> {
             client,
             handover: None,
             negotiated_flag: None,
+            stats: crate::stats::Stats::new(),
         }
+    }
+
+    /// Counts into `stats` (the server's, for its device).
+    pub(crate) fn with_stats(mut self, stats: Arc<crate::stats::Stats>) -> Self {
+        let _ = self.remote.stats.set(stats.clone());
+        self.stats = stats;
+        self
     }
 
     /// Sets `flag` when the client completes VERSION.
@@ -219,6 +229,8 @@ impl<'a> Session<'a> {
     /// Runs a session taken in by [`resumed`](Self::resumed): the function goes on from
     /// where the old process paused it.
     pub(crate) fn run_resumed(self) -> Result<Ended, ServerError> {
+        self.stats.taken_over();
+        self.stats.set_space(self.space.as_ref());
         if let Err(e) = self.function().resume() {
             tracing::warn!(error = %e, "a handed-over device did not run again");
         }
@@ -255,6 +267,7 @@ impl<'a> Session<'a> {
         let package = self.package(deferred);
         let failed = package.is_err();
         if state.deliver(package) {
+            self.stats.handed_over();
             tracing::info!(client = %self.client, "session handed over to another process");
             return Ok(true);
         }
@@ -342,7 +355,10 @@ impl<'a> Session<'a> {
                 Incoming::Message(m) if m.header.is_reply() => self.remote.dispatch_reply(m),
                 Incoming::Message(m) => {
                     let header = m.header;
+                    let t = std::time::Instant::now();
                     let result = self.dispatch(m);
+                    self.stats
+                        .request(header.command, result.is_ok(), t.elapsed());
                     let fatal = matches!(
                         (&result, header.known_command()),
                         (Err(_), Some(Command::Version))
@@ -496,6 +512,7 @@ impl<'a> Session<'a> {
         if let Some(f) = &self.negotiated_flag {
             f.store(true, std::sync::atomic::Ordering::Release);
         }
+        self.stats.set_space(self.space.as_ref());
         let minor = v.minor.min(umdev_proto::MAX_MINOR);
         tracing::info!(
             client_minor = v.minor,

@@ -128,6 +128,15 @@ pub enum Call {
         /// The device.
         uuid: String,
     },
+    /// Daemon to worker: a device's counters as Prometheus text with these labels.
+    Metrics {
+        /// The device.
+        uuid: String,
+        /// The labels of every sample.
+        labels: String,
+    },
+    /// Daemon to worker: the worker process's own counters (its refusals).
+    ProcessMetrics,
     /// Daemon to a serving worker (a live upgrade): pause every device between two
     /// messages and hand it over on the socket that comes with the call, then exit once
     /// the new worker has it (or run on if it fails).

@@ -129,6 +129,7 @@ impl WorkerServe {
             ledger: self.ledger.clone(),
             charged: Mutex::new(BTreeMap::new()),
             supervisor: Mutex::new(None),
+            restarts: AtomicU64::new(0),
         })
     }
 
@@ -398,6 +399,17 @@ impl WorkerServe {
         }
     }
 
+    /// Every worker process's own counters (its refusals), as Prometheus text.
+    pub fn process_metrics(&self) -> String {
+        self.workers(None)
+            .iter()
+            .filter_map(|w| match w.link().ok()?.call(Call::ProcessMetrics) {
+                Ok((Reply::Text(t), _)) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Lets every worker go without stopping its devices (a daemon stop with workers):
     /// each serves on and waits for the next daemon. Returns how many there were.
     pub fn detach_all(&self) -> usize {
@@ -613,6 +625,8 @@ struct Worker {
     /// What this worker charged to them.
     charged: Mutex<BTreeMap<u32, u64>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// Times it died and was started again.
+    restarts: AtomicU64,
 }
 
 impl Worker {
@@ -739,6 +753,7 @@ impl Worker {
             let uuids: Vec<String> = lock(&self.devices).keys().cloned().collect();
             tracing::error!(worker = self.name, status = ?status, devices = ?uuids,
                 "a worker died: its group's clients are gone; starting it again");
+            self.restarts.fetch_add(1, Ordering::Relaxed);
             // The clients it served are gone: their group is free again.
             for e in lock(&self.devices).values_mut() {
                 if std::mem::take(&mut e.held) {
@@ -895,6 +910,24 @@ impl Served for WorkerServed {
     fn stop(self: Box<Self>) {
         self.placement.get().stop_device(&self.uuid);
         lock(&self.placements).remove(&self.uuid);
+    }
+
+    fn metrics(&self, labels: &str) -> String {
+        let worker = self.placement.get();
+        let mut out = match worker.link().and_then(|l| {
+            l.call(Call::Metrics {
+                uuid: self.uuid.clone(),
+                labels: labels.to_owned(),
+            })
+        }) {
+            Ok((Reply::Text(t), _)) => t,
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "umdev_worker_restarts_total{{{labels}}} {}\n",
+            worker.restarts.load(Ordering::Relaxed)
+        ));
+        out
     }
 
     fn display_plane(&self) -> Result<DisplayPlane, Errno> {

@@ -506,6 +506,18 @@ impl Worker {
                 }
             }
             Call::Show { uuid, name } => self.with_attrs(&uuid, |a| a.show(&name).map(Reply::Text)),
+            Call::Metrics { uuid, labels } => match lock(&self.devices).get(&uuid) {
+                Some(d) => Ok(Reply::Text(d.served.metrics(&labels))),
+                None => Err(Errno::NODEV),
+            },
+            Call::ProcessMetrics => {
+                let mut out = String::new();
+                umdev_server::stats::render_refusals(
+                    &format!("worker-{}", std::process::id()),
+                    &mut out,
+                );
+                Ok(Reply::Text(out))
+            }
             Call::Store { uuid, name, value } => {
                 self.with_attrs(&uuid, |a| a.store(&name, &value).map(|()| Reply::Done))
             }
