@@ -82,6 +82,10 @@ pub struct ServerConfig {
     pub allow_uids: Vec<u32>,
     /// Only peers with one of these gids may connect (empty: any).
     pub allow_gids: Vec<u32>,
+    /// Most requests a client's session handles per second (0: no limit). A client over
+    /// it waits (its socket holds the rest), so that one flooding client leaves CPU time
+    /// to the others.
+    pub max_requests_per_sec: u32,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +103,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(10),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            max_requests_per_sec: 0,
         }
     }
 }

@@ -29,6 +29,7 @@
 //! send_timeout_ms = 10000             # a client that leaves replies unread is disconnected
 //! allow_uids = [107]                  # only these peers (SO_PEERCRED) may connect (empty: any)
 //! allow_gids = []
+//! max_requests_per_sec = 0            # per client session (0: no limit)
 //!
 //! [[parent]]
 //! name = "mtty0"
@@ -181,6 +182,9 @@ pub struct ServerSection {
     /// Only these peer gids may connect to devices (empty: any).
     #[serde(default)]
     pub allow_gids: Vec<u32>,
+    /// Most requests per second a client's session handles (0: no limit).
+    #[serde(default)]
+    pub max_requests_per_sec: u32,
 }
 
 fn default_send_timeout() -> u64 {
@@ -215,6 +219,7 @@ impl Default for ServerSection {
             send_timeout_ms: default_send_timeout(),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            max_requests_per_sec: 0,
         }
     }
 }
@@ -239,6 +244,7 @@ impl ServerSection {
             send_timeout: Duration::from_millis(self.send_timeout_ms.max(1)),
             allow_uids: self.allow_uids.clone(),
             allow_gids: self.allow_gids.clone(),
+            max_requests_per_sec: self.max_requests_per_sec,
             ..ServerConfig::default()
         })
     }

@@ -255,6 +255,16 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         Isolation::Thread => dirs.clone(),
         Isolation::Worker => {
             let links = state.join("workers");
+            // The longest socket a worker binds there (its adoption socket) must fit in
+            // sun_path.
+            let longest = links.join("adopt-xxxxxxxx-xxxx.sock");
+            if longest.as_os_str().len() > 107 {
+                anyhow::bail!(
+                    "the state directory {} is too long for worker sockets ({} bytes of the 107 a UNIX socket's path may have); choose a shorter state_dir",
+                    state.display(),
+                    longest.as_os_str().len()
+                );
+            }
             std::fs::create_dir_all(&links)
                 .with_context(|| format!("creating {}", links.display()))?;
             let exe = std::env::current_exe().context("the daemon's own binary (for workers)")?;

@@ -112,6 +112,8 @@ pub(crate) struct Session<'a> {
     negotiated_flag: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The device's counters.
     stats: Arc<crate::stats::Stats>,
+    /// The request budget (`max_requests_per_sec`): tokens and when they were counted.
+    budget: (f64, std::time::Instant),
 }
 
 impl<'a> Session<'a> {
@@ -142,6 +144,31 @@ impl<'a> Session<'a> {
             handover: None,
             negotiated_flag: None,
             stats: crate::stats::Stats::new(),
+            budget: (
+                f64::from(config.max_requests_per_sec),
+                std::time::Instant::now(),
+            ),
+        }
+    }
+
+    /// Waits, if the client is over its request rate, until it may send the next request:
+    /// a token bucket holding one second's worth of requests (so bursts pass), refilled at
+    /// the rate.
+    fn pace(&mut self) {
+        let rate = f64::from(self.config.max_requests_per_sec);
+        if rate == 0.0 {
+            return;
+        }
+        loop {
+            let now = std::time::Instant::now();
+            let (tokens, at) = self.budget;
+            let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate).min(rate);
+            if tokens >= 1.0 {
+                self.budget = (tokens - 1.0, now);
+                return;
+            }
+            self.budget = (tokens, now);
+            std::thread::sleep(std::time::Duration::from_secs_f64((1.0 - tokens) / rate));
         }
     }
 
@@ -355,6 +382,7 @@ impl<'a> Session<'a> {
                 Incoming::Message(m) if m.header.is_reply() => self.remote.dispatch_reply(m),
                 Incoming::Message(m) => {
                     let header = m.header;
+                    self.pace();
                     let t = std::time::Instant::now();
                     let result = self.dispatch(m);
                     self.stats

@@ -635,9 +635,11 @@ impl Worker {
         let listener: OwnedFd = link::listen(&self.link_path)?;
         // A process group of its own: a signal meant for the daemon's (a terminal's ^C, a
         // `timeout`) is not the worker's; the daemon decides when it stops.
-        let adopt = self
-            .link_path
-            .with_file_name(format!("adopt-{}.sock", MdevUuid::random()));
+        // Short: a socket's path must fit in sun_path (108 bytes) under the state directory.
+        let adopt = self.link_path.with_file_name(format!(
+            "adopt-{}.sock",
+            &MdevUuid::random().to_string()[..13]
+        ));
         *lock(&self.adopt) = Some(adopt.clone());
         let child = Command::new(&self.exe)
             .process_group(0)

@@ -312,7 +312,10 @@ impl Worker {
         let (function, attrs) = self.build(&uuid, s, &env)?;
         let irqs = function.interrupts();
         let server = self.server_config(s)?;
-        let (listener, path) = env.bind(VFIO_USER_SOCKET).map_err(io_errno)?;
+        let (listener, path) = env.bind(VFIO_USER_SOCKET).map_err(|e| {
+            tracing::warn!(uuid = s.uuid, error = %e, "worker: cannot bind the device's socket");
+            io_errno(e)
+        })?;
         let served =
             crate::serve::serve_on(&uuid, path, listener, function, &server).map_err(io_errno)?;
         lock(&self.devices).insert(
@@ -570,6 +573,9 @@ impl Worker {
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
+    if e.kind() == std::io::ErrorKind::InvalidFilename {
+        return Errno::NAMETOOLONG;
+    }
     e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error)
 }
 
