@@ -85,15 +85,11 @@ fn clear(path: &Path, stale: Stale) -> std::io::Result<()> {
 /// the policy says, then the socket gets its mode and owner; if that fails the new socket
 /// is removed again, so a socket either exists with its policy or not at all.
 pub fn bind(path: &Path, policy: &SocketPolicy) -> std::io::Result<UnixListener> {
-    // A UNIX socket's path has at most 107 bytes (sun_path): say so, with an errno.
+    // A UNIX socket's path has at most 107 bytes (sun_path): ENAMETOOLONG, not a truncated
+    // path or an error without an errno.
     if path.as_os_str().len() > 107 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidFilename,
-            format!(
-                "{} is {} bytes, longer than a UNIX socket's path may be (107); choose a shorter directory",
-                path.display(),
-                path.as_os_str().len()
-            ),
+        return Err(std::io::Error::from_raw_os_error(
+            rustix::io::Errno::NAMETOOLONG.raw_os_error(),
         ));
     }
     clear(path, policy.stale)?;

@@ -313,7 +313,7 @@ impl Worker {
         let irqs = function.interrupts();
         let server = self.server_config(s)?;
         let (listener, path) = env.bind(VFIO_USER_SOCKET).map_err(|e| {
-            tracing::warn!(uuid = s.uuid, error = %e, "worker: cannot bind the device's socket");
+            tracing::warn!(uuid = s.uuid, path = %s.dir.display(), error = %e, "worker: cannot bind the device's socket");
             io_errno(e)
         })?;
         let served =
@@ -573,9 +573,6 @@ impl Worker {
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
-    if e.kind() == std::io::ErrorKind::InvalidFilename {
-        return Errno::NAMETOOLONG;
-    }
     e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error)
 }
 
