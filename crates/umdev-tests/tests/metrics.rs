@@ -91,6 +91,15 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
     )
     .unwrap();
     assert_eq!(count, inf);
+    // curl, as a scraper would (CI installs it).
+    let o = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(d.root().join("state/metrics.sock"))
+        .arg("http://localhost/metrics")
+        .output()
+        .expect("curl (apt-get install curl)");
+    let curled = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && reads(&curled).unwrap() >= n1 + 5.0, "{curled}");
     // umdevctl stats <uuid>: that device's lines.
     let o = d.umdevctl(&["stats", &u]);
     let text = String::from_utf8_lossy(&o.stdout);
