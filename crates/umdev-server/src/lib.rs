@@ -179,15 +179,7 @@ impl Stopper {
             return;
         }
         self.0.wake();
-        if let Some(t) = self
-            .0
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            t.shutdown();
-        }
+        self.0.cut_current();
     }
 }
 
@@ -552,15 +544,7 @@ impl Server {
             std::mem::forget(listener);
             return Ok(());
         }
-        if let Some(t) = self
-            .stop
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            t.shutdown();
-        }
+        self.stop.cut_current();
         if let Some(h) = session.take() {
             let _ = h.join();
         }

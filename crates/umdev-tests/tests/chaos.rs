@@ -22,19 +22,13 @@ use umdev_proto::{wire, Command, Header};
 use umdev_tests::cmd;
 use zerocopy::IntoBytes;
 
-const CONFIG: &str = r#"
-release_timeout_ms = 300
-
-[[parent]]
-name = "test0"
-driver = "umdevtest"
-options = { pool = 2 }
-
-[[parent]]
-name = "nvme0"
-driver = "mnvme"
-options = { capacity_gib = 1 }
-"#;
+fn config() -> String {
+    format!(
+        "release_timeout_ms = 300\n{}{}",
+        mdev::TEST_PARENT,
+        mdev::NVME_PARENT
+    )
+}
 
 /// Iterations (bounded for CI).
 const ITERATIONS: u64 = 60;
@@ -187,7 +181,7 @@ fn nvme_step(d: &Daemon, uuid: &str, rng: &mut Rng) {
 
 #[test]
 fn clients_gone_at_random_points_leak_nothing() {
-    let d = Daemon::start_test_daemon(CONFIG);
+    let d = Daemon::start_test_daemon(&config());
     let daemon = rustix::process::Pid::from_child(d.child.as_ref().unwrap());
     let budget = rustix::process::Rlimit {
         current: Some(BUDGET_PAGES * 4096),
@@ -287,7 +281,7 @@ fn root_workers(d: &Daemon) -> Vec<u32> {
 /// every device is running and serves a client.
 #[test]
 fn workers_and_daemons_killed_at_random_leave_one_worker_per_group() {
-    let mut d = Daemon::start_test_daemon(&format!("isolation = \"worker\"\n{CONFIG}"));
+    let mut d = Daemon::start_test_daemon(&format!("isolation = \"worker\"\n{}", config()));
     let (t, n) = (new_uuid(), new_uuid());
     d.create("test0", "umdevtest-plain", &t).unwrap();
     d.create("nvme0", "mnvme-1g", &n).unwrap();

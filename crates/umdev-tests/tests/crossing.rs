@@ -23,19 +23,13 @@ use umdev_client::nvme::{op, HostMemory, Nvme, NvmeOptions, Sqe};
 use umdev_client::Client;
 use umdev_tests::cmd;
 
-const CONFIG: &str = r#"
-release_timeout_ms = 300
-
-[[parent]]
-name = "test0"
-driver = "umdevtest"
-options = { pool = 2 }
-
-[[parent]]
-name = "nvme0"
-driver = "mnvme"
-options = { capacity_gib = 1 }
-"#;
+fn config() -> String {
+    format!(
+        "release_timeout_ms = 300\n{}{}",
+        mdev::TEST_PARENT,
+        mdev::NVME_PARENT
+    )
+}
 
 fn pread(fd: &std::os::fd::OwnedFd, at: u64, n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
@@ -45,7 +39,7 @@ fn pread(fd: &std::os::fd::OwnedFd, at: u64, n: usize) -> Vec<u8> {
 
 #[test]
 fn a_gone_clients_bar2_fd_reaches_nothing_of_the_next_clients() {
-    let d = Daemon::start_test_daemon(CONFIG);
+    let d = Daemon::start_test_daemon(&config());
     let t = new_uuid();
     d.create("test0", "umdevtest-plain", &t).unwrap();
     let kept = {
@@ -79,7 +73,7 @@ fn a_gone_clients_bar2_fd_reaches_nothing_of_the_next_clients() {
 
 #[test]
 fn a_gone_clients_memory_is_never_reached_by_dma_for_the_next() {
-    let d = Daemon::start_test_daemon(CONFIG);
+    let d = Daemon::start_test_daemon(&config());
     let t = new_uuid();
     d.create("test0", "umdevtest-plain", &t).unwrap();
     const BASE: u64 = 0x10_0000;
@@ -123,7 +117,7 @@ fn write_blocks(n: &mut Nvme, data: &HostMemory, lba: u64, seed: u8) {
 
 #[test]
 fn an_mnvme_controller_left_by_a_gone_client_never_touches_its_memory_again() {
-    let d = Daemon::start_test_daemon(CONFIG);
+    let d = Daemon::start_test_daemon(&config());
     let u = new_uuid();
     d.create("nvme0", "mnvme-1g", &u).unwrap();
     let (qa, da) = {

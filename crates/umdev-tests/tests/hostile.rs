@@ -22,12 +22,7 @@ use umdev_client::Client;
 /// The default VERSION timeout.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(2);
 
-const CONFIG: &str = r#"
-[[parent]]
-name = "test0"
-driver = "umdevtest"
-options = { pool = 2 }
-"#;
+const CONFIG: &str = mdev::TEST_PARENT;
 
 #[test]
 fn finding_a_silent_connection_does_not_hold_the_device() {

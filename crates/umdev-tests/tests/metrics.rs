@@ -14,12 +14,7 @@ use mdev::{new_uuid, Daemon};
 use umdev_client::Client;
 use umdev_tests::cmd;
 
-const CONFIG: &str = r#"
-[[parent]]
-name = "test0"
-driver = "umdevtest"
-options = { pool = 2 }
-"#;
+const CONFIG: &str = mdev::TEST_PARENT;
 
 fn scrape(d: &Daemon) -> String {
     let mut s = UnixStream::connect(d.root().join("state/metrics.sock")).unwrap();
@@ -99,7 +94,10 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
         .output()
         .expect("curl (apt-get install curl)");
     let curled = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && reads(&curled).unwrap() >= n1 + 5.0, "{curled}");
+    assert!(
+        o.status.success() && reads(&curled).unwrap() >= n1 + 5.0,
+        "{curled}"
+    );
     // umdevctl stats <uuid>: that device's lines.
     let o = d.umdevctl(&["stats", &u]);
     let text = String::from_utf8_lossy(&o.stdout);

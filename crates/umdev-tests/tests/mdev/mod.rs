@@ -307,6 +307,14 @@ pub fn workers(parent: u32) -> Vec<u32> {
     v
 }
 
+/// The test device's parent (`umdevtest`, two devices) as a configuration's `[[parent]]`.
+pub const TEST_PARENT: &str =
+    "[[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\noptions = { pool = 2 }\n";
+
+/// An mnvme parent of 1 GiB (`mnvme-1g` devices) as a configuration's `[[parent]]`.
+pub const NVME_PARENT: &str =
+    "[[parent]]\nname = \"nvme0\"\ndriver = \"mnvme\"\noptions = { capacity_gib = 1 }\n";
+
 /// A fresh random UUID, lowercase.
 pub fn new_uuid() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/uuid")
