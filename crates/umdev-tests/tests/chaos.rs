@@ -330,7 +330,10 @@ fn workers_and_daemons_killed_at_random_leave_one_worker_per_group() {
         drop(c);
         assert!(
             eventually(|| [&t, &n].iter().all(|u| state(&d, u) == "running")),
-            "a device is not running again"
+            "a device is not running again after step {k} ({kinds:?}): {:?}, workers {:?}\n{}",
+            [&t, &n].map(|u| state(&d, u)),
+            root_workers(&d),
+            String::from_utf8_lossy(&d.umdevctl(&["list"]).stdout)
         );
     }
     assert!(kinds.iter().all(|&k| k > 0), "{kinds:?}");

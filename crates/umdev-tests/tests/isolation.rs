@@ -419,3 +419,30 @@ fn a_clients_pins_in_two_workers_share_one_budget() {
     });
     assert_eq!(cmd::pin(&mut ca, BASE, 16, 3), ok, "all 16 free again");
 }
+
+/// The daemon dies, then the worker it left serving dies too (nobody is there to start it
+/// again): the next daemon starts the device again from its record, in a new worker.
+#[test]
+fn a_device_whose_worker_and_daemon_both_died_is_started_again() {
+    let mut d = Daemon::start_test_daemon(CONFIG);
+    let a = new_uuid();
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    let (_c, pid) = connect(&d.socket(&a));
+    d.kill();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    wait_until("the worker outlived SIGKILL", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+    });
+    d.spawn();
+    assert!(d.mdev_dir(&a).exists(), "the device was lost");
+    let state = std::fs::read_to_string(d.mdev_dir(&a).join("state")).unwrap();
+    assert_eq!(state.trim(), "running");
+    let (mut c, now) = connect(&d.socket(&a));
+    assert_ne!(now, pid);
+    c.device_info().unwrap();
+}

@@ -191,11 +191,14 @@ impl WorkerServe {
             server: self.server.clone(),
         };
         let uuid = start.uuid.clone();
-        let worker = self.new_worker(vec![Entry {
-            start,
-            guard: d.guard.clone(),
-            held: false,
-        }])?;
+        self.record(&start);
+        let worker = self
+            .new_worker(vec![Entry {
+                start,
+                guard: d.guard.clone(),
+                held: false,
+            }])
+            .inspect_err(|_| self.forget(&uuid))?;
         Ok(self.remote(worker, uuid, dir))
     }
 
@@ -210,6 +213,7 @@ impl WorkerServe {
             served: Box::new(WorkerServed {
                 placement: placement.clone(),
                 placements: self.placements.clone(),
+                record: self.records().join(format!("{uuid}.json")),
                 uuid: uuid.clone(),
                 socket: dir.join(umdev_core::VFIO_USER_SOCKET),
             }),
@@ -286,7 +290,116 @@ impl WorkerServe {
                 }
             }
         }
+        let restarted = self.restart_orphans(core, &adopted);
+        adopted.extend(restarted);
         adopted
+    }
+
+    /// Where the devices served by workers are recorded (`<uuid>.json`, how to start each):
+    /// a device whose worker and daemon both died is started again from its record by the
+    /// next daemon.
+    fn records(&self) -> PathBuf {
+        self.links_dir.join("devices")
+    }
+
+    fn forget(&self, uuid: &str) {
+        let _ = std::fs::remove_file(self.records().join(format!("{uuid}.json")));
+    }
+
+    fn record(&self, start: &StartDevice) {
+        let dir = self.records();
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join(format!(".{}.json", start.uuid));
+            std::fs::write(&tmp, serde_json::to_vec(start)?)?;
+            std::fs::rename(&tmp, dir.join(format!("{}.json", start.uuid)))
+        };
+        if let Err(e) = write() {
+            tracing::warn!(uuid = start.uuid, error = %e, "cannot record a worker's device; it will not outlive its worker and daemon both");
+        }
+    }
+
+    /// Starts again, each in a new worker, the recorded devices no live worker serves
+    /// (their worker died while no daemon was there to start it again). Their clients were
+    /// gone with the worker; a peer-to-peer group comes back as one group per device.
+    fn restart_orphans(&self, core: &umdev_core::Core, adopted: &[MdevUuid]) -> Vec<MdevUuid> {
+        let Ok(dir) = std::fs::read_dir(self.records()) else {
+            return Vec::new();
+        };
+        let mut starts = BTreeMap::new();
+        for e in dir.flatten() {
+            let path = e.path();
+            let Some(uuid) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| MdevUuid::parse(s).ok())
+            else {
+                continue;
+            };
+            if adopted.contains(&uuid) {
+                continue;
+            }
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<StartDevice>(&b).ok())
+            {
+                Some(s) => {
+                    starts.insert(uuid, s);
+                }
+                None => {
+                    tracing::warn!(record = %path.display(), "an unreadable device record; removed");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        if starts.is_empty() {
+            return Vec::new();
+        }
+        let list = starts
+            .iter()
+            .map(|(uuid, s)| umdev_core::Adoptee {
+                uuid: *uuid,
+                parent: s.parent.clone(),
+                description: s.description.clone(),
+                env: DeviceEnv::new(
+                    *uuid,
+                    Some(s.dir.clone()),
+                    umdev_transport::SocketPolicy {
+                        stale: umdev_transport::Stale::IfDead,
+                        mode: s.mode,
+                        owner: s.owner,
+                    },
+                ),
+                held: None,
+            })
+            .collect();
+        let mut restarted = Vec::new();
+        let r = core.adopt(list, |a, guard| {
+            let uuid = a.uuid.to_string();
+            let dir = a.env.dir().unwrap_or(Path::new("")).to_path_buf();
+            let Some(start) = starts.remove(&a.uuid) else {
+                return self.remote(self.worker(BTreeMap::new(), None), uuid, &dir);
+            };
+            match self.new_worker(vec![Entry {
+                start,
+                guard,
+                held: false,
+            }]) {
+                Ok(w) => {
+                    tracing::warn!(uuid, "a device whose worker died with no daemon to start it again: started again (its clients were gone)");
+                    restarted.push(a.uuid);
+                    self.remote(w, uuid, &dir)
+                }
+                Err(e) => {
+                    tracing::error!(uuid, error = %e, "cannot start a recorded device again");
+                    self.remote(self.worker(BTreeMap::new(), None), uuid, &dir)
+                }
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot start recorded devices again");
+        }
+        restarted
     }
 
     /// Every worker, once (of the devices in `only`, if given).
@@ -469,6 +582,7 @@ impl WorkerServe {
         let r = core.adopt(list, |a, guard| {
             let uuid = a.uuid.to_string();
             if let Some(start) = starts.remove(&a.uuid) {
+                self.record(&start);
                 lock(&worker.devices).insert(
                     uuid.clone(),
                     Entry {
@@ -902,6 +1016,8 @@ struct WorkerServed {
     placements: Placements,
     uuid: String,
     socket: PathBuf,
+    /// The device's record (removed with the device).
+    record: PathBuf,
 }
 
 impl Served for WorkerServed {
@@ -912,6 +1028,7 @@ impl Served for WorkerServed {
     fn stop(self: Box<Self>) {
         self.placement.get().stop_device(&self.uuid);
         lock(&self.placements).remove(&self.uuid);
+        let _ = std::fs::remove_file(&self.record);
     }
 
     fn metrics(&self, labels: &str) -> String {
