@@ -1,9 +1,16 @@
 //! Writes the seed corpora of the fuzz targets: `umdev-fuzz-seedgen OUT_DIR` fills
-//! `OUT_DIR/codec/` and `OUT_DIR/session/` with one file per seed.
+//! `OUT_DIR/<target>/` with one `seed-*` file per seed, for every target.
 //!
-//! The seeds are built with the codec itself rather than kept as binary files, so they
-//! follow the protocol as it changes. The session seeds match the device and the input
-//! format of `fuzz_targets/session.rs` (mode byte, raw stream, `FD!\n` markers).
+//! The seeds are built with the codec and the crates themselves rather than kept as binary
+//! files, so they follow the protocol and the APIs as they change. Each target's seeds match
+//! its device and input format: `session` here (mode byte, raw stream, `FD!\n` markers),
+//! the others in a module of their own. The `handover` seeds are packages of a real server,
+//! paused on a socket in a temporary directory.
+
+mod config_space;
+mod control;
+mod handover;
+mod sysfs;
 
 use std::path::Path;
 
@@ -31,25 +38,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .ok_or("usage: umdev-fuzz-seedgen OUT_DIR")?;
     let out = Path::new(&out);
-    let codec = codec_seeds();
-    let session = session_seeds();
-    write_all(&out.join("codec"), &codec)?;
-    write_all(&out.join("session"), &session)?;
-    println!(
-        "wrote {} codec and {} session seeds under {}",
-        codec.len(),
-        session.len(),
-        out.display()
-    );
+    let tmp = std::env::temp_dir().join(format!("umdev-seedgen-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let handover = handover::seeds(&tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let counts = [
+        write_all(out, "codec", &codec_seeds())?,
+        write_all(out, "session", &session_seeds())?,
+        write_all(out, "config_space", &config_space::seeds())?,
+        write_all(out, "handover", &handover?)?,
+        write_all(out, "control", &control::seeds())?,
+        write_all(out, "sysfs", &sysfs::seeds())?,
+    ];
+    println!("wrote {} under {}", counts.join(", "), out.display());
     Ok(())
 }
 
-fn write_all(dir: &Path, seeds: &[(&str, Vec<u8>)]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+/// Writes `out/<target>/seed-<name>` for each seed; says how many.
+fn write_all(
+    out: &Path,
+    target: &str,
+    seeds: &[(impl AsRef<str>, Vec<u8>)],
+) -> std::io::Result<String> {
+    let dir = out.join(target);
+    std::fs::create_dir_all(&dir)?;
     for (name, bytes) in seeds {
-        std::fs::write(dir.join(format!("seed-{name}")), bytes)?;
+        std::fs::write(dir.join(format!("seed-{}", name.as_ref())), bytes)?;
     }
-    Ok(())
+    Ok(format!("{} {target}", seeds.len()))
 }
 
 /// A message stream under construction, with message ids counting up.

@@ -1,0 +1,229 @@
+//! Seeds of `fuzz_targets/handover.rs`: real hand-over packages, made by pausing a real
+//! server (the way `umdevd` upgrades a worker) with and without a client attached, and one
+//! written by hand with every field of a package with a client.
+//!
+//! A seed is the target's mode byte (how many memfds stand in for the package's fds; bit 3:
+//! open the function directly for a client too), then the package's state. The device
+//! must match the target's: a package fits only the device it came from.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::time::Duration;
+
+use umdev_client::Client;
+use umdev_pci::{
+    BarIndex, BarKind, Errno, HandedFds, PciDevice, PciDeviceSpec, PciFunction, StateReader,
+    StateWriter,
+};
+use umdev_proto::wire;
+use umdev_server::{Package, Server, ServerConfig};
+
+/// The device's own fields. Must match the target.
+const T_REGS: u16 = 1;
+const T_WRITES: u16 = 2;
+const REGS: usize = 256;
+const BAR2_SIZE: usize = 4096;
+
+/// A package's fields, as `umdev_server::handover` numbers them.
+const T_FUNCTION: u16 = 1;
+const T_FUNCTION_FDS: u16 = 2;
+const T_SESSION: u16 = 3;
+const T_STREAM: u16 = 4;
+const T_PENDING: u16 = 5;
+const T_MARK: u16 = 6;
+const T_CONNECTION: u16 = 7;
+const T_PEER: u16 = 8;
+const T_WRITE_MULTIPLE: u16 = 9;
+const T_CLIENT_MAX_FDS: u16 = 10;
+const T_CLIENT_MAX_XFER: u16 = 11;
+const T_MAX_DMA_MAPS: u16 = 12;
+const T_MAPPING: u16 = 13;
+const T_PAUSED_AT: u16 = 14;
+
+/// Most fds the target attaches.
+const MAX_FDS: usize = 4;
+
+type Error = Box<dyn std::error::Error>;
+
+pub fn seeds(tmp: &Path) -> Result<Vec<(&'static str, Vec<u8>)>, Error> {
+    let mut seeds = Vec::new();
+    let idle = paused(tmp, false)?;
+    seeds.push(("idle", seed(&idle, false)));
+    let held = paused(tmp, true)?;
+    seeds.push(("client", seed(&held, false)));
+    seeds.push(("client-open", seed(&held, true)));
+    let function = StateReader::parse(&idle.state)?.bytes(T_FUNCTION)?.to_vec();
+    seeds.push(("by-hand", by_hand(&function)));
+    Ok(seeds)
+}
+
+fn seed(p: &Package, open: bool) -> Vec<u8> {
+    let fds = u8::try_from(p.fds.len().min(MAX_FDS)).unwrap_or(0);
+    let mut v = vec![fds | if open { 8 } else { 0 }];
+    v.extend_from_slice(&p.state);
+    v
+}
+
+/// Serves the device on a socket under `tmp`, optionally with a client that has set up
+/// interrupts and memory, and pauses it for a hand-over; the server then runs on.
+fn paused(tmp: &Path, with_client: bool) -> Result<Package, Error> {
+    let path = tmp.join(format!("handover-{with_client}.sock"));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let server = Server::new(function(), ServerConfig::default())?;
+    let ctl = server.hand_over_ctl();
+    let stopper = server.stopper();
+    std::thread::scope(|scope| {
+        let serving = scope.spawn(|| server.serve(listener));
+        let package = (|| -> Result<Package, Error> {
+            let client = if with_client {
+                Some(client(&path)?)
+            } else {
+                None
+            };
+            let package = ctl.pause(Duration::from_secs(5))?;
+            ctl.abort();
+            drop(client);
+            Ok(package)
+        })();
+        stopper.stop();
+        let served = serving.join();
+        let package = package?;
+        served
+            .map_err(|_| "the server panicked")?
+            .map_err(|e| format!("the server failed: {e}"))?;
+        Ok(package)
+    })
+}
+
+/// A client with something of everything a package carries: registers written, an MSI-X
+/// eventfd, memory mapped from a file and memory reached through messages.
+fn client(path: &Path) -> Result<(Client, OwnedFd), Error> {
+    let mut c = Client::connect(path)?;
+    c.region_write(0, 0x10, &[1, 2, 3, 4])?;
+    let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+    c.set_irq_eventfds(2, wire::IRQ_SET_ACTION_TRIGGER, 0, &[efd.as_fd()])?;
+    let mem = rustix::fs::memfd_create("umdev-seed", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&mem, 64 * 1024)?;
+    let rw = wire::DMA_MAP_FLAG_READ | wire::DMA_MAP_FLAG_WRITE;
+    c.dma_map(0x10000, 0x10000, rw, Some((mem.as_fd(), 0)))?;
+    c.dma_map(0x100000, 0x1000, wire::DMA_MAP_FLAG_READ, None)?;
+    Ok((c, efd))
+}
+
+/// A package with a client, every field written by hand: its connection (fd 0) with half a
+/// message pending and an fd marked in it (fd 1), and one mapping from a file (fd 2) and
+/// one through messages; `function` is a real function's state.
+fn by_hand(function: &[u8]) -> Vec<u8> {
+    let mut w = StateWriter::new();
+    w.u64(T_PAUSED_AT, 1_000_000)
+        .bytes(T_FUNCTION, function)
+        .u32(T_FUNCTION_FDS, 0)
+        .bool(T_SESSION, true)
+        .u32(T_STREAM, 0)
+        .bytes(T_PENDING, &[0, 0, 1, 0, 0x20, 0, 0, 0]);
+    let mut mark = Vec::new();
+    mark.extend_from_slice(&0u64.to_le_bytes());
+    mark.extend_from_slice(&8u64.to_le_bytes());
+    mark.extend_from_slice(&1u32.to_le_bytes());
+    w.bytes(T_MARK, &mark).u64(T_CONNECTION, 7);
+    let peer: Vec<u8> = [4242u32, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    w.bytes(T_PEER, &peer)
+        .bool(T_WRITE_MULTIPLE, true)
+        .u32(T_CLIENT_MAX_FDS, 16)
+        .u32(T_CLIENT_MAX_XFER, 1 << 20)
+        .u32(T_MAX_DMA_MAPS, 64);
+    for (start, len, prot, fd) in [
+        (0x10000u64, 0x10000u64, 3u8, 2u32),
+        (0x100000, 0x1000, 1, u32::MAX),
+    ] {
+        let mut b = Vec::new();
+        b.extend_from_slice(&start.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+        b.push(prot);
+        b.extend_from_slice(&fd.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        w.bytes(T_MAPPING, &b);
+    }
+    let mut v = vec![3];
+    v.extend_from_slice(&w.into_payload());
+    v
+}
+
+/// Must match the target's.
+fn function() -> PciFunction {
+    let spec = PciDeviceSpec::builder(0x1b36, 0x0010)
+        .class(0xff, 0, 0)
+        .interrupt_pin(1)
+        .bar(
+            0,
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            REGS as u64,
+        )
+        .bar(2, BarKind::Mem64 { prefetchable: true }, BAR2_SIZE as u64)
+        .msi(4, true)
+        .msix(8, 2, 0, 2, 0x800)
+        .power_management()
+        .build()
+        .expect("the fuzz device's spec is valid");
+    PciFunction::new(spec, Box::new(Keeper::default()))
+}
+
+/// The target's device, as far as a hand-over sees it.
+struct Keeper {
+    regs: Vec<u8>,
+    writes: u64,
+    bar2: Vec<u8>,
+}
+
+impl Default for Keeper {
+    fn default() -> Keeper {
+        Keeper {
+            regs: vec![0; REGS],
+            writes: 0,
+            bar2: vec![0; BAR2_SIZE],
+        }
+    }
+}
+
+impl Keeper {
+    fn span(&mut self, bar: BarIndex, offset: u64, len: usize) -> Result<&mut [u8], Errno> {
+        let mem = if bar.get() == 0 {
+            &mut self.regs
+        } else {
+            &mut self.bar2
+        };
+        let start = usize::try_from(offset).map_err(|_| Errno::INVAL)?;
+        mem.get_mut(start..start + len).ok_or(Errno::INVAL)
+    }
+}
+
+impl PciDevice for Keeper {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
+        data.copy_from_slice(self.span(bar, offset, data.len())?);
+        Ok(())
+    }
+
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        self.span(bar, offset, data.len())?.copy_from_slice(data);
+        if bar.get() == 0 {
+            self.writes += 1;
+        }
+        Ok(())
+    }
+
+    fn hand_over(&mut self, state: &mut StateWriter, _: &mut Vec<OwnedFd>) -> Result<(), Errno> {
+        state.bytes(T_REGS, &self.regs).u64(T_WRITES, self.writes);
+        Ok(())
+    }
+
+    fn take_over(&mut self, _: &StateReader<'_>, _: &mut HandedFds) -> Result<(), Errno> {
+        Err(Errno::NOTSUP)
+    }
+}
