@@ -272,6 +272,14 @@ impl PciFunction {
             );
             return Err(DeviceError::Device(Errno::INVAL));
         }
+        // The identity (vendor, device, revision, class, subsystem) is this device's own: a
+        // state that says otherwise is not this device's.
+        let ours = self.config.bytes();
+        let identity = |b: &[u8]| [&b[0x00..0x04], &b[0x08..0x0c], &b[0x2c..0x30]].concat();
+        if identity(config) != identity(ours) {
+            tracing::warn!("a hand-over's config space is another device's (its identity differs)");
+            return Err(DeviceError::Device(Errno::INVAL));
+        }
         let open = r.bool(T_OPEN).map_err(stream)?;
         // Paused from the start: nothing is delivered or run until resume.
         self.work.hold();
