@@ -32,7 +32,10 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use rustix::event::{eventfd, EventfdFlags};
-use umdev_dma::{Dma, DmaError};
+#[path = "common.rs"]
+mod common;
+
+use common::Refuse;
 use umdev_pci::{
     BarIndex, BarKind, DeviceContext, Errno, IrqData, PciDevice, PciDeviceSpec, PciFunction,
     CONFIG_REGION,
@@ -421,19 +424,6 @@ fn chain(f: &mut PciFunction) -> Vec<(u8, u8)> {
         at = cfg[usize::from(at) + 1];
     }
     out
-}
-
-/// Refuses every access, as a client with nothing mapped.
-struct Refuse;
-
-impl Dma for Refuse {
-    fn read(&self, iova: u64, _: &mut [u8]) -> Result<(), DmaError> {
-        Err(DmaError::Fault { iova })
-    }
-
-    fn write(&self, iova: u64, _: &[u8]) -> Result<(), DmaError> {
-        Err(DmaError::Fault { iova })
-    }
 }
 
 /// The device: BARs of plain memory, doorbells in BAR0.

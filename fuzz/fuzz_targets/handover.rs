@@ -24,7 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use umdev_dma::{Dma, DmaError};
+#[path = "common.rs"]
+mod common;
+
+use common::Refuse;
+use umdev_dma::Dma;
 use umdev_pci::{
     BarIndex, BarKind, ClientId, Errno, HandOver, HandedFds, PciDevice, PciDeviceSpec, PciFunction,
     StateReader, StateWriter, CONFIG_REGION,
@@ -192,19 +196,6 @@ fn memfds(n: usize) -> Vec<OwnedFd> {
             fd
         })
         .collect()
-}
-
-/// Refuses every access, as a client with nothing mapped.
-struct Refuse;
-
-impl Dma for Refuse {
-    fn read(&self, iova: u64, _: &mut [u8]) -> Result<(), DmaError> {
-        Err(DmaError::Fault { iova })
-    }
-
-    fn write(&self, iova: u64, _: &[u8]) -> Result<(), DmaError> {
-        Err(DmaError::Fault { iova })
-    }
 }
 
 /// A device with state to hand over: BAR0's registers and a count of the writes to them.

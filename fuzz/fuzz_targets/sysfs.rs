@@ -32,7 +32,10 @@ use umdev_core::{
     AttrSpec, Core, CoreConfig, DeviceDescription, DeviceEnv, MdevParts, MdevUuid, Parent, Serve,
     Served, TypeSpec, VendorAttrs,
 };
-use umdev_dma::{Dma, DmaError};
+#[path = "common.rs"]
+mod common;
+
+use common::Refuse;
 use umdev_pci::{BarIndex, BarKind, ClientId, PciDevice, PciDeviceSpec, PciFunction};
 
 #[path = "../../crates/umdev-sysfs/src/tree.rs"]
@@ -485,19 +488,6 @@ impl PciDevice for Nothing {
 
     fn bar_write(&mut self, _: BarIndex, _: u64, _: &[u8]) -> Result<(), Errno> {
         Ok(())
-    }
-}
-
-/// Refuses every access, as a client with nothing mapped.
-struct Refuse;
-
-impl Dma for Refuse {
-    fn read(&self, iova: u64, _: &mut [u8]) -> Result<(), DmaError> {
-        Err(DmaError::Fault { iova })
-    }
-
-    fn write(&self, iova: u64, _: &[u8]) -> Result<(), DmaError> {
-        Err(DmaError::Fault { iova })
     }
 }
 
