@@ -241,7 +241,7 @@ impl PciDevice for Keeper {
     fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
         self.span(bar, offset, data.len()).copy_from_slice(data);
         if bar.get() == 0 {
-            self.writes += 1;
+            self.writes = self.writes.wrapping_add(1);
         }
         Ok(())
     }
