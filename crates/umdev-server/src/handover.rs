@@ -36,25 +36,38 @@ pub struct Package {
     pub fds: Vec<OwnedFd>,
 }
 
-// Tags.
-const T_FUNCTION: u16 = 1;
-const T_FUNCTION_FDS: u16 = 2;
-const T_SESSION: u16 = 3;
-const T_STREAM: u16 = 4;
-const T_PENDING: u16 = 5;
-/// One per fd mark: start u64, end u64, then fd indexes (u32 each).
-const T_MARK: u16 = 6;
-const T_CONNECTION: u16 = 7;
-/// pid, uid, gid (u32 each).
-const T_PEER: u16 = 8;
-const T_WRITE_MULTIPLE: u16 = 9;
-const T_CLIENT_MAX_FDS: u16 = 10;
-const T_CLIENT_MAX_XFER: u16 = 11;
-const T_MAX_DMA_MAPS: u16 = 12;
-/// One per mapping: start u64, len u64, prot u8, fd u32 (u32::MAX: none), offset u64.
-const T_MAPPING: u16 = 13;
-/// CLOCK_MONOTONIC nanoseconds at the pause.
-const T_PAUSED_AT: u16 = 14;
+/// The package's fields (its tags), for tools that write packages (the fuzz seeds).
+pub mod tag {
+    /// The function's hand-over state.
+    pub const T_FUNCTION: u16 = 1;
+    /// How many of the fds are the function's (they come first).
+    pub const T_FUNCTION_FDS: u16 = 2;
+    /// Whether a client's session comes with it.
+    pub const T_SESSION: u16 = 3;
+    /// The connection's fd.
+    pub const T_STREAM: u16 = 4;
+    /// Bytes read from the connection and not handled.
+    pub const T_PENDING: u16 = 5;
+    /// One per fd mark: start u64, end u64, then fd indexes (u32 each).
+    pub const T_MARK: u16 = 6;
+    /// The client's connection number.
+    pub const T_CONNECTION: u16 = 7;
+    /// pid, uid, gid (u32 each).
+    pub const T_PEER: u16 = 8;
+    /// Whether the client negotiated WRITE_MULTIPLE.
+    pub const T_WRITE_MULTIPLE: u16 = 9;
+    /// Most fds the client takes in one message.
+    pub const T_CLIENT_MAX_FDS: u16 = 10;
+    /// Most bytes the client takes in one DMA message.
+    pub const T_CLIENT_MAX_XFER: u16 = 11;
+    /// Most DMA mappings the client may hold.
+    pub const T_MAX_DMA_MAPS: u16 = 12;
+    /// One per mapping: start u64, len u64, prot u8, fd u32 (u32::MAX: none), offset u64.
+    pub const T_MAPPING: u16 = 13;
+    /// CLOCK_MONOTONIC nanoseconds at the pause.
+    pub const T_PAUSED_AT: u16 = 14;
+}
+use tag::*;
 
 /// Nanoseconds of `CLOCK_MONOTONIC`: comparable across the processes of one boot.
 pub fn monotonic_ns() -> u64 {

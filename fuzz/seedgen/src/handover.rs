@@ -25,21 +25,7 @@ const T_WRITES: u16 = 2;
 const REGS: usize = 256;
 const BAR2_SIZE: usize = 4096;
 
-/// A package's fields, as `umdev_server::handover` numbers them.
-const T_FUNCTION: u16 = 1;
-const T_FUNCTION_FDS: u16 = 2;
-const T_SESSION: u16 = 3;
-const T_STREAM: u16 = 4;
-const T_PENDING: u16 = 5;
-const T_MARK: u16 = 6;
-const T_CONNECTION: u16 = 7;
-const T_PEER: u16 = 8;
-const T_WRITE_MULTIPLE: u16 = 9;
-const T_CLIENT_MAX_FDS: u16 = 10;
-const T_CLIENT_MAX_XFER: u16 = 11;
-const T_MAX_DMA_MAPS: u16 = 12;
-const T_MAPPING: u16 = 13;
-const T_PAUSED_AT: u16 = 14;
+use umdev_server::handover::tag::*;
 
 /// Most fds the target attaches.
 const MAX_FDS: usize = 4;
