@@ -17,6 +17,7 @@ use fuser::{
 };
 use umdev_core::Core;
 
+use crate::access::WriteAccess;
 use crate::tree::{self, Entry, File};
 
 const TTL: Duration = Duration::ZERO;
@@ -107,6 +108,7 @@ pub(crate) struct SysFs {
     inodes: Mutex<Inodes>,
     uid: u32,
     gid: u32,
+    access: WriteAccess,
     started: SystemTime,
 }
 
@@ -131,12 +133,13 @@ fn errno(e: rustix::io::Errno) -> Errno {
 }
 
 impl SysFs {
-    pub(crate) fn new(core: Core) -> SysFs {
+    pub(crate) fn new(core: Core, access: WriteAccess) -> SysFs {
         SysFs {
             core,
             inodes: Mutex::new(Inodes::new()),
             uid: rustix::process::geteuid().as_raw(),
             gid: rustix::process::getegid().as_raw(),
+            access,
             started: SystemTime::now(),
         }
     }
@@ -150,11 +153,17 @@ impl SysFs {
     }
 
     fn attr(&self, ino: u64, entry: &Entry) -> FileAttr {
-        let (kind, perm, size, nlink) = match entry {
-            Entry::Dir => (FileType::Directory, 0o755, 0, 2),
+        let me = (self.uid, self.gid);
+        let (kind, (uid, gid, perm), size, nlink) = match entry {
+            Entry::Dir => (FileType::Directory, (me.0, me.1, 0o755), 0, 2),
             // sysfs reports every attribute as 4096 bytes; direct I/O makes reads exact.
-            Entry::File(f) => (FileType::RegularFile, f.mode(), 4096, 1),
-            Entry::Link(t) => (FileType::Symlink, 0o777, t.len() as u64, 1),
+            Entry::File(f) => (
+                FileType::RegularFile,
+                self.access.attr(&self.core, f, me),
+                4096,
+                1,
+            ),
+            Entry::Link(t) => (FileType::Symlink, (me.0, me.1, 0o777), t.len() as u64, 1),
         };
         FileAttr {
             ino: INodeNo(ino),
@@ -167,8 +176,8 @@ impl SysFs {
             kind,
             perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid,
+            gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -256,9 +265,11 @@ impl Filesystem for SysFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let f = match self.file(ino) {
-            Ok(f) => f,
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (path, f) = match self.entry(ino) {
+            Ok((path, Entry::File(f))) => (path, f),
+            Ok((_, Entry::Dir)) => return reply.error(Errno::EISDIR),
+            Ok((_, Entry::Link(_))) => return reply.error(Errno::EINVAL),
             Err(e) => return reply.error(e),
         };
         // As kernfs does at open: EACCES for a write to a file without write permission
@@ -270,6 +281,16 @@ impl Filesystem for SysFs {
             OpenAccMode::O_RDWR => (true, true),
         };
         if (w && mode & 0o222 == 0) || (r && mode & 0o444 == 0) {
+            return reply.error(Errno::EACCES);
+        }
+        // The kernel has checked the owner and mode; the allow-lists are the tree's.
+        if w && !self.access.allows(req.uid(), req.gid(), self.uid) {
+            self.access.refused(&format!(
+                "uid {} gid {} (pid {}) is not in the allow-lists: a write to {path}",
+                req.uid(),
+                req.gid(),
+                req.pid()
+            ));
             return reply.error(Errno::EACCES);
         }
         reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);

@@ -19,11 +19,14 @@
 //! cached, so `available_instances` and `devices/` always agree with the core. As on
 //! sysfs, opening a read-only file for writing (or a write-only one for reading) fails with
 //! EACCES even for root, an unknown name is ENOENT, and a new file cannot be created
-//! (EACCES).
+//! (EACCES). Who may write follows the devices' socket policy ([`WriteAccess`]).
 #![warn(missing_docs)]
 
+mod access;
 mod fs;
 mod tree;
+
+pub use access::{FileOwner, OnRefused, WriteAccess};
 
 use std::path::{Path, PathBuf};
 
@@ -70,8 +73,9 @@ impl std::fmt::Debug for SysfsMount {
 impl SysfsMount {
     /// Mounts the tree of `core` at `path` (an existing directory) and serves it from a
     /// thread of its own. As root the mount is open to every user (`allow_other`), with
-    /// the kernel checking the files' modes (`default_permissions`).
-    pub fn mount(core: Core, path: &Path) -> Result<SysfsMount, SysfsError> {
+    /// the kernel checking the files' modes (`default_permissions`); `access` sets who may
+    /// write (see [`WriteAccess`]).
+    pub fn mount(core: Core, path: &Path, access: WriteAccess) -> Result<SysfsMount, SysfsError> {
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("umdev".into()),
@@ -86,7 +90,7 @@ impl SysfsMount {
             config.acl = SessionACL::All;
         }
         let session =
-            fuser::spawn_mount(fs::SysFs::new(core), path, &config).map_err(|source| {
+            fuser::spawn_mount(fs::SysFs::new(core, access), path, &config).map_err(|source| {
                 SysfsError::Mount {
                     path: path.to_owned(),
                     source,

@@ -244,3 +244,84 @@ fn peers_outside_the_allow_lists_are_refused() {
     let mut c = Client::connect(d.socket(&a)).unwrap();
     c.device_info().unwrap();
 }
+
+/// Writes `text` to `file` as `uid`:`gid` (no supplementary groups); `Ok` or the error
+/// `sh` printed.
+fn write_as(uid: u32, gid: u32, file: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("printf '%s\\n' \"$1\" > \"$2\"")
+        .arg("sh")
+        .arg(text)
+        .arg(file)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The sysfs tree's writable files follow the sockets' policy: a parent whose sockets are
+/// group 4242's with mode 0660 lets that group create and remove its devices (as it may
+/// connect to them); another parent's files stay the daemon's alone; and with allow-lists
+/// set, a writer they do not list is refused (EACCES, logged as a refusal) even where the
+/// mode lets it write. Root may always write.
+#[test]
+fn sysfs_writes_follow_the_socket_owner_mode_and_allow_lists() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const GROUP: u32 = 4242;
+    const LISTED: u32 = 5001;
+    const UNLISTED: u32 = 5000;
+    let config = format!(
+        "[server]\nallow_uids = [{LISTED}]\n\n{CONFIG}socket_owner = \"0:{GROUP}\"\n\
+         socket_mode = \"0660\"\n\n[[parent]]\nname = \"test1\"\ndriver = \"umdevtest\"\n\
+         options = {{ pool = 2 }}\n"
+    );
+    let d = Daemon::start_logged(
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_umdevd-test")),
+        &config,
+    );
+    // Other users must reach the mount point (the test's directory is root's, 0700).
+    for p in [d.dir(), d.root().as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let create0 = d.type_dir("test0", "umdevtest-plain").join("create");
+    let create1 = d.type_dir("test1", "umdevtest-plain").join("create");
+    let m = std::fs::metadata(&create0).unwrap();
+    assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o220, 0, GROUP));
+    let m = std::fs::metadata(&create1).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o200, 0));
+
+    // The group may create on test0, not on test1 (the kernel checks the mode).
+    let a = new_uuid();
+    write_as(LISTED, GROUP, &create0, &a).unwrap();
+    assert!(d.mdev_dir(&a).exists());
+    let e = write_as(LISTED, GROUP, &create1, &new_uuid()).unwrap_err();
+    assert!(e.contains("Permission denied"), "{e}");
+    // Not in the group: refused by the mode.
+    let e = write_as(LISTED, GROUP + 1, &create0, &new_uuid()).unwrap_err();
+    assert!(e.contains("Permission denied"), "{e}");
+    // In the group but not in allow_uids: refused by the tree, and logged.
+    let b = new_uuid();
+    let e = write_as(UNLISTED, GROUP, &create0, &b).unwrap_err();
+    assert!(e.contains("Permission denied"), "{e}");
+    assert!(!d.mdev_dir(&b).exists());
+    let log = d.log();
+    assert!(
+        log.contains("sysfs write") && log.contains(&format!("uid {UNLISTED} gid {GROUP}")),
+        "the refusal was not logged:\n{log}"
+    );
+    // The device's own writable file follows its parent; root may write anything.
+    let remove = d.mdev_dir(&a).join("remove");
+    let m = std::fs::metadata(&remove).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o220, GROUP));
+    assert!(write_as(UNLISTED, GROUP, &remove, "1").is_err());
+    write_as(LISTED, GROUP, &remove, "1").unwrap();
+    assert!(!d.mdev_dir(&a).exists());
+    d.create("test1", "umdevtest-plain", &b).unwrap();
+}

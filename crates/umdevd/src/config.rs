@@ -8,6 +8,7 @@
 //! sockets_dir = "/run/umdev/sockets"  # a directory per mdev (default <root>/sockets)
 //! socket_mode = "0600"                # each device's sockets (its directory gets x bits)
 //! socket_owner = "qemu:kvm"           # user[:group], names or numbers; default: the daemon's
+//!                                     # (the sysfs tree's writable files follow both)
 //! release_timeout_ms = 2000           # how long `remove` waits for a client after REQ
 //! isolation = "thread"                # "worker": each IOMMU group in a process of its own
 //! upgrade_on_replace = false          # workers only: when this binary is replaced on disk,
@@ -27,7 +28,8 @@
 //! version_timeout_ms = 2000           # a client's time to complete VERSION after connecting
 //! unsealed_memory = "accept"          # or "refuse": DMA_MAP only of files sealed F_SEAL_SHRINK
 //! send_timeout_ms = 10000             # a client that leaves replies unread is disconnected
-//! allow_uids = [107]                  # only these peers (SO_PEERCRED) may connect (empty: any)
+//! allow_uids = [107]                  # only these peers (SO_PEERCRED) may connect (empty: any),
+//!                                     # and write the sysfs tree (root always may)
 //! allow_gids = []
 //! max_requests_per_sec = 0            # per client session (0: no limit)
 //!

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use umdev_api::{DefinitionStore, Start};
 use umdev_core::{Core, CoreConfig, Drivers, MdevUuid, Parent, ParentContext};
-use umdev_sysfs::SysfsMount;
+use umdev_sysfs::{FileOwner, SysfsMount, WriteAccess};
 
 use crate::config::{Config, Isolation, ParentConfig};
 use crate::control::ControlServer;
@@ -307,7 +307,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
     if n > 0 {
         tracing::info!(entries = n, "removed stale sockets and device directories");
     }
-    let mount = SysfsMount::mount(core.clone(), &sys)?;
+    let mount = SysfsMount::mount(core.clone(), &sys, write_access(&config)?)?;
     let store = DefinitionStore::new(&root);
     for p in core.parents() {
         start_auto_definitions(&core, &store, &p);
@@ -324,6 +324,29 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         shared,
         workers,
         _lock: lock,
+    })
+}
+
+/// Who may write the sysfs tree: each parent's files as its devices' sockets, and the
+/// servers' allow-lists.
+fn write_access(config: &Config) -> Result<WriteAccess> {
+    let owner = |p: umdev_transport::SocketPolicy| FileOwner {
+        uid: p.owner.map(|o| o.0),
+        gid: p.owner.and_then(|o| o.1),
+        mode: p.mode,
+    };
+    let mut parents = std::collections::BTreeMap::new();
+    for p in config.parent.iter().flatten() {
+        parents.insert(p.name.clone(), owner(config.parent_policy(p)?));
+    }
+    Ok(WriteAccess {
+        default: owner(config.policy()?),
+        parents,
+        allow_uids: config.server.allow_uids.clone(),
+        allow_gids: config.server.allow_gids.clone(),
+        on_refused: Some(Arc::new(|why: &str| {
+            umdev_server::refusals::refused("sysfs write", None, why);
+        })),
     })
 }
 
