@@ -86,6 +86,11 @@ pub struct ServerConfig {
     /// it waits (its socket holds the rest), so that one flooding client leaves CPU time
     /// to the others.
     pub max_requests_per_sec: u32,
+    /// Connections that may wait to be accepted on a device's socket (a device has one
+    /// client at a time; a second is refused once accepted). Past it a connect waits or
+    /// fails with EAGAIN. Waiting connections matter during a live upgrade, when nothing
+    /// accepts for a few milliseconds.
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +109,7 @@ impl Default for ServerConfig {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             max_requests_per_sec: 0,
+            listen_backlog: 32,
         }
     }
 }
@@ -415,6 +421,8 @@ impl Server {
     ) -> Result<(), ServerError> {
         listener
             .set_nonblocking(true)
+            .map_err(ServerError::Listener)?;
+        umdev_transport::listen::set_backlog(&listener, self.config.listen_backlog)
             .map_err(ServerError::Listener)?;
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         // When the current session started, while its client has not completed VERSION.

@@ -105,10 +105,44 @@ pub fn bind(path: &Path, policy: &SocketPolicy) -> std::io::Result<UnixListener>
     Ok(listener)
 }
 
+/// Sets how many connections may wait for `accept` on `listener` (`listen(2)` again: Linux
+/// takes a new backlog on a listening socket). Past it a blocking `connect` waits and a
+/// non-blocking one fails with EAGAIN, so connections nobody accepts cannot pile up.
+pub fn set_backlog(listener: &UnixListener, backlog: u32) -> std::io::Result<()> {
+    rustix::net::listen(listener, i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn connections_past_the_backlog_are_refused_with_eagain() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        let l = bind(&p, &SocketPolicy::default()).unwrap();
+        set_backlog(&l, 2).unwrap();
+        let mut waiting = Vec::new();
+        let refused = loop {
+            let s = rustix::net::socket_with(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::STREAM,
+                rustix::net::SocketFlags::NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match rustix::net::connect(&s, &rustix::net::SocketAddrUnix::new(&p).unwrap()) {
+                Ok(()) => waiting.push(s),
+                Err(e) => break e,
+            }
+            assert!(waiting.len() <= 8, "the backlog of 2 took {} connections", waiting.len());
+        };
+        assert_eq!(refused, rustix::io::Errno::AGAIN);
+        // Linux lets backlog + 1 wait.
+        assert!((2..=3).contains(&waiting.len()), "{}", waiting.len());
+    }
 
     #[test]
     fn a_socket_gets_its_mode() {

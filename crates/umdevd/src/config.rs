@@ -32,6 +32,7 @@
 //!                                     # and write the sysfs tree (root always may)
 //! allow_gids = []
 //! max_requests_per_sec = 0            # per client session (0: no limit)
+//! listen_backlog = 32                 # connections waiting to be accepted, per device socket
 //!
 //! [[parent]]
 //! name = "mtty0"
@@ -187,6 +188,13 @@ pub struct ServerSection {
     /// Most requests per second a client's session handles (0: no limit).
     #[serde(default)]
     pub max_requests_per_sec: u32,
+    /// Connections that may wait to be accepted on each device's socket.
+    #[serde(default = "default_backlog")]
+    pub listen_backlog: u32,
+}
+
+fn default_backlog() -> u32 {
+    32
 }
 
 fn default_send_timeout() -> u64 {
@@ -222,6 +230,7 @@ impl Default for ServerSection {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             max_requests_per_sec: 0,
+            listen_backlog: default_backlog(),
         }
     }
 }
@@ -235,6 +244,9 @@ impl ServerSection {
         if self.max_dma_maps == 0 {
             bail!("[server] max_dma_maps must be at least 1");
         }
+        if !(1..=4096).contains(&self.listen_backlog) {
+            bail!("[server] listen_backlog must be between 1 and 4096");
+        }
         Ok(ServerConfig {
             spin: Duration::from_micros(self.spin_us),
             dma_timeout: Duration::from_millis(self.dma_timeout_ms),
@@ -247,6 +259,7 @@ impl ServerSection {
             allow_uids: self.allow_uids.clone(),
             allow_gids: self.allow_gids.clone(),
             max_requests_per_sec: self.max_requests_per_sec,
+            listen_backlog: self.listen_backlog,
             ..ServerConfig::default()
         })
     }
@@ -521,6 +534,7 @@ mod tests {
             ),
             ("root = \"relative\"", "absolute"),
             ("socket_mode = \"9\"", "not octal"),
+            ("[server]\nlisten_backlog = 0", "listen_backlog"),
         ];
         for (b, why) in bad {
             let e = checked(b).unwrap_err();
