@@ -53,11 +53,11 @@
 //!
 //! /// Keeps devices unserved (the daemon's Serve puts them on sockets).
 //! struct Keep;
-//! struct Kept(#[allow(dead_code)] PciFunction);
-//! impl Served for Kept { fn stop(self: Box<Self>) {} }
+//! struct Kept(#[allow(dead_code)] std::sync::Mutex<PciFunction>);
+//! impl Served for Kept { fn stop(&self) {} }
 //! impl Serve for Keep {
 //!     fn start(&self, _: &DeviceEnv, f: PciFunction) -> std::io::Result<Box<dyn Served>> {
-//!         Ok(Box::new(Kept(f)))
+//!         Ok(Box::new(Kept(std::sync::Mutex::new(f))))
 //!     }
 //! }
 //!

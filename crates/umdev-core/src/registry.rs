@@ -3,7 +3,8 @@
 //! Lock order: the registry lock is never held while calling into a served device's
 //! function (whose session thread takes the function lock, then runs the open guard, which
 //! takes the registry lock). Stopping a served device joins its session thread, so it is
-//! done with the registry lock released. The parent's `create`, `build` and `remove` and
+//! done with the registry lock released, and so are queries that may wait on a device (its
+//! display plane, its metrics: a worker's answer), on a clone of its [`Served`]. The parent's `create`, `build` and `remove` and
 //! the [`Serve`]'s `env`, `start` and `release` run with the registry lock held.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -88,15 +89,16 @@ pub struct Remote {
     pub attrs: Option<Arc<dyn VendorAttrs>>,
 }
 
-/// A device being served.
-pub trait Served: Send {
+/// A device being served. Shared: queries run on a clone without the registry lock, so
+/// `stop` takes `&self` and may run while a query is under way.
+pub trait Served: Send + Sync {
     /// The vfio-user socket, if it has one.
     fn socket(&self) -> Option<&Path> {
         None
     }
     /// Stops serving: disconnects any client (its session ends with the usual cleanup, so
     /// the device's `close` runs) and removes the socket. Returns once that is done.
-    fn stop(self: Box<Self>);
+    fn stop(&self);
     /// The device's current display plane ([`umdev_pci::PciDevice::display_plane`]).
     fn display_plane(&self) -> Result<DisplayPlane, Errno> {
         Err(Errno::NOTSUP)
@@ -233,7 +235,7 @@ struct MdevEntry {
     held_by: Option<ClientId>,
     /// The device's interrupts, when the core built it (else its `Served` raises REQ).
     irqs: Option<Interrupts>,
-    served: Option<Box<dyn Served>>,
+    served: Option<Arc<dyn Served>>,
     socket: Option<PathBuf>,
     attr_specs: Vec<AttrSpec>,
     attrs: Option<Arc<dyn VendorAttrs>>,
@@ -709,7 +711,7 @@ impl Core {
                 held_by: None,
                 irqs,
                 socket: served.socket().map(Path::to_path_buf),
-                served: Some(served),
+                served: Some(Arc::from(served)),
                 attr_specs,
                 attrs,
                 description,
@@ -795,7 +797,7 @@ impl Core {
                     held_by: d.held,
                     irqs: None,
                     socket: remote.served.socket().map(Path::to_path_buf),
-                    served: Some(remote.served),
+                    served: Some(Arc::from(remote.served)),
                     attr_specs,
                     attrs: remote.attrs,
                     description: d.description.clone(),
@@ -1060,9 +1062,11 @@ impl Core {
     /// Device `uuid`'s current display plane: ENOTSUP for a device that is not a display,
     /// ENODATA while its display is off.
     pub fn display_plane(&self, uuid: &MdevUuid) -> Result<DisplayPlane, CoreError> {
-        let st = self.inner.lock();
-        let m = st.mdevs.get(uuid).ok_or(CoreError::NoDevice(*uuid))?;
-        let served = m.served.as_ref().ok_or(CoreError::Removing(*uuid))?;
+        let served = {
+            let st = self.inner.lock();
+            let m = st.mdevs.get(uuid).ok_or(CoreError::NoDevice(*uuid))?;
+            m.served.clone().ok_or(CoreError::Removing(*uuid))?
+        };
         served.display_plane().map_err(|errno| CoreError::Driver {
             errno,
             message: format!("querying the display plane of {uuid}"),
@@ -1072,16 +1076,23 @@ impl Core {
     /// Every device's counters ([`Served::metrics`]) in the Prometheus text format, labelled
     /// with its UUID, parent and type.
     pub fn metrics(&self) -> String {
-        let st = self.inner.lock();
+        // Asked without the lock: a worker that is slow to answer delays the scrape only.
+        let devices: Vec<(String, Arc<dyn Served>)> = {
+            let st = self.inner.lock();
+            st.mdevs
+                .iter()
+                .filter_map(|(uuid, m)| {
+                    let labels = format!(
+                        "uuid=\"{uuid}\",parent=\"{}\",type=\"{}\"",
+                        m.parent, m.type_id
+                    );
+                    Some((labels, m.served.clone()?))
+                })
+                .collect()
+        };
         let mut out = String::new();
-        for (uuid, m) in &st.mdevs {
-            if let Some(served) = &m.served {
-                let labels = format!(
-                    "uuid=\"{uuid}\",parent=\"{}\",type=\"{}\"",
-                    m.parent, m.type_id
-                );
-                out.push_str(&served.metrics(&labels));
-            }
+        for (labels, served) in devices {
+            out.push_str(&served.metrics(&labels));
         }
         out
     }

@@ -122,7 +122,7 @@ struct Kept {
 }
 
 impl Served for Kept {
-    fn stop(self: Box<Self>) {
+    fn stop(&self) {
         // A surprise removal closes the device, as a session's teardown does.
         let f = self.functions.lock().unwrap().remove(&self.uuid);
         if let Some(f) = f {

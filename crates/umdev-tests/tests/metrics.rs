@@ -137,3 +137,56 @@ fn a_workers_restart_is_counted() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A scrape asks each worker for its devices' counters; one worker that does not answer
+/// (stopped with SIGSTOP) delays that scrape only: the registry is not held meanwhile, so
+/// `umdevctl list` and the sysfs tree answer at once; once the worker runs again the scrape
+/// completes with both devices.
+#[test]
+fn a_stuck_worker_delays_only_the_scrape() {
+    use std::time::{Duration, Instant};
+    let d = Daemon::start_test_daemon(&format!("isolation = \"worker\"\n{CONFIG}"));
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("test0", "umdevtest-plain", &b).unwrap();
+    let (c, pid) = umdev_tests::connect_served(&d.socket(&a)).unwrap();
+    drop(c);
+    let worker = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
+    let root = d.root();
+    let scraper = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(root.join("state/metrics.sock")).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    });
+    // Let the scrape reach the stopped worker.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let list = String::from_utf8_lossy(&d.umdevctl(&["list"]).stdout).into_owned();
+    let type_dir = d.type_dir("test0", "umdevtest-plain");
+    let available = std::fs::read_to_string(type_dir.join("available_instances")).unwrap();
+    let took = t.elapsed();
+    // The scrape was indeed waiting for the worker all along.
+    let waiting = !scraper.is_finished();
+    rustix::process::kill_process(worker, rustix::process::Signal::CONT).unwrap();
+    assert!(waiting, "the scrape did not wait for the stopped worker");
+    assert!(
+        took < Duration::from_secs(5),
+        "list and a sysfs read took {took:?} behind a scrape of a stopped worker"
+    );
+    assert!(list.contains(&a) && list.contains(&b), "{list}");
+    assert_eq!(available.trim(), "0");
+    let text = scraper.join().unwrap();
+    for u in [&a, &b] {
+        assert!(
+            sample(
+                &text,
+                "umdev_connections_total",
+                &[&format!("uuid=\"{u}\"")]
+            )
+            .is_some(),
+            "{u} missing from the scrape:\n{text}"
+        );
+    }
+}

@@ -137,7 +137,11 @@ mod tests {
                 Ok(()) => waiting.push(s),
                 Err(e) => break e,
             }
-            assert!(waiting.len() <= 8, "the backlog of 2 took {} connections", waiting.len());
+            assert!(
+                waiting.len() <= 8,
+                "the backlog of 2 took {} connections",
+                waiting.len()
+            );
         };
         assert_eq!(refused, rustix::io::Errno::AGAIN);
         // Linux lets backlog + 1 wait.

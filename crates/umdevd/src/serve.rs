@@ -28,7 +28,7 @@ pub(crate) struct SocketServed {
     ctl: HandOverCtl,
     function: Arc<Mutex<PciFunction>>,
     stats: Arc<umdev_server::stats::Stats>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SocketServed {
@@ -92,7 +92,7 @@ fn spawn_server(
         ctl,
         function,
         stats,
-        thread: Some(thread),
+        thread: Mutex::new(Some(thread)),
     })
 }
 
@@ -101,9 +101,10 @@ impl Served for SocketServed {
         Some(&self.path)
     }
 
-    fn stop(mut self: Box<Self>) {
+    fn stop(&self) {
         self.stopper.stop();
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
             if t.join().is_err() {
                 tracing::warn!(path = %self.path.display(), "a vfio-user server thread panicked");
             }

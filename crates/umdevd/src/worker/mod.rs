@@ -1025,7 +1025,7 @@ impl Served for WorkerServed {
         Some(&self.socket)
     }
 
-    fn stop(self: Box<Self>) {
+    fn stop(&self) {
         self.placement.get().stop_device(&self.uuid);
         lock(&self.placements).remove(&self.uuid);
         let _ = std::fs::remove_file(&self.record);

@@ -502,7 +502,7 @@ impl Worker {
                 let d = lock(&self.devices).remove(&uuid);
                 match d {
                     Some(d) => {
-                        Box::new(d.served).stop();
+                        d.served.stop();
                         Ok(Reply::Done)
                     }
                     None => Err(Errno::NODEV),
