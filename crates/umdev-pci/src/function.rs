@@ -698,8 +698,18 @@ impl PciFunction {
     /// The client has gone: the work context is drained and closed, the client's eventfds
     /// are dropped, the mode returns to INTx, the device is told, and last the guard.
     pub fn close(&mut self) {
+        if self.close_device() {
+            if let Some(g) = &self.guard {
+                g.release();
+            }
+        }
+    }
+
+    /// `close` but for the guard's release (a refused take-over: the client's hold is the
+    /// process's it was handed from). Whether the device was open.
+    pub(crate) fn close_device(&mut self) -> bool {
         if !self.open {
-            return;
+            return false;
         }
         self.open = false;
         // No more notifications: the watchers stop before the work context closes.
@@ -712,15 +722,14 @@ impl PciFunction {
         }
         self.migration_client_gone();
         self.device.close();
-        if let Some(g) = &self.guard {
-            g.release();
-        }
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handover::{Admitted, HandOver, HandedFds};
     use crate::interrupts::{IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE};
     use crate::spec::BarKind;
     use rustix::event::{eventfd, EventfdFlags};
@@ -740,6 +749,8 @@ mod tests {
     struct Recorder {
         calls: Arc<Mutex<Vec<Call>>>,
         refuse_open: Option<Errno>,
+        /// Hand-overs are taken unless this is set.
+        refuse_take_over: Option<Errno>,
     }
 
     impl Recorder {
@@ -775,6 +786,110 @@ mod tests {
         fn irq_mode_changed(&mut self, mode: IrqMode) {
             self.push(Call::Mode(mode));
         }
+        fn hand_over(&mut self, _: &mut StateWriter, _: &mut Vec<OwnedFd>) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn take_over(&mut self, _: &StateReader<'_>, _: &mut HandedFds) -> Result<(), Errno> {
+            self.refuse_take_over.map_or(Ok(()), Err)
+        }
+    }
+
+    /// Counts the guard's calls.
+    #[derive(Default)]
+    struct Counted {
+        acquired: std::sync::atomic::AtomicU32,
+        released: std::sync::atomic::AtomicU32,
+    }
+
+    impl OpenGuard for Counted {
+        fn acquire(&self, _: &ClientId) -> Result<(), Errno> {
+            self.acquired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        fn release(&self) {
+            self.released
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A function with a client, MSI-X on with an eventfd, BAR2 at an address and memory
+    /// decoding on, paused and handed over.
+    fn handed_over() -> HandOver {
+        let (mut f, _) = function();
+        f.open(Arc::new(NoDma)).unwrap();
+        f.region_write(CONFIG_REGION, 0x18, &0xfe00_0000u32.to_le_bytes())
+            .unwrap();
+        f.region_write(CONFIG_REGION, 0x04, &2u16.to_le_bytes())
+            .unwrap();
+        let flags = IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD;
+        f.set_irqs(2, flags, 0, 1, IrqData::Eventfds(vec![efd()]))
+            .unwrap();
+        f.pause().unwrap();
+        f.hand_over().unwrap()
+    }
+
+    fn config(f: &mut PciFunction) -> Vec<u8> {
+        let mut b = vec![0u8; 256];
+        f.region_read(CONFIG_REGION, 0, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_take_over_the_device_refuses_leaves_the_function_at_power_on() {
+        let h = handed_over();
+        let rec = Recorder {
+            refuse_take_over: Some(Errno::INVAL),
+            ..Recorder::default()
+        };
+        let guard = Arc::new(Counted::default());
+        let mut f = PciFunction::new(spec(), Box::new(rec.clone())).with_guard(guard.clone());
+        let power_on = config(&mut f);
+        let admitted: Admitted = (Arc::new(NoDma), ClientId::default(), None);
+        assert_eq!(f.take_over(h, Some(admitted)).unwrap_err().errno(), 22);
+        // The device was opened, told of MSI-X, then closed and told of INTx again.
+        assert_eq!(
+            rec.take(),
+            vec![
+                Call::Open,
+                Call::Mode(IrqMode::Msix),
+                Call::Mode(IrqMode::Intx),
+                Call::Close
+            ]
+        );
+        // The client's hold stays with the process that handed over.
+        assert_eq!(guard.released.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(config(&mut f), power_on);
+        assert_eq!(f.irqs.mode(), IrqMode::Intx);
+        // Nothing is held: a client opens it and it serves.
+        f.open(Arc::new(NoDma)).unwrap();
+        let mut b = [0u8; 4];
+        f.region_read(2, 0, &mut b).unwrap();
+        assert_eq!(b, [0xa5; 4]);
+    }
+
+    #[test]
+    fn a_take_over_of_a_broken_state_changes_nothing() {
+        let h = handed_over();
+        // The state with its fds gone: the eventfd named is missing.
+        let broken = HandOver {
+            state: h.state.clone(),
+            fds: Vec::new(),
+        };
+        let (mut f, rec) = function();
+        let power_on = config(&mut f);
+        let admitted: Admitted = (Arc::new(NoDma), ClientId::default(), None);
+        assert!(f.take_over(broken, Some(admitted)).is_err());
+        assert_eq!(rec.take(), vec![], "the device was touched");
+        assert_eq!(config(&mut f), power_on);
+        // A state cut short.
+        let cut = HandOver {
+            state: h.state[..h.state.len() / 2].to_vec(),
+            fds: h.fds,
+        };
+        assert!(f.take_over(cut, None).is_err());
+        assert_eq!(rec.take(), vec![]);
+        f.open(Arc::new(NoDma)).unwrap();
     }
 
     struct NoDma;

@@ -259,10 +259,81 @@ impl PciFunction {
     /// opened for `client` (the group guard is not asked again: the client was admitted)
     /// with `dma` and `pins`, the interrupts get the client's eventfds, the ioeventfds are
     /// watched again, and the device takes its state ([`PciDevice::take_over`](crate::PciDevice)).
-    /// The function stays paused until [`resume`](Self::resume).
+    /// The function stays paused until [`resume`](Self::resume). All or nothing: a state
+    /// that does not fit changes nothing, and if the device's own `take_over` refuses, the
+    /// device is closed again (the client's hold on its group is left alone: the process
+    /// that handed over still serves it) and config space and interrupts are at power-on.
     pub fn take_over(&mut self, h: HandOver, dma: Option<Admitted>) -> Result<(), DeviceError> {
+        // All or nothing: the whole state is read and checked first, and the function is
+        // changed only once it is known good. The device's own `take_over` runs last; if it
+        // refuses, the function is closed and put back at power-on.
         let r = StateReader::parse(&h.state).map_err(stream)?;
         let mut fds = HandedFds::new(h.fds);
+        let t = self.read_taken(&r, &mut fds)?;
+        if t.open && dma.is_none() {
+            return Err(DeviceError::Device(Errno::INVAL));
+        }
+        let dev = StateReader::parse(t.device).map_err(stream)?;
+        // Paused from the start: nothing is delivered or run until resume.
+        self.work.hold();
+        self.mig
+            .stopped_flag()
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.irqs.set_gated(true);
+        let applied = self.device.set_running(false).map_err(DeviceError::from);
+        let applied = applied.and_then(|()| match dma {
+            Some((dma, client, pins)) if t.open => self.open_admitted(dma, client, pins),
+            _ => Ok(()),
+        });
+        if let Err(e) = applied {
+            self.undo_take_over();
+            return Err(e);
+        }
+        self.config.set_bytes(t.config);
+        {
+            let mut irqs = self.irqs.lock();
+            irqs.mode = t.mode;
+            irqs.intx_level = t.intx_level;
+            irqs.intx_masked = t.intx_masked;
+            irqs.intx_disabled = t.intx_disabled;
+            for (index, vector, fd) in t.eventfds {
+                // Checked by `read_taken`.
+                if let Some(slot) = irqs.fds.get_mut(index).and_then(|s| s.get_mut(vector)) {
+                    *slot = Some(fd);
+                }
+            }
+            let set = irqs.msix.set_parts(
+                t.msix_entries,
+                &t.msix_programmed,
+                &t.msix_pba,
+                t.msix_function_mask,
+            );
+            debug_assert!(set.is_ok(), "checked by read_taken");
+            for (h, &b) in irqs.held_msi.iter_mut().zip(t.held_msi) {
+                *h = b != 0;
+            }
+        }
+        for (region, area) in t.io_fds {
+            // Watched from `resume`.
+            self.paused_io_fds.entry(region).or_default().push(area);
+        }
+        if t.mode != IrqMode::Intx {
+            self.device.irq_mode_changed(t.mode);
+        }
+        if let Err(e) = self.device.take_over(&dev, &mut fds) {
+            self.undo_take_over();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Reads and checks every field of a hand-over against this function, taking its fds;
+    /// changes nothing.
+    fn read_taken<'a>(
+        &self,
+        r: &StateReader<'a>,
+        fds: &mut HandedFds,
+    ) -> Result<Taken<'a>, DeviceError> {
         let config = r.bytes(T_CONFIG).map_err(stream)?;
         if config.len() != self.config.bytes().len() {
             tracing::warn!(
@@ -280,65 +351,36 @@ impl PciFunction {
             tracing::warn!("a hand-over's config space is another device's (its identity differs)");
             return Err(DeviceError::Device(Errno::INVAL));
         }
-        let open = r.bool(T_OPEN).map_err(stream)?;
-        // Paused from the start: nothing is delivered or run until resume.
-        self.work.hold();
-        self.mig
-            .stopped_flag()
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.irqs.set_gated(true);
-        if let Err(e) = self.device.set_running(false) {
-            return Err(e.into());
-        }
-        if open {
-            let Some((dma, client, pins)) = dma else {
+        let irqs = self.irqs.lock();
+        let mut eventfds = Vec::new();
+        for b in r.all(T_EVENTFD) {
+            let (index, vector, n) = (u32_at(b, 0)?, u32_at(b, 4)?, u32_at(b, 8)?);
+            let (index, vector) = (index as usize, vector as usize);
+            if irqs.fds.get(index).and_then(|s| s.get(vector)).is_none() {
                 return Err(DeviceError::Device(Errno::INVAL));
-            };
-            self.open_admitted(dma, client, pins)?;
-        }
-        self.config.set_bytes(config);
-        {
-            let mut irqs = self.irqs.lock();
-            irqs.mode = match r.u8(T_MODE).map_err(stream)? {
-                1 => IrqMode::Msi,
-                2 => IrqMode::Msix,
-                _ => IrqMode::Intx,
-            };
-            irqs.intx_level = r.bool(T_INTX_LEVEL).map_err(stream)?;
-            irqs.intx_masked = r.bool(T_INTX_MASKED).map_err(stream)?;
-            irqs.intx_disabled = r.bool(T_INTX_DISABLED).map_err(stream)?;
-            for b in r.all(T_EVENTFD) {
-                let (index, vector, n) = (u32_at(b, 0)?, u32_at(b, 4)?, u32_at(b, 8)?);
-                let fd = fds.take(n)?;
-                let slot = irqs
-                    .fds
-                    .get_mut(index as usize)
-                    .and_then(|s| s.get_mut(vector as usize))
-                    .ok_or(DeviceError::Device(Errno::INVAL))?;
-                *slot = Some(fd);
             }
-            let programmed: Vec<bool> = r
-                .bytes(T_MSIX_PROGRAMMED)
-                .map_err(stream)?
-                .iter()
-                .map(|&b| b != 0)
-                .collect();
-            let pba: Vec<u64> = r
-                .bytes(T_MSIX_PBA)
-                .map_err(stream)?
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect();
-            let entries = r.bytes(T_MSIX_ENTRIES).map_err(stream)?;
-            let function_mask = r.bool(T_MSIX_FUNCTION_MASK).map_err(stream)?;
-            irqs.msix
-                .set_parts(entries, &programmed, &pba, function_mask)
-                .map_err(DeviceError::Device)?;
-            let held = r.bytes(T_HELD_MSI).map_err(stream)?;
-            for (h, &b) in irqs.held_msi.iter_mut().zip(held) {
-                *h = b != 0;
-            }
+            eventfds.push((index, vector, fds.take(n)?));
         }
+        let msix_programmed: Vec<bool> = r
+            .bytes(T_MSIX_PROGRAMMED)
+            .map_err(stream)?
+            .iter()
+            .map(|&b| b != 0)
+            .collect();
+        let pba = r.bytes(T_MSIX_PBA).map_err(stream)?;
+        if pba.len() % 8 != 0 {
+            return Err(DeviceError::Device(Errno::INVAL));
+        }
+        let msix_pba: Vec<u64> = pba
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let msix_entries = r.bytes(T_MSIX_ENTRIES).map_err(stream)?;
+        if !irqs.msix.fits(msix_entries, &msix_programmed, &msix_pba) {
+            return Err(DeviceError::Device(Errno::INVAL));
+        }
+        drop(irqs);
+        let mut io_fds = Vec::new();
         for b in r.all(T_IOFD) {
             let region = u32_at(b, 0)?;
             let area = IoFdArea {
@@ -347,18 +389,66 @@ impl PciFunction {
                 datamatch: (b.get(20) == Some(&1)).then(|| u64_at(b, 21)).transpose()?,
                 fd: fds.take(u32_at(b, 29)?)?,
             };
-            // Watched from `resume`.
-            self.paused_io_fds.entry(region).or_default().push(area);
+            io_fds.push((region, area));
         }
-        let mode = self.irqs.mode();
-        if mode != IrqMode::Intx {
-            self.device.irq_mode_changed(mode);
-        }
-        let dev = r.bytes(T_DEVICE).map_err(stream)?;
-        let dev = StateReader::parse(dev).map_err(stream)?;
-        self.device.take_over(&dev, &mut fds)?;
-        Ok(())
+        Ok(Taken {
+            config,
+            open: r.bool(T_OPEN).map_err(stream)?,
+            mode: match r.u8(T_MODE).map_err(stream)? {
+                1 => IrqMode::Msi,
+                2 => IrqMode::Msix,
+                _ => IrqMode::Intx,
+            },
+            intx_level: r.bool(T_INTX_LEVEL).map_err(stream)?,
+            intx_masked: r.bool(T_INTX_MASKED).map_err(stream)?,
+            intx_disabled: r.bool(T_INTX_DISABLED).map_err(stream)?,
+            eventfds,
+            msix_programmed,
+            msix_pba,
+            msix_entries,
+            msix_function_mask: r.bool(T_MSIX_FUNCTION_MASK).map_err(stream)?,
+            held_msi: r.bytes(T_HELD_MSI).map_err(stream)?,
+            io_fds,
+            device: r.bytes(T_DEVICE).map_err(stream)?,
+        })
     }
+
+    /// After a refused take-over: the client detached, config space and interrupt state at
+    /// power-on, nothing held or paused.
+    fn undo_take_over(&mut self) {
+        // Not `close`: the client's hold on its group stays with the process that handed
+        // the function over (which serves on).
+        self.close_device();
+        self.paused_io_fds.clear();
+        self.config.reset();
+        if self.irqs.lock().close() != IrqMode::Intx {
+            self.device.irq_mode_changed(IrqMode::Intx);
+        }
+        self.irqs.set_gated(false);
+        self.mig
+            .stopped_flag()
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.work.release();
+    }
+}
+
+/// A hand-over's fields, read and checked ([`PciFunction::read_taken`]).
+struct Taken<'a> {
+    config: &'a [u8],
+    open: bool,
+    mode: IrqMode,
+    intx_level: bool,
+    intx_masked: bool,
+    intx_disabled: bool,
+    /// Interrupt index, vector, eventfd.
+    eventfds: Vec<(usize, usize, OwnedFd)>,
+    msix_programmed: Vec<bool>,
+    msix_pba: Vec<u64>,
+    msix_entries: &'a [u8],
+    msix_function_mask: bool,
+    held_msi: &'a [u8],
+    io_fds: Vec<(u32, IoFdArea)>,
+    device: &'a [u8],
 }
 
 fn io(e: std::io::Error) -> DeviceError {

@@ -59,6 +59,13 @@ impl MsixTable {
     }
 
     /// Sets what [`parts`](Self::parts) gave; EINVAL if the sizes are not this table's.
+    /// Whether [`set_parts`](Self::set_parts) would take these.
+    pub(crate) fn fits(&self, entries: &[u8], programmed: &[bool], pba: &[u64]) -> bool {
+        entries.len() == self.entries.len()
+            && programmed.len() == self.programmed.len()
+            && pba.len() == self.pba.len()
+    }
+
     pub(crate) fn set_parts(
         &mut self,
         entries: &[u8],
@@ -66,10 +73,7 @@ impl MsixTable {
         pba: &[u64],
         function_mask: bool,
     ) -> Result<(), rustix::io::Errno> {
-        if entries.len() != self.entries.len()
-            || programmed.len() != self.programmed.len()
-            || pba.len() != self.pba.len()
-        {
+        if !self.fits(entries, programmed, pba) {
             return Err(rustix::io::Errno::INVAL);
         }
         self.entries.copy_from_slice(entries);
