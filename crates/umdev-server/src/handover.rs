@@ -343,6 +343,39 @@ impl HandOverState {
         }
     }
 
+    /// The pause and hand-over both sides make (a session between messages, the accept loop
+    /// without a client): `function` is paused, `pack` makes the package (`None`: not now,
+    /// the pause is tried again later), the asker gets it; unless the asker keeps it, the
+    /// device runs again. `true`: handed over, stop serving.
+    pub(crate) fn pause_and_deliver(
+        &self,
+        function: &Mutex<umdev_pci::PciFunction>,
+        pack: impl FnOnce() -> Option<Result<Package, Errno>>,
+    ) -> bool {
+        let lock = || function.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = lock().pause() {
+            self.deliver(Err(Errno::from_raw_os_error(e.errno())));
+            return false;
+        }
+        let handed = match pack() {
+            Some(Ok(package)) => {
+                let kept = self.deliver(Ok(package));
+                if !kept {
+                    tracing::info!("hand-over abandoned: the device runs on");
+                }
+                kept
+            }
+            Some(Err(e)) => self.deliver(Err(e)),
+            None => false,
+        };
+        if !handed {
+            if let Err(e) = lock().resume() {
+                tracing::warn!(error = %e, "the device did not run again after an abandoned hand-over");
+            }
+        }
+        handed
+    }
+
     /// Whether a pause may be asked (cheap: for every message).
     pub(crate) fn maybe_asked(&self) -> bool {
         self.asking.load(std::sync::atomic::Ordering::Acquire)

@@ -348,29 +348,19 @@ impl Server {
                 handover::Phase::Idle => return false,
                 handover::Phase::Asked if !live => {
                     drop(p);
-                    let package = {
-                        let mut f = self.lock_function();
-                        match f.pause() {
-                            Ok(()) => match f.hand_over() {
-                                Ok(h) => Ok(Package::make(h, None)),
-                                Err(e) => {
-                                    let _ = f.resume();
-                                    Err(Errno::from_raw_os_error(e.errno()))
-                                }
-                            },
-                            Err(e) => Err(Errno::from_raw_os_error(e.errno())),
-                        }
-                    };
-                    let failed = package.is_err();
-                    if state.deliver(package) {
+                    let handed = state.pause_and_deliver(&self.function, || {
+                        Some(
+                            self.lock_function()
+                                .hand_over()
+                                .map(|h| Package::make(h, None))
+                                .map_err(|e| Errno::from_raw_os_error(e.errno())),
+                        )
+                    });
+                    if handed {
                         self.stop.handed.store(true, Ordering::Release);
                         tracing::info!("device handed over to another process (no client)");
-                        return true;
                     }
-                    if !failed {
-                        let _ = self.lock_function().resume();
-                    }
-                    return false;
+                    return handed;
                 }
                 _ => {
                     let _ = state

@@ -273,38 +273,23 @@ impl<'a> Session<'a> {
         if !state.asked() {
             return Ok(false);
         }
-        if let Err(e) = self.function().pause() {
-            state.deliver(Err(Errno::from_raw_os_error(e.errno())));
-            return Ok(false);
-        }
-        // Draining the device's work read the client's socket: what came goes with the
-        // connection, ahead of what is unread (or, if that cannot be, is handled first and
-        // the pause tried again: the request is still set).
-        let deferred = if self.remote.has_deferred() {
-            match self.remote.deferred_bytes() {
-                Some(d) => Some(d),
-                None => {
-                    let _ = self.function().resume();
-                    return Ok(false);
-                }
-            }
-        } else {
-            None
-        };
-        let package = self.package(deferred);
-        let failed = package.is_err();
-        if state.deliver(package) {
+        let function = self.function;
+        let handed = state.pause_and_deliver(function, || {
+            // Draining the device's work read the client's socket: what came goes with the
+            // connection, ahead of what is unread (or, if that cannot be, is handled first
+            // and the pause tried again: the request is still set).
+            let deferred = if self.remote.has_deferred() {
+                Some(self.remote.deferred_bytes()?)
+            } else {
+                None
+            };
+            Some(self.package(deferred))
+        });
+        if handed {
             self.stats.handed_over();
             tracing::info!(client = %self.client, "session handed over to another process");
-            return Ok(true);
         }
-        if !failed {
-            tracing::info!("hand-over abandoned: the session runs on");
-        }
-        if let Err(e) = self.function().resume() {
-            tracing::warn!(error = %e, "the device did not run again after an abandoned hand-over");
-        }
-        Ok(false)
+        Ok(handed)
     }
 
     fn package(&mut self, deferred: Option<crate::remote::Unread>) -> Result<Package, Errno> {
