@@ -4,6 +4,7 @@
 //! the table lock, each fd-backed part inside that mapping's gate (see `space`), and marks
 //! what it wrote dirty before leaving the gate.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::DmaError;
@@ -89,11 +90,21 @@ impl AddressSpace {
         match &m.memory {
             Memory::Mmap(_) => {
                 let _in = m.gate.enter().ok_or(DmaError::Fault { iova: cur })?;
+                let n = (to - at) as u64;
                 match xfer {
-                    Transfer::Read(buf) => m.read_at(cur, &mut buf[at..to]),
+                    Transfer::Read(buf) => {
+                        m.read_at(cur, &mut buf[at..to])?;
+                        if let Some(t) = self.traffic() {
+                            t.mapped_read.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
                     Transfer::Write(data) => {
                         m.write_at(cur, &data[at..to])?;
                         m.mark_dirty(self.logging(), cur, seg_end);
+                        if let Some(t) = self.traffic() {
+                            t.mapped_written.fetch_add(n, Ordering::Relaxed);
+                        }
                         Ok(())
                     }
                 }
@@ -270,6 +281,34 @@ mod tests {
         let mut seen = vec![0u8; 100];
         file.read_exact_at(&mut seen, 0xff0).unwrap();
         assert_eq!(seen, data);
+    }
+
+    #[test]
+    fn copies_through_mapped_memory_and_dirty_reports_are_counted() {
+        let s = space();
+        let t = Arc::new(crate::DmaTraffic::default());
+        s.count_traffic(t.clone());
+        let (backing, _file) = memfd_pair("umdev-dma-count", 4 * PAGE_SIZE);
+        s.map(range(0x10000, 4 * PAGE_SIZE), Prot::READ_WRITE, backing)
+            .unwrap();
+        // Across a page boundary: one copy, 100 bytes, two pages dirty.
+        s.start_dirty_logging(&[]).unwrap();
+        s.write(0x10ff0, &[7; 100]).unwrap();
+        let mut buf = [0u8; 30];
+        s.read(0x12000, &mut buf).unwrap();
+        // A refused access counts nothing.
+        assert!(s.read(0x20000, &mut buf).is_err());
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!((get(&t.mapped_written), get(&t.mapped_read)), (100, 30));
+        let mut bitmap = [0u8; 8];
+        s.dirty_report(0x10000, 4 * PAGE_SIZE, PAGE_SIZE, &mut bitmap)
+            .unwrap();
+        assert_eq!(bitmap[0], 0b11);
+        assert_eq!(get(&t.dirty_reported), 2);
+        // Reported once: the next report is empty.
+        s.dirty_report(0x10000, 4 * PAGE_SIZE, PAGE_SIZE, &mut bitmap)
+            .unwrap();
+        assert_eq!(get(&t.dirty_reported), 2);
     }
 
     #[test]

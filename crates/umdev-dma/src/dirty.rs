@@ -543,7 +543,17 @@ impl AddressSpace {
             m.report_dirty(iova, len, page_size, &mut bitmap);
         }
         bitmap.finish();
+        self.count_reported(out);
         Ok(())
+    }
+
+    /// Counts the pages `out`, a bitmap just given to the client, reports dirty.
+    pub(crate) fn count_reported(&self, out: &[u8]) {
+        if let Some(t) = self.traffic() {
+            let pages: u32 = out.iter().map(|b| b.count_ones()).sum();
+            t.dirty_reported
+                .fetch_add(u64::from(pages), Ordering::Relaxed);
+        }
     }
 }
 

@@ -75,7 +75,7 @@ pub use error::DmaError;
 pub use mapping::Backing;
 pub use pin::{HostPage, PinnedPages, Pinner, PinnerId, MAX_PIN_PAGES};
 pub use range::{IovaRange, Prot, PAGE_SIZE};
-pub use space::{AddressSpace, DmaLimits, MappingInfo};
+pub use space::{AddressSpace, DmaLimits, DmaTraffic, MappingInfo};
 pub use translate::Translation;
 pub use unmap::{UnmapNotice, UnmapOutcome, Unmapping};
 

@@ -116,6 +116,23 @@ pub struct AddressSpace {
     logging: Arc<Logging>,
     holders: Mutex<HashMap<u64, Weak<HolderState>>>,
     next_holder: AtomicU64,
+    /// Where copies through mapped memory and dirty reports are counted, once given.
+    traffic: OnceLock<Arc<DmaTraffic>>,
+}
+
+/// What went through an address space, for metrics: bytes copied through the client's
+/// mapped memory (not through messages, not through pins, which the device touches
+/// directly) and dirty pages reported to the client. A server keeps one per device and
+/// gives it to each client's space ([`AddressSpace::count_traffic`]), so the totals
+/// outlive the clients.
+#[derive(Debug, Default)]
+pub struct DmaTraffic {
+    /// Bytes the devices read from mapped client memory.
+    pub mapped_read: AtomicU64,
+    /// Bytes the devices wrote to mapped client memory.
+    pub mapped_written: AtomicU64,
+    /// Pages reported dirty (bits set in dirty bitmaps given to the client).
+    pub dirty_reported: AtomicU64,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -151,6 +168,7 @@ impl AddressSpace {
             remote: RwLock::new(None),
             logging: Arc::new(Logging::default()),
             holders: Mutex::new(HashMap::new()),
+            traffic: OnceLock::new(),
             next_holder: AtomicU64::new(0),
         }
     }
@@ -334,6 +352,16 @@ impl AddressSpace {
     /// The limits this address space was made with.
     pub fn limits(&self) -> &DmaLimits {
         &self.limits
+    }
+
+    /// Counts copies through mapped memory and dirty reports in `traffic` from now on (the
+    /// first one given stays).
+    pub fn count_traffic(&self, traffic: Arc<DmaTraffic>) {
+        let _ = self.traffic.set(traffic);
+    }
+
+    pub(crate) fn traffic(&self) -> Option<&DmaTraffic> {
+        self.traffic.get().map(|t| &**t)
     }
 
     /// Pages pinned by all devices of this address space (a page pinned by two devices

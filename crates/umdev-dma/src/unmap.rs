@@ -137,6 +137,7 @@ impl<'a> Unmapping<'a> {
                 }
             }
             bitmap.finish();
+            self.space.count_reported(out);
         }
         let mappings = std::mem::take(&mut self.mappings);
         let n = mappings.len();

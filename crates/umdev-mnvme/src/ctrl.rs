@@ -672,6 +672,12 @@ impl Ctrl {
         let mut did = false;
         let gen = self.generation.load(Ordering::Acquire);
         for sq in self.all_sqs() {
+            // A queue deleted earlier in this pass (by a Delete I/O Submission Queue on the
+            // admin queue) is not fetched from: its commands would complete after the
+            // deletion's completion, from a ring the driver may already have freed.
+            if !self.sq(sq.id).is_some_and(|live| Arc::ptr_eq(&live, &sq)) {
+                continue;
+            }
             let tail = self.tail(&sq);
             let mut n = 0;
             while n < BURST {
@@ -910,5 +916,123 @@ impl Ctrl {
             cq.ien && cq.posted_tail.load(Ordering::Acquire) != head
         });
         self.set_intx(pending && !masked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Mnvme;
+    use umdev_dma::{Dma, DmaError};
+    use umdev_pci::PciFunction;
+
+    /// 64 KiB of guest memory at IOVA 0, reached through DMA copies.
+    struct Mem(Mutex<Vec<u8>>);
+
+    impl Dma for Mem {
+        fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            let m = lock(&self.0);
+            let at = usize::try_from(iova).map_err(|_| DmaError::Fault { iova })?;
+            let src = m.get(at..at + buf.len()).ok_or(DmaError::Fault { iova })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+
+        fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+            let mut m = lock(&self.0);
+            let at = usize::try_from(iova).map_err(|_| DmaError::Fault { iova })?;
+            m.get_mut(at..at + data.len())
+                .ok_or(DmaError::Fault { iova })?
+                .copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    const ASQ: u64 = 0x1000;
+    const ACQ: u64 = 0x2000;
+    const IOSQ: u64 = 0x3000;
+    const IOCQ: u64 = 0x4000;
+
+    fn sqe(opcode: u8, cid: u16, nsid: u32, prp1: u64, cdw10: u32, cdw11: u32) -> [u8; 64] {
+        Sqe {
+            opcode,
+            cid,
+            nsid,
+            prp1,
+            cdw: [cdw10, cdw11, 0, 0, 0, 0],
+            ..Sqe::default()
+        }
+        .to_bytes()
+    }
+
+    fn cqe(mem: &Mem, base: u64, slot: u64) -> (u16, u16, bool, u16) {
+        let mut b = [0u8; 16];
+        mem.read(base + slot * regs::CQE_SIZE, &mut b).unwrap();
+        let sf = u16::from_le_bytes([b[14], b[15]]);
+        let sqid = u16::from_le_bytes([b[10], b[11]]);
+        let cid = u16::from_le_bytes([b[12], b[13]]);
+        (sqid, cid, sf & 1 != 0, sf >> 1)
+    }
+
+    /// Found by the `nvme` fuzz target: with an I/O command and a Delete I/O Submission
+    /// Queue of its queue fetched in the same pass, the command was fetched from the
+    /// deleted queue and completed after the deletion's completion.
+    #[test]
+    fn fuzz_nvme_no_completion_after_sq_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = Namespace::open(&dir.path().join("ns.img"), 1 << 20).unwrap();
+        let tuning = Tuning {
+            poll: Duration::ZERO,
+            shadow_doorbells: true,
+            copy_on_migrate: false,
+        };
+        let ctrl = Arc::new(Ctrl::new(ns, Identity::of_uuid([7; 16], "t"), tuning));
+        let spec = crate::device::spec().unwrap();
+        let mut f = PciFunction::new(spec, Box::new(Mnvme { ctrl: ctrl.clone() }));
+        let mem = Arc::new(Mem(Mutex::new(vec![0; 64 * 1024])));
+        f.open(mem.clone()).unwrap();
+        ctrl.write_reg(regs::AQA, (3 << 16) | 3);
+        ctrl.write_reg(regs::ASQ, ASQ as u32);
+        ctrl.write_reg(regs::ACQ, ACQ as u32);
+        ctrl.write_reg(regs::CC, regs::CC_EN | (6 << 16) | (4 << 20));
+        assert!(ctrl.enabled());
+        let admin_db = regs::DOORBELLS;
+        let io_db = regs::DOORBELLS + 8;
+        mem.write(
+            ASQ,
+            &sqe(regs::admin::CREATE_CQ, 1, 0, IOCQ, (3 << 16) | 1, 1),
+        )
+        .unwrap();
+        let create_sq = sqe(
+            regs::admin::CREATE_SQ,
+            2,
+            0,
+            IOSQ,
+            (3 << 16) | 1,
+            1 | (1 << 16),
+        );
+        mem.write(ASQ + 64, &create_sq).unwrap();
+        ctrl.doorbell(admin_db, 2);
+        f.drain_work();
+        assert_eq!(cqe(&mem, ACQ, 1), (0, 2, true, 0), "SQ 1 created");
+
+        // Both rung while the poller is held, so that one pass fetches them.
+        ctrl.running.store(false, Ordering::Release);
+        mem.write(IOSQ, &sqe(regs::io::FLUSH, 7, 1, 0, 0, 0))
+            .unwrap();
+        ctrl.doorbell(io_db, 1);
+        mem.write(ASQ + 128, &sqe(regs::admin::DELETE_SQ, 9, 0, 0, 1, 0))
+            .unwrap();
+        ctrl.doorbell(admin_db, 3);
+        ctrl.running.store(true, Ordering::Release);
+        ctrl.kick();
+        f.drain_work();
+        assert_eq!(cqe(&mem, ACQ, 2), (0, 9, true, 0), "SQ 1 deleted");
+        assert!(
+            !cqe(&mem, IOCQ, 0).2,
+            "a command of SQ 1 completed after its deletion: {:?}",
+            cqe(&mem, IOCQ, 0)
+        );
+        f.close();
     }
 }

@@ -1,7 +1,7 @@
 //! Per-device counters of a server, rendered in the Prometheus text format: connections,
 //! messages and failures by command, the time each request took to answer (a histogram),
-//! bytes moved by DMA messages, the client's pinned pages, resets, migration state changes
-//! and hand-overs. Everything is an atomic the session bumps as it goes; rendering reads
+//! DMA bytes by path (messages, the client's mapped memory), dirty pages reported, the
+//! client's pinned pages, resets, migration state changes and hand-overs. Everything is an atomic the session bumps as it goes; rendering reads
 //! them without stopping anyone.
 
 use std::fmt::Write;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use umdev_dma::AddressSpace;
+use umdev_dma::{AddressSpace, DmaTraffic};
 
 /// Command numbers counted one by one (the spec's are below this).
 const COMMANDS: usize = 32;
@@ -30,6 +30,8 @@ pub struct Stats {
     dma_write_bytes: AtomicU64,
     resets: AtomicU64,
     mig_changes: AtomicU64,
+    /// Given to each client's address space: the totals outlive the clients.
+    traffic: Arc<DmaTraffic>,
     space: Mutex<Option<Weak<AddressSpace>>>,
 }
 
@@ -96,6 +98,9 @@ impl Stats {
 
     /// The client's address space, for its pinned pages.
     pub(crate) fn set_space(&self, space: Option<&Arc<AddressSpace>>) {
+        if let Some(s) = space {
+            s.count_traffic(self.traffic.clone());
+        }
         *self.space.lock().unwrap_or_else(|e| e.into_inner()) = space.map(Arc::downgrade);
     }
 
@@ -141,15 +146,23 @@ impl Stats {
             );
         }
         line("umdev_request_seconds_count", "", cumulative);
+        let t = &self.traffic;
+        for (path, direction, n) in [
+            ("message", "read", &self.dma_read_bytes),
+            ("message", "write", &self.dma_write_bytes),
+            ("mapped", "read", &t.mapped_read),
+            ("mapped", "write", &t.mapped_written),
+        ] {
+            line(
+                "umdev_dma_bytes_total",
+                &format!("path=\"{path}\",direction=\"{direction}\""),
+                get(n),
+            );
+        }
         line(
-            "umdev_dma_message_bytes_total",
-            "direction=\"read\"",
-            get(&self.dma_read_bytes),
-        );
-        line(
-            "umdev_dma_message_bytes_total",
-            "direction=\"write\"",
-            get(&self.dma_write_bytes),
+            "umdev_dirty_pages_reported_total",
+            "",
+            get(&t.dirty_reported),
         );
         line("umdev_resets_total", "", get(&self.resets));
         line(
@@ -195,8 +208,10 @@ pub const HELP: &str = "\
 # TYPE umdev_failed_messages_total counter
 # HELP umdev_request_seconds Time from a request's arrival to its answer.
 # TYPE umdev_request_seconds histogram
-# HELP umdev_dma_message_bytes_total Bytes moved by DMA_READ and DMA_WRITE messages.
-# TYPE umdev_dma_message_bytes_total counter
+# HELP umdev_dma_bytes_total Bytes the device read or wrote in its client's memory, by path: DMA_READ and DMA_WRITE messages, or copies through the client's mapped memory (pinned pages are touched directly and not counted).
+# TYPE umdev_dma_bytes_total counter
+# HELP umdev_dirty_pages_reported_total Pages reported dirty to the client (DMA_UNMAP and dirty-page bitmaps).
+# TYPE umdev_dirty_pages_reported_total counter
 # HELP umdev_resets_total DEVICE_RESETs the clients asked for.
 # TYPE umdev_resets_total counter
 # HELP umdev_migration_state_changes_total Migration state changes the clients asked for.

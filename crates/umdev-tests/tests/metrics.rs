@@ -60,6 +60,8 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
     // Pins show as a gauge; a refused second client is counted.
     let _m = cmd::map_memfd(&mut c, 0x10_0000, 1 << 20, true);
     assert_eq!(cmd::pin(&mut c, 0x10_0000, 3, 3), 0);
+    // A device copy through the mapped memfd counts on the mapped path.
+    assert_eq!(cmd::copy_write(&mut c, 0x10_0000, 2048, 1), 0);
     assert!(Client::connect(d.socket(&u)).is_err());
     // Over HTTP too.
     let mut s = UnixStream::connect(d.root().join("state/metrics.sock")).unwrap();
@@ -74,6 +76,12 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
         "the counter did not move"
     );
     assert_eq!(sample(&second, "umdev_pinned_pages", &[&dev]), Some(3.0));
+    let bytes = |path: &str, dir: &str| {
+        let (p, d) = (format!("path=\"{path}\""), format!("direction=\"{dir}\""));
+        sample(&second, "umdev_dma_bytes_total", &[&dev, &p, &d])
+    };
+    assert_eq!(bytes("mapped", "write"), Some(2048.0), "{second}");
+    assert_eq!(bytes("message", "write"), Some(0.0), "{second}");
     assert!(
         sample(&second, "umdev_refusals_total", &["kind=\"second-client\""]).unwrap_or(0.0) >= 1.0,
         "{second}"
