@@ -446,3 +446,96 @@ fn a_device_whose_worker_and_daemon_both_died_is_started_again() {
     assert_ne!(now, pid);
     c.device_info().unwrap();
 }
+
+/// Where a CPU cgroup for a test can go: cgroup v2's root if it offers the cpu controller,
+/// else cgroup v1's cpu hierarchy; and the name of the weight file there.
+fn cpu_cgroup_root() -> (std::path::PathBuf, &'static str) {
+    let v2 = Path::new("/sys/fs/cgroup");
+    if std::fs::read_to_string(v2.join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"))
+    {
+        return (v2.to_owned(), "cpu.weight");
+    }
+    let v1 = Path::new("/sys/fs/cgroup/cpu");
+    assert!(
+        v1.join("cpu.shares").exists(),
+        "no cpu cgroup controller on this machine (v2 with cpu, or v1's cpu hierarchy)"
+    );
+    (v1.to_owned(), "cpu.shares")
+}
+
+/// `[cgroup]`: each worker in a CPU cgroup of its own, with its parent's weight (or the
+/// default); a restarted worker gets a new one and the dead one's goes; a removed device's
+/// worker leaves none behind.
+#[test]
+fn each_worker_runs_in_a_cpu_cgroup_with_its_parents_weight() {
+    let (base, file) = cpu_cgroup_root();
+    let root = base.join(format!("umdev-test-{}", &new_uuid()[..8]));
+    let config = format!(
+        "isolation = \"worker\"\n[cgroup]\npath = \"{}\"\ncpu_weight = 50\n\n\
+         [[parent]]\nname = \"test0\"\ndriver = \"umdevtest\"\noptions = {{ pool = 2 }}\n\
+         cpu_weight = 400\n\n[[parent]]\nname = \"test1\"\ndriver = \"umdevtest\"\n\
+         options = {{ pool = 2 }}\n",
+        root.display()
+    );
+    // The kernel's values: v2 takes the weight, v1 `weight * 1024 / 100` shares.
+    let value = |w: u32| {
+        if file == "cpu.weight" {
+            w
+        } else {
+            w * 1024 / 100
+        }
+    };
+    let d = Daemon::start_test_daemon(&config);
+    let (a, b) = (new_uuid(), new_uuid());
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    d.create("test1", "umdevtest-plain", &b).unwrap();
+    let (ca, pa) = connect(&d.socket(&a));
+    let (cb, pb) = connect(&d.socket(&b));
+    let weight = |pid: u32| -> u32 {
+        let dir = root.join(format!("w{pid}"));
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "worker {pid} is not in {}: {procs}",
+            dir.display()
+        );
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(weight(pa), value(400));
+    assert_eq!(weight(pb), value(50));
+    // A worker killed and started again: a new cgroup, the old one removed.
+    drop(ca);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pa).unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let (ca, pa2) = wait_for_client(&d, &a);
+    assert_ne!(pa, pa2);
+    assert_eq!(weight(pa2), value(400));
+    wait_until("the dead worker's cgroup is removed", || {
+        !root.join(format!("w{pa}")).exists()
+    });
+    // Removing the devices ends their workers and their cgroups go.
+    drop((ca, cb));
+    d.remove(&a).unwrap();
+    d.remove(&b).unwrap();
+    let left = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name())
+            .collect()
+    };
+    wait_until("the workers' cgroups are removed", || left().is_empty());
+    drop(d);
+    let left = left();
+    let _ = std::fs::remove_dir(&root);
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}

@@ -34,11 +34,16 @@
 //! max_requests_per_sec = 0            # per client session (0: no limit)
 //! listen_backlog = 32                 # connections waiting to be accepted, per device socket
 //!
+//! [cgroup]                            # workers only: a CPU cgroup per worker
+//! path = "/sys/fs/cgroup/umdev"       # v2 (cpu delegated) or under v1's cpu hierarchy
+//! cpu_weight = 100                    # each worker's (1..10000), unless a parent sets more
+//!
 //! [[parent]]
 //! name = "mtty0"
 //! driver = "mtty"
 //! socket_mode = "0660"                # this parent's devices (default: the daemon's)
 //! socket_owner = "qemu"
+//! cpu_weight = 400                    # its workers' CPU weight ([cgroup])
 //! [parent.options]                    # the driver's own (`umdevctl drivers` lists them)
 //! ports = 24
 //! console = "socket"
@@ -86,8 +91,27 @@ pub struct Config {
     /// it (a live upgrade, as `umdevctl upgrade --all`).
     #[serde(default)]
     pub upgrade_on_replace: bool,
+    /// With workers: a CPU cgroup per worker, with a weight.
+    pub cgroup: Option<CgroupConfig>,
     /// The parents to host (absent: the daemon's defaults).
     pub parent: Option<Vec<ParentConfig>>,
+}
+
+/// `[cgroup]`: each worker in a CPU cgroup of its own (workers only).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// The directory the workers' cgroups go under: in a cgroup v2 subtree delegated to
+    /// the daemon with the cpu controller, or in cgroup v1's cpu hierarchy.
+    pub path: PathBuf,
+    /// Each worker's CPU weight (1 to 10000; 100 is the kernel's default), unless one of
+    /// its devices' parents sets its own.
+    #[serde(default = "default_cpu_weight")]
+    pub cpu_weight: u32,
+}
+
+fn default_cpu_weight() -> u32 {
+    100
 }
 
 /// What happens to a system call outside the filter.
@@ -280,6 +304,8 @@ pub struct ParentConfig {
     pub socket_mode: Option<String>,
     /// Owner of this parent's devices' sockets, instead of the daemon's.
     pub socket_owner: Option<String>,
+    /// The CPU weight of the workers serving this parent's devices (`[cgroup]`).
+    pub cpu_weight: Option<u32>,
 }
 
 impl ParentConfig {
@@ -291,6 +317,7 @@ impl ParentConfig {
             options,
             socket_mode: None,
             socket_owner: None,
+            cpu_weight: None,
         }
     }
 }
@@ -336,6 +363,7 @@ impl Default for Config {
             isolation: Isolation::default(),
             sandbox: SandboxConfig::default(),
             upgrade_on_replace: false,
+            cgroup: None,
             parent: None,
         }
     }
@@ -361,6 +389,15 @@ impl Config {
         }
         self.policy()?;
         self.server.server_config()?;
+        let weight_ok = |w: u32| (1..=10_000).contains(&w);
+        if let Some(c) = &self.cgroup {
+            if self.isolation != Isolation::Worker {
+                bail!("[cgroup] needs isolation = \"worker\" (it places worker processes)");
+            }
+            if !weight_ok(c.cpu_weight) {
+                bail!("[cgroup] cpu_weight must be between 1 and 10000");
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for p in self.parent.iter().flatten() {
             drivers
@@ -368,6 +405,14 @@ impl Config {
                 .with_context(|| format!("parent {}", p.name))?;
             self.parent_policy(p)
                 .with_context(|| format!("parent {}", p.name))?;
+            if let Some(w) = p.cpu_weight {
+                if self.cgroup.is_none() {
+                    bail!("parent {}: cpu_weight needs a [cgroup] section", p.name);
+                }
+                if !weight_ok(w) {
+                    bail!("parent {}: cpu_weight must be between 1 and 10000", p.name);
+                }
+            }
             if !names.insert(p.name.clone()) {
                 bail!("parent {} is configured twice", p.name);
             }
@@ -535,6 +580,15 @@ mod tests {
             ("root = \"relative\"", "absolute"),
             ("socket_mode = \"9\"", "not octal"),
             ("[server]\nlisten_backlog = 0", "listen_backlog"),
+            ("[cgroup]\npath = \"/sys/fs/cgroup/umdev\"", "needs isolation"),
+            (
+                "isolation = \"worker\"\n[cgroup]\npath = \"/x\"\ncpu_weight = 0",
+                "between 1 and 10000",
+            ),
+            (
+                "[[parent]]\nname = \"p\"\ndriver = \"mtty\"\ncpu_weight = 200",
+                "needs a [cgroup] section",
+            ),
         ];
         for (b, why) in bad {
             let e = checked(b).unwrap_err();

@@ -269,14 +269,33 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
                 .with_context(|| format!("creating {}", links.display()))?;
             let exe = std::env::current_exe().context("the daemon's own binary (for workers)")?;
             tracing::info!(exe = %exe.display(), "devices run in a worker process per IOMMU group");
-            let w = Arc::new(WorkerServe::new(
+            let w = WorkerServe::new(
                 dirs.clone(),
                 shared.clone(),
                 config.server.clone(),
                 links,
                 exe,
                 config.sandbox.clone(),
-            ));
+            );
+            let w = match &config.cgroup {
+                Some(c) => {
+                    let cgroups =
+                        crate::worker::cgroup::CpuCgroups::open(&c.path).context("[cgroup]")?;
+                    tracing::info!(path = %c.path.display(), "workers run in CPU cgroups of their own");
+                    w.with_cpu(crate::worker::CpuPolicy {
+                        cgroups,
+                        default_weight: c.cpu_weight,
+                        parents: config
+                            .parent
+                            .iter()
+                            .flatten()
+                            .filter_map(|p| Some((p.name.clone(), p.cpu_weight?)))
+                            .collect(),
+                    })
+                }
+                None => w,
+            };
+            let w = Arc::new(w);
             workers = Some(w.clone());
             let _ = shared.workers.set(w.clone());
             if config.upgrade_on_replace {

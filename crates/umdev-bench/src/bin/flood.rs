@@ -1,7 +1,9 @@
 //! One client floods its device while another device's client measures REGION_READ
 //! latency (issue 12's fairness goal: within 2x of its unloaded value), on a real umdevd
 //! with two mtty cards, each alone in its group: in thread mode, in worker mode, and in
-//! worker mode with a per-client request rate limit (`[server] max_requests_per_sec`).
+//! worker mode with a per-client request rate limit (`[server] max_requests_per_sec`), and
+//! in worker mode with CPU cgroups (`[cgroup]`, the reader's parent weighted 10x the
+//! flooded one's) where the machine has a cpu cgroup controller.
 //! The flood is posted REGION_WRITEs (no reply) to the card's scratch register, as fast as
 //! one client thread can send them; the measured client reads once a millisecond (a busy
 //! guest, not a flood); the lower bound is the same reads with nobody flooding, measured
@@ -64,10 +66,16 @@ fn reads(c: &mut Client, n: usize) -> Result<Vec<f64>> {
 fn setup(umdevd: &std::path::Path, name: &str, config: &str, n: usize) -> Result<()> {
     // Short: the devices' socket paths live under it.
     let d = Daemon::start(umdevd, &format!("ub-flood-{}", &name[..1]), config)?;
-    let create = d
-        .root()
-        .join("sys/devices/umdev/tty0/mdev_supported_types/mtty-1/create");
-    for i in 0..2 {
+    // The reader's card on a parent of its own where the setup has one (its weight).
+    let reader = if config.contains("name = \"tty1\"") {
+        "tty1"
+    } else {
+        "tty0"
+    };
+    for (i, parent) in [(0, "tty0"), (1, reader)] {
+        let create = d.root().join(format!(
+            "sys/devices/umdev/{parent}/mdev_supported_types/mtty-1/create"
+        ));
         std::fs::write(&create, uuid(i))?;
     }
     let socket = |i: u32| {
@@ -139,5 +147,32 @@ fn main() -> Result<()> {
         ),
         n,
     )?;
+    match cpu_cgroup() {
+        Some(base) => {
+            let path = base.join("ub-flood");
+            let weighted = format!(
+                "isolation = \"worker\"\n[cgroup]\npath = \"{}\"\n{parent}cpu_weight = 100\n\
+                 [[parent]]\nname = \"tty1\"\ndriver = \"mtty\"\n\
+                 options = {{ ports = 2, console = \"none\" }}\ncpu_weight = 1000\n",
+                path.display()
+            );
+            let r = setup(&umdevd, "weighted worker", &weighted, n);
+            let _ = std::fs::remove_dir(&path);
+            r?;
+        }
+        None => println!("weighted worker: no cpu cgroup controller here, not measured"),
+    }
     Ok(())
+}
+
+/// A cgroup directory with the cpu controller to make a test cgroup in: v2's root if it
+/// offers cpu, else v1's cpu hierarchy.
+fn cpu_cgroup() -> Option<std::path::PathBuf> {
+    let v2 = std::path::Path::new("/sys/fs/cgroup");
+    let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.split_whitespace().any(|c| c == "cpu") {
+        return Some(v2.to_owned());
+    }
+    let v1 = v2.join("cpu");
+    v1.join("cpu.shares").exists().then_some(v1)
 }

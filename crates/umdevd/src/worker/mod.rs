@@ -13,6 +13,7 @@
 //! stopped in its worker and built again in its new group's (the last device of a worker
 //! ends it).
 
+pub mod cgroup;
 mod handover;
 mod link;
 pub mod process;
@@ -72,6 +73,28 @@ pub struct WorkerServe {
     ledger: Arc<Ledger>,
     /// Which worker serves each device (by UUID): a device moves with its group.
     placements: Placements,
+    /// CPU cgroups and weights, if configured.
+    cpu: Option<Arc<CpuPolicy>>,
+}
+
+/// Each worker's CPU cgroup and weight: its parents' highest (or the default).
+#[derive(Debug)]
+pub struct CpuPolicy {
+    /// Where workers' cgroups go.
+    pub cgroups: cgroup::CpuCgroups,
+    /// A worker's weight when none of its parents sets one.
+    pub default_weight: u32,
+    /// Parents with a weight of their own.
+    pub parents: BTreeMap<String, u32>,
+}
+
+impl CpuPolicy {
+    fn weight<'a>(&self, parents: impl Iterator<Item = &'a str>) -> u32 {
+        parents
+            .filter_map(|p| self.parents.get(p).copied())
+            .max()
+            .unwrap_or(self.default_weight)
+    }
 }
 
 /// Where each device is served.
@@ -108,7 +131,14 @@ impl WorkerServe {
             next: AtomicU64::new(0),
             ledger: Arc::default(),
             placements: Arc::default(),
+            cpu: None,
         }
+    }
+
+    /// Puts each worker in a CPU cgroup of its own with a weight.
+    pub fn with_cpu(mut self, cpu: CpuPolicy) -> WorkerServe {
+        self.cpu = Some(Arc::new(cpu));
+        self
     }
 
     /// The daemon's record of a worker with `devices`, its link if it has one already.
@@ -130,6 +160,7 @@ impl WorkerServe {
             charged: Mutex::new(BTreeMap::new()),
             supervisor: Mutex::new(None),
             restarts: AtomicU64::new(0),
+            cpu: self.cpu.clone(),
         })
     }
 
@@ -741,6 +772,7 @@ struct Worker {
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Times it died and was started again.
     restarts: AtomicU64,
+    cpu: Option<Arc<CpuPolicy>>,
 }
 
 impl Worker {
@@ -775,6 +807,21 @@ impl Worker {
         };
         let pid = child.id();
         *lock(&self.child) = Some(child);
+        if let Some(cpu) = &self.cpu {
+            let weight = cpu.weight(
+                lock(&self.devices)
+                    .values()
+                    .map(|e| e.start.parent.as_str()),
+            );
+            match cpu.cgroups.place(pid, weight) {
+                Ok(()) => {
+                    tracing::info!(worker = self.name, pid, weight, "worker in its CPU cgroup")
+                }
+                Err(e) => {
+                    tracing::error!(worker = self.name, error = %e, "cannot put a worker in its CPU cgroup");
+                }
+            }
+        }
         let link = link::accept(&listener, CONNECT_TIMEOUT);
         let _ = std::fs::remove_file(&self.link_path);
         let link = match link {
@@ -816,7 +863,11 @@ impl Worker {
         if kill {
             let _ = child.kill();
         }
-        child.wait().ok()
+        let status = child.wait().ok();
+        if let Some(cpu) = &self.cpu {
+            cpu.cgroups.remove(child.id());
+        }
+        status
     }
 
     fn link(&self) -> Result<Arc<Link>, Errno> {
