@@ -325,3 +325,50 @@ fn sysfs_writes_follow_the_socket_owner_mode_and_allow_lists() {
     assert!(!d.mdev_dir(&a).exists());
     d.create("test1", "umdevtest-plain", &b).unwrap();
 }
+
+/// `listen_backlog`: connections waiting to be accepted on a device's socket are bounded.
+/// With the worker stopped (SIGSTOP: nothing accepts), connections past the backlog are
+/// refused with EAGAIN instead of piling up; once it runs again the device serves.
+#[test]
+fn connections_waiting_on_a_device_are_bounded_by_the_backlog() {
+    let config = format!("isolation = \"worker\"\n[server]\nlisten_backlog = 4\n\n{CONFIG}");
+    let d = Daemon::start_test_daemon(&config);
+    let a = new_uuid();
+    d.create("test0", "umdevtest-plain", &a).unwrap();
+    let (c, pid) = umdev_tests::connect_served(&d.socket(&a)).unwrap();
+    drop(c);
+    let worker = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
+    let addr = rustix::net::SocketAddrUnix::new(d.socket(&a)).unwrap();
+    let mut waiting = Vec::new();
+    let refused = loop {
+        let s = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match rustix::net::connect(&s, &addr) {
+            Ok(()) => waiting.push(s),
+            Err(e) => break e,
+        }
+        if waiting.len() > 64 {
+            break rustix::io::Errno::MFILE;
+        }
+    };
+    rustix::process::kill_process(worker, rustix::process::Signal::CONT).unwrap();
+    assert_eq!(refused, rustix::io::Errno::AGAIN, "{} waited", waiting.len());
+    // The backlog, and Linux's one more.
+    assert!((4..=5).contains(&waiting.len()), "{} waited", waiting.len());
+    drop(waiting);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut c) = Client::connect(d.socket(&a)) {
+            c.device_info().unwrap();
+            break;
+        }
+        assert!(Instant::now() < deadline, "the device does not serve again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
