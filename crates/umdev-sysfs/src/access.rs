@@ -1,8 +1,9 @@
 //! Who may write the tree: the same policy as who may connect to a device.
 //!
 //! A parent's writable files (`create`, its writable attributes) and its devices' (`remove`,
-//! their writable attributes) take the owner and group of the parent's device sockets, and
-//! the group and other write bits of their mode: with `socket_owner = "qemu:kvm"` and
+//! their writable attributes) take the owner and group of the parent's device sockets (a
+//! device's own, where `[[device]]` sets them), and the group and other write bits of their
+//! mode: with `socket_owner = "qemu:kvm"` and
 //! `socket_mode = "0660"`, group `kvm` may create and remove that parent's devices, as it
 //! may connect to them. The kernel checks the bits (the mount has `default_permissions`).
 //! Then the peer allow-lists: when either is set, a write by a user other than root (or the
@@ -12,43 +13,25 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use umdev_core::Core;
+use umdev_core::{Core, MdevUuid};
+use umdev_transport::{PolicyOverride, SocketPolicy};
 
 use crate::tree::File;
-
-/// Owner, group and permission bits of the files of one parent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileOwner {
-    /// The owner; `None`: the daemon's.
-    pub uid: Option<u32>,
-    /// The group; `None`: the daemon's.
-    pub gid: Option<u32>,
-    /// The sockets' mode: its group and other write bits are given to the writable files.
-    pub mode: u32,
-}
-
-impl Default for FileOwner {
-    /// The daemon's, writable by it alone (as sysfs is by root).
-    fn default() -> Self {
-        FileOwner {
-            uid: None,
-            gid: None,
-            mode: 0o600,
-        }
-    }
-}
 
 /// Called with the reason of each write refused by the allow-lists (the daemon logs it,
 /// rate-limited, and counts it).
 pub type OnRefused = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// The write policy of the whole tree.
+/// The write policy of the whole tree: the sockets' policies (the default one's mode is
+/// 0600, the daemon's own).
 #[derive(Clone, Default)]
 pub struct WriteAccess {
     /// Parents without an entry in `parents`.
-    pub default: FileOwner,
+    pub default: SocketPolicy,
     /// Parents with their own owner or mode.
-    pub parents: BTreeMap<String, FileOwner>,
+    pub parents: BTreeMap<String, SocketPolicy>,
+    /// Devices with their own owner or mode, over their parent's.
+    pub devices: BTreeMap<MdevUuid, PolicyOverride>,
     /// Writers other than root and the daemon's user must have one of these uids (empty: any).
     pub allow_uids: Vec<u32>,
     /// ... and one of these primary gids (empty: any).
@@ -62,46 +45,56 @@ impl std::fmt::Debug for WriteAccess {
         f.debug_struct("WriteAccess")
             .field("default", &self.default)
             .field("parents", &self.parents)
+            .field("devices", &self.devices)
             .field("allow_uids", &self.allow_uids)
             .field("allow_gids", &self.allow_gids)
             .finish_non_exhaustive()
     }
 }
 
-/// The parent whose policy a writable file follows; `None` for read-only files.
-fn parent_of(core: &Core, f: &File) -> Option<String> {
-    match f {
-        File::Create { parent, .. }
-        | File::ParentAttr {
-            parent,
-            writable: true,
-            ..
-        } => Some(parent.clone()),
-        File::Remove(uuid)
-        | File::Attr {
-            uuid,
-            writable: true,
-            ..
-        } => core.mdev(uuid).map(|m| m.parent),
-        _ => None,
-    }
-}
-
 impl WriteAccess {
-    fn owner_of(&self, parent: &str) -> FileOwner {
+    fn parent_policy(&self, parent: &str) -> SocketPolicy {
         self.parents.get(parent).copied().unwrap_or(self.default)
+    }
+
+    /// The policy a writable file follows; `None` for read-only files.
+    fn policy_of(&self, core: &Core, f: &File) -> Option<SocketPolicy> {
+        match f {
+            File::Create { parent, .. }
+            | File::ParentAttr {
+                parent,
+                writable: true,
+                ..
+            } => Some(self.parent_policy(parent)),
+            File::Remove(uuid)
+            | File::Attr {
+                uuid,
+                writable: true,
+                ..
+            } => {
+                let parent = self.parent_policy(&core.mdev(uuid)?.parent);
+                Some(match self.devices.get(uuid) {
+                    Some(o) => o.apply(parent),
+                    None => parent,
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Owner, group and mode of `f`, the daemon being `me` (uid, gid).
     pub(crate) fn attr(&self, core: &Core, f: &File, me: (u32, u32)) -> (u32, u32, u16) {
         let base = f.mode();
-        let Some(parent) = parent_of(core, f) else {
+        let Some(p) = self.policy_of(core, f) else {
             return (me.0, me.1, base);
         };
-        let o = self.owner_of(&parent);
         // Only write bits are given; the mode is at most 0o777, so it fits.
-        let extra = u16::try_from(o.mode & 0o022).unwrap_or(0);
-        (o.uid.unwrap_or(me.0), o.gid.unwrap_or(me.1), base | extra)
+        let extra = u16::try_from(p.mode & 0o022).unwrap_or(0);
+        let (uid, gid) = match p.owner {
+            Some((u, g)) => (u, g.unwrap_or(me.1)),
+            None => me,
+        };
+        (uid, gid, base | extra)
     }
 
     /// Whether a write by `uid`/`gid` passes the allow-lists (the kernel has checked the

@@ -26,7 +26,7 @@ mod access;
 mod fs;
 mod tree;
 
-pub use access::{FileOwner, OnRefused, WriteAccess};
+pub use access::{OnRefused, WriteAccess};
 
 use std::path::{Path, PathBuf};
 

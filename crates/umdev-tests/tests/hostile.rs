@@ -358,7 +358,12 @@ fn connections_waiting_on_a_device_are_bounded_by_the_backlog() {
         }
     };
     rustix::process::kill_process(worker, rustix::process::Signal::CONT).unwrap();
-    assert_eq!(refused, rustix::io::Errno::AGAIN, "{} waited", waiting.len());
+    assert_eq!(
+        refused,
+        rustix::io::Errno::AGAIN,
+        "{} waited",
+        waiting.len()
+    );
     // The backlog, and Linux's one more.
     assert!((4..=5).contains(&waiting.len()), "{} waited", waiting.len());
     drop(waiting);
@@ -371,4 +376,39 @@ fn connections_waiting_on_a_device_are_bounded_by_the_backlog() {
         assert!(Instant::now() < deadline, "the device does not serve again");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `[[device]]`: one device's own socket owner and mode over its parent's, for its socket,
+/// its directory and its writable files in the tree; the parent's other devices keep the
+/// parent's.
+#[test]
+fn a_device_can_have_a_socket_policy_of_its_own() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const GROUP: u32 = 4343;
+    let own = new_uuid();
+    let config = format!(
+        "[[device]]\nuuid = \"{own}\"\nsocket_owner = \"0:{GROUP}\"\nsocket_mode = \"0660\"\n\n{CONFIG}"
+    );
+    let d = Daemon::start_test_daemon(&config);
+    for p in [d.dir(), d.root().as_path(), &d.root().join("sockets")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let other = new_uuid();
+    d.create("test0", "umdevtest-plain", &own).unwrap();
+    d.create("test0", "umdevtest-plain", &other).unwrap();
+    let m = std::fs::metadata(d.socket(&own)).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o660, GROUP));
+    let m = std::fs::metadata(d.device_dir(&own)).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o770, GROUP));
+    let m = std::fs::metadata(d.socket(&other)).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o600, 0));
+    let m = std::fs::metadata(d.mdev_dir(&own).join("remove")).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o220, GROUP));
+    let m = std::fs::metadata(d.mdev_dir(&other).join("remove")).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o200, 0));
+    // The group may remove its own device, not the other.
+    assert!(write_as(5001, GROUP, &d.mdev_dir(&other).join("remove"), "1").is_err());
+    write_as(5001, GROUP, &d.mdev_dir(&own).join("remove"), "1").unwrap();
+    assert!(!d.mdev_dir(&own).exists());
+    assert!(d.mdev_dir(&other).exists());
 }

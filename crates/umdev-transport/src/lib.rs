@@ -27,7 +27,7 @@ mod unix;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
-pub use listen::{SocketPolicy, Stale};
+pub use listen::{PolicyOverride, SocketPolicy, Stale};
 pub use memory::MemoryTransport;
 use umdev_proto::{Header, ProtoError};
 pub use unix::{Detached, UnixTransport};

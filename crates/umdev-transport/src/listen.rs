@@ -61,6 +61,26 @@ impl SocketPolicy {
     }
 }
 
+/// What one device sets of its own over its parent's [`SocketPolicy`] (`[[device]]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyOverride {
+    /// The sockets' mode, if the device's own.
+    pub mode: Option<u32>,
+    /// Owner and group, if the device's own.
+    pub owner: Option<(u32, Option<u32>)>,
+}
+
+impl PolicyOverride {
+    /// `base` with what this sets.
+    pub fn apply(&self, base: SocketPolicy) -> SocketPolicy {
+        SocketPolicy {
+            mode: self.mode.unwrap_or(base.mode),
+            owner: self.owner.or(base.owner),
+            ..base
+        }
+    }
+}
+
 /// Clears whatever `policy.stale` allows at `path`; errors name what is in the way.
 fn clear(path: &Path, stale: Stale) -> std::io::Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {

@@ -44,11 +44,17 @@
 //! socket_mode = "0660"                # this parent's devices (default: the daemon's)
 //! socket_owner = "qemu"
 //! cpu_weight = 400                    # its workers' CPU weight ([cgroup])
+//!
+//! [[device]]                          # one device's own sockets (and tree files), any parent
+//! uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+//! socket_owner = "alice:kvm"
+//! socket_mode = "0660"
 //! [parent.options]                    # the driver's own (`umdevctl drivers` lists them)
 //! ports = 24
 //! console = "socket"
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,8 +62,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use umdev_core::Drivers;
+use umdev_core::MdevUuid;
 use umdev_server::ServerConfig;
-use umdev_transport::{SocketPolicy, Stale};
+use umdev_transport::{PolicyOverride, SocketPolicy, Stale};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -95,6 +102,21 @@ pub struct Config {
     pub cgroup: Option<CgroupConfig>,
     /// The parents to host (absent: the daemon's defaults).
     pub parent: Option<Vec<ParentConfig>>,
+    /// Devices with a socket policy of their own.
+    pub device: Option<Vec<DeviceConfig>>,
+}
+
+/// `[[device]]`: one device's sockets (and writable files in the tree), by UUID, over its
+/// parent's policy: for a device given to one VM's user.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The device (whichever parent it is created on).
+    pub uuid: String,
+    /// Mode of its sockets.
+    pub socket_mode: Option<String>,
+    /// Owner of its sockets (`user[:group]`).
+    pub socket_owner: Option<String>,
 }
 
 /// `[cgroup]`: each worker in a CPU cgroup of its own (workers only).
@@ -365,6 +387,7 @@ impl Default for Config {
             upgrade_on_replace: false,
             cgroup: None,
             parent: None,
+            device: None,
         }
     }
 }
@@ -417,6 +440,7 @@ impl Config {
                 bail!("parent {} is configured twice", p.name);
             }
         }
+        self.device_policies()?;
         Ok(())
     }
 
@@ -451,6 +475,23 @@ impl Config {
             mode: parse_mode(&self.socket_mode)?,
             owner: self.socket_owner.as_deref().map(parse_owner).transpose()?,
         })
+    }
+
+    /// What each `[[device]]` sets over its parent's policy.
+    pub fn device_policies(&self) -> Result<BTreeMap<MdevUuid, PolicyOverride>> {
+        let mut out = BTreeMap::new();
+        for d in self.device.iter().flatten() {
+            let uuid = MdevUuid::parse(&d.uuid)
+                .with_context(|| format!("[[device]] uuid {:?}", d.uuid))?;
+            let o = PolicyOverride {
+                mode: d.socket_mode.as_deref().map(parse_mode).transpose()?,
+                owner: d.socket_owner.as_deref().map(parse_owner).transpose()?,
+            };
+            if out.insert(uuid, o).is_some() {
+                bail!("device {uuid} is configured twice");
+            }
+        }
+        Ok(out)
     }
 
     /// The socket policy of `p`'s devices: its own mode and owner where it sets them.
@@ -579,6 +620,11 @@ mod tests {
             ),
             ("root = \"relative\"", "absolute"),
             ("socket_mode = \"9\"", "not octal"),
+            ("[[device]]\nuuid = \"nope\"", "[[device]] uuid"),
+            (
+                "[[device]]\nuuid = \"83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\"\nsocket_mode = \"8\"",
+                "not octal",
+            ),
             ("[server]\nlisten_backlog = 0", "listen_backlog"),
             ("[cgroup]\npath = \"/sys/fs/cgroup/umdev\"", "needs isolation"),
             (

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use umdev_api::{DefinitionStore, Start};
 use umdev_core::{Core, CoreConfig, Drivers, MdevUuid, Parent, ParentContext};
-use umdev_sysfs::{FileOwner, SysfsMount, WriteAccess};
+use umdev_sysfs::{SysfsMount, WriteAccess};
 
 use crate::config::{Config, Isolation, ParentConfig};
 use crate::control::ControlServer;
@@ -248,6 +248,7 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
         dir: sockets.clone(),
         policy: config.policy()?,
         parent_policies: Mutex::new(Default::default()),
+        device_policies: config.device_policies()?,
         server: config.server.server_config()?,
     });
     let mut workers = None;
@@ -349,18 +350,14 @@ pub fn start(mut config: Config, drivers: Drivers, defaults: &[ParentConfig]) ->
 /// Who may write the sysfs tree: each parent's files as its devices' sockets, and the
 /// servers' allow-lists.
 fn write_access(config: &Config) -> Result<WriteAccess> {
-    let owner = |p: umdev_transport::SocketPolicy| FileOwner {
-        uid: p.owner.map(|o| o.0),
-        gid: p.owner.and_then(|o| o.1),
-        mode: p.mode,
-    };
     let mut parents = std::collections::BTreeMap::new();
     for p in config.parent.iter().flatten() {
-        parents.insert(p.name.clone(), owner(config.parent_policy(p)?));
+        parents.insert(p.name.clone(), config.parent_policy(p)?);
     }
     Ok(WriteAccess {
-        default: owner(config.policy()?),
+        default: config.policy()?,
         parents,
+        devices: config.device_policies()?,
         allow_uids: config.server.allow_uids.clone(),
         allow_gids: config.server.allow_gids.clone(),
         on_refused: Some(Arc::new(|why: &str| {

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use umdev_core::{DeviceEnv, MdevUuid, Serve, Served, VFIO_USER_SOCKET};
 use umdev_pci::{DisplayPlane, Errno, PciFunction};
 use umdev_server::{HandOverCtl, Server, ServerConfig, Stopper, TakenOver};
-use umdev_transport::{SocketPolicy, Stale};
+use umdev_transport::{PolicyOverride, SocketPolicy, Stale};
 
 /// The server threads poll and hand over to a session thread; they need little stack.
 const SERVER_STACK: usize = 256 << 10;
@@ -137,6 +137,8 @@ pub struct DirServe {
     pub policy: SocketPolicy,
     /// Parents with a policy of their own.
     pub parent_policies: Mutex<BTreeMap<String, SocketPolicy>>,
+    /// Devices with something of their own over their parent's.
+    pub device_policies: BTreeMap<MdevUuid, PolicyOverride>,
     /// The servers' tunables.
     pub server: ServerConfig,
 }
@@ -150,13 +152,18 @@ impl DirServe {
             .insert(parent.to_owned(), policy);
     }
 
-    fn policy_of(&self, parent: &str) -> SocketPolicy {
-        self.parent_policies
+    fn policy_of(&self, parent: &str, uuid: &MdevUuid) -> SocketPolicy {
+        let p = self
+            .parent_policies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(parent)
             .copied()
-            .unwrap_or(self.policy)
+            .unwrap_or(self.policy);
+        match self.device_policies.get(uuid) {
+            Some(o) => o.apply(p),
+            None => p,
+        }
     }
 }
 
@@ -180,7 +187,7 @@ impl DirServe {
     /// A device's environment whose directory the daemon owns for now (a sealed worker,
     /// without capabilities, must be able to bind in it): the owner is given afterwards.
     pub fn env_for_worker(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
-        let policy = self.policy_of(parent);
+        let policy = self.policy_of(parent, uuid);
         let dir = self.dir.join(uuid.to_string());
         make_device_dir(
             &dir,
@@ -195,7 +202,7 @@ impl DirServe {
 
 impl Serve for DirServe {
     fn env(&self, parent: &str, uuid: &MdevUuid) -> std::io::Result<DeviceEnv> {
-        let policy = self.policy_of(parent);
+        let policy = self.policy_of(parent, uuid);
         let dir = self.dir.join(uuid.to_string());
         make_device_dir(&dir, &policy)?;
         Ok(DeviceEnv::new(*uuid, Some(dir), policy))
