@@ -503,7 +503,7 @@ struct Kept {
 }
 
 impl Served for Kept {
-    fn stop(self: Box<Self>) {
+    fn stop(&self) {
         // Stopping disconnects the client: its session's teardown closes the device.
         let f = self.functions.lock().expect("functions").remove(&self.uuid);
         if let Some(f) = f {

@@ -294,7 +294,13 @@ impl Ctrl {
         if qid == 0 {
             return Err(regs::INVALID_QUEUE_ID);
         }
-        let sq = self.sqs.write().unwrap_or_else(|e| e.into_inner())[usize::from(qid)].take();
+        // Any 16-bit id may arrive: one past the queues there can be is no queue.
+        let sq = self
+            .sqs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(usize::from(qid))
+            .and_then(Option::take);
         let sq = sq.ok_or(regs::INVALID_QUEUE_ID)?;
         // Commands of the queue still running complete to its completion queue, which the
         // driver deletes only after this one.

@@ -974,11 +974,8 @@ mod tests {
         (sqid, cid, sf & 1 != 0, sf >> 1)
     }
 
-    /// Found by the `nvme` fuzz target: with an I/O command and a Delete I/O Submission
-    /// Queue of its queue fetched in the same pass, the command was fetched from the
-    /// deleted queue and completed after the deletion's completion.
-    #[test]
-    fn fuzz_nvme_no_completion_after_sq_deletion() {
+    /// An enabled controller (admin queues of 4 entries) open for a client with `Mem`.
+    fn enabled() -> (tempfile::TempDir, Arc<Ctrl>, PciFunction, Arc<Mem>) {
         let dir = tempfile::tempdir().unwrap();
         let ns = Namespace::open(&dir.path().join("ns.img"), 1 << 20).unwrap();
         let tuning = Tuning {
@@ -992,10 +989,39 @@ mod tests {
         let mem = Arc::new(Mem(Mutex::new(vec![0; 64 * 1024])));
         f.open(mem.clone()).unwrap();
         ctrl.write_reg(regs::AQA, (3 << 16) | 3);
-        ctrl.write_reg(regs::ASQ, ASQ as u32);
-        ctrl.write_reg(regs::ACQ, ACQ as u32);
+        ctrl.write_reg(regs::ASQ, u32::try_from(ASQ).unwrap());
+        ctrl.write_reg(regs::ACQ, u32::try_from(ACQ).unwrap());
         ctrl.write_reg(regs::CC, regs::CC_EN | (6 << 16) | (4 << 20));
         assert!(ctrl.enabled());
+        (dir, ctrl, f, mem)
+    }
+
+    /// Found by the `nvme` fuzz target: Delete I/O Submission Queue of a queue id past the
+    /// queues there can be indexed past the queue table (a panic on the poller).
+    #[test]
+    fn fuzz_nvme_delete_sq_of_any_queue_id() {
+        let (_dir, ctrl, mut f, mem) = enabled();
+        for (slot, qid) in [(0u16, 0x600u32), (1, 17), (2, 0xffff)] {
+            let at = ASQ + u64::from(slot) * 64;
+            mem.write(at, &sqe(regs::admin::DELETE_SQ, slot, 0, 0, qid, 0))
+                .unwrap();
+        }
+        ctrl.doorbell(regs::DOORBELLS, 3);
+        f.drain_work();
+        for slot in 0..3u16 {
+            let (sqid, cid, phase, status) = cqe(&mem, ACQ, u64::from(slot));
+            assert_eq!((sqid, cid, phase), (0, slot, true));
+            assert_eq!(status & 0x7ff, regs::INVALID_QUEUE_ID.field() & 0x7ff);
+        }
+        f.close();
+    }
+
+    /// Found by the `nvme` fuzz target: with an I/O command and a Delete I/O Submission
+    /// Queue of its queue fetched in the same pass, the command was fetched from the
+    /// deleted queue and completed after the deletion's completion.
+    #[test]
+    fn fuzz_nvme_no_completion_after_sq_deletion() {
+        let (_dir, ctrl, mut f, mem) = enabled();
         let admin_db = regs::DOORBELLS;
         let io_db = regs::DOORBELLS + 8;
         mem.write(

@@ -10,6 +10,7 @@
 mod config_space;
 mod control;
 mod handover;
+mod nvme;
 mod sysfs;
 
 use std::path::Path;
@@ -49,6 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         write_all(out, "handover", &handover?)?,
         write_all(out, "control", &control::seeds())?,
         write_all(out, "sysfs", &sysfs::seeds())?,
+        write_all(out, "nvme", &nvme::seeds())?,
     ];
     println!("wrote {} under {}", counts.join(", "), out.display());
     Ok(())
