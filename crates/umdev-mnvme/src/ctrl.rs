@@ -546,10 +546,19 @@ impl Ctrl {
     }
 
     /// An error asynchronous event (status type 0: error; `info`: invalid doorbell register
-    /// 0, invalid doorbell value 1), reported by the poller to an outstanding AER.
+    /// 0, invalid doorbell value 1), reported by the poller to an outstanding AER. An event
+    /// already waiting for an AER is not queued (nor logged) again: a driver writing bad
+    /// doorbells in a loop grows neither the queue nor the log.
     pub fn async_error(self: &Arc<Self>, info: u32, why: &str) {
+        let event = info << 8;
+        {
+            let mut a = lock(&self.aers);
+            if a.1.contains(&event) {
+                return;
+            }
+            a.1.push_back(event);
+        }
         tracing::warn!(why, "mnvme: the driver wrote an invalid doorbell");
-        lock(&self.aers).1.push_back(info << 8);
         self.kick();
     }
 
@@ -994,6 +1003,22 @@ mod tests {
         ctrl.write_reg(regs::CC, regs::CC_EN | (6 << 16) | (4 << 20));
         assert!(ctrl.enabled());
         (dir, ctrl, f, mem)
+    }
+
+    /// Found reviewing the `nvme` fuzz target: every invalid doorbell write queued an
+    /// asynchronous event (and logged a warning), so a driver writing them in a loop grew
+    /// the daemon's memory and log without bound.
+    #[test]
+    fn fuzz_nvme_invalid_doorbells_queue_one_event_each_kind() {
+        let (_dir, ctrl, mut f, _mem) = enabled();
+        for _ in 0..10_000 {
+            // Submission queue 5 does not exist; the admin SQ's tail past its 4 entries.
+            ctrl.doorbell(regs::DOORBELLS + 5 * 8, 1);
+            ctrl.doorbell(regs::DOORBELLS, 100);
+        }
+        f.drain_work();
+        assert_eq!(lock(&ctrl.aers).1.len(), 2);
+        f.close();
     }
 
     /// Found by the `nvme` fuzz target: Delete I/O Submission Queue of a queue id past the
