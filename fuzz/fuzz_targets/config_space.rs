@@ -28,14 +28,14 @@
 //! checked against their power-on values. `UMDEV_FUZZ_TRACE=1` prints each operation.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use rustix::event::{eventfd, EventfdFlags};
 #[path = "common.rs"]
 mod common;
 
-use common::Refuse;
+use common::{trace, Input, Refuse};
 use umdev_pci::{
     BarIndex, BarKind, DeviceContext, Errno, IrqData, PciDevice, PciDeviceSpec, PciFunction,
     CONFIG_REGION,
@@ -135,42 +135,6 @@ fn function() -> PciFunction {
         .build()
         .expect("the fuzz device's spec is valid");
     PciFunction::new(spec, Box::new(Toy::default()))
-}
-
-/// The operand bytes of the input, front to back; past the end every byte reads as zero.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut a = [0u8; N];
-        for b in &mut a {
-            *b = self.byte().unwrap_or(0);
-        }
-        a
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.array())
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.array())
-    }
-
-    /// `n` bytes of data, zero-padded where the input runs out.
-    fn data(&mut self, n: usize) -> Vec<u8> {
-        let take = n.min(self.0.len());
-        let mut v = self.0[..take].to_vec();
-        self.0 = &self.0[take..];
-        v.resize(n, 0);
-        v
-    }
 }
 
 /// Region indexes 0..=11 (9 and up do not exist), and `u32::MAX` for 0xff.
@@ -516,14 +480,5 @@ impl PciDevice for Toy {
 
     fn close(&mut self) {
         self.ctx = None;
-    }
-}
-
-/// `UMDEV_FUZZ_TRACE=1` prints every operation and its outcome (`target/.../config_space
-/// INPUT_FILE` runs just that input).
-fn trace(what: std::fmt::Arguments<'_>) {
-    static TRACE: OnceLock<bool> = OnceLock::new();
-    if *TRACE.get_or_init(|| std::env::var_os("UMDEV_FUZZ_TRACE").is_some_and(|v| v == "1")) {
-        eprintln!("{what}");
     }
 }

@@ -27,7 +27,7 @@ use libfuzzer_sys::fuzz_target;
 #[path = "common.rs"]
 mod common;
 
-use common::Refuse;
+use common::{trace, Refuse};
 use umdev_dma::Dma;
 use umdev_pci::{
     BarIndex, BarKind, ClientId, Errno, HandOver, HandedFds, PciDevice, PciDeviceSpec, PciFunction,
@@ -265,14 +265,5 @@ impl PciDevice for Keeper {
         self.regs.copy_from_slice(regs);
         self.writes = writes;
         Ok(())
-    }
-}
-
-/// `UMDEV_FUZZ_TRACE=1` prints each take-over's answer (`target/.../handover INPUT_FILE`
-/// runs just that input).
-fn trace(what: std::fmt::Arguments<'_>) {
-    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *TRACE.get_or_init(|| std::env::var_os("UMDEV_FUZZ_TRACE").is_some_and(|v| v == "1")) {
-        eprintln!("{what}");
     }
 }

@@ -60,8 +60,12 @@
 //! `UMDEV_FUZZ_TRACE=1` prints each operation and completion.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use std::sync::{Arc, Mutex, OnceLock};
 
+use common::{trace, Input};
 use libfuzzer_sys::fuzz_target;
 use rustix::event::{eventfd, EventfdFlags};
 use umdev_core::{DeviceEnv, MdevUuid, Options, ParentContext, ParentDriver};
@@ -1384,35 +1388,5 @@ impl Cqe {
     /// (SCT, SC).
     fn status(&self) -> (u8, u8) {
         (((self.sf >> 8) & 7) as u8, (self.sf & 0xff) as u8)
-    }
-}
-
-/// The input, front to back; past the end every byte reads as zero.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut a = [0u8; N];
-        let n = N.min(self.0.len());
-        a[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        a
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.array())
-    }
-}
-
-fn trace(what: std::fmt::Arguments<'_>) {
-    static TRACE: OnceLock<bool> = OnceLock::new();
-    if *TRACE.get_or_init(|| std::env::var_os("UMDEV_FUZZ_TRACE").is_some_and(|v| v == "1")) {
-        eprintln!("{what}");
     }
 }

@@ -339,18 +339,10 @@ fn connections_waiting_on_a_device_are_bounded_by_the_backlog() {
     drop(c);
     let worker = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
     rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
-    let addr = rustix::net::SocketAddrUnix::new(d.socket(&a)).unwrap();
     let mut waiting = Vec::new();
     let refused = loop {
-        let s = rustix::net::socket_with(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::STREAM,
-            rustix::net::SocketFlags::NONBLOCK,
-            None,
-        )
-        .unwrap();
-        match rustix::net::connect(&s, &addr) {
-            Ok(()) => waiting.push(s),
+        match umdev_transport::listen::connect_nonblocking(&d.socket(&a)) {
+            Ok(s) => waiting.push(s),
             Err(e) => break e,
         }
         if waiting.len() > 64 {

@@ -2,6 +2,7 @@
 //! device's vfio-user socket, a device's host-side sockets, the daemon's control socket)
 //! gets the same treatment of a path that is already there, the same mode and the same owner.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -133,6 +134,20 @@ pub fn set_backlog(listener: &UnixListener, backlog: u32) -> std::io::Result<()>
     Ok(())
 }
 
+/// Connects to the socket at `path` without waiting: where a blocking connect would wait
+/// for room in a full backlog, this fails with EAGAIN.
+pub fn connect_nonblocking(path: &Path) -> Result<OwnedFd, rustix::io::Errno> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let s = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&s, &SocketAddrUnix::new(path)?)?;
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,15 +161,8 @@ mod tests {
         set_backlog(&l, 2).unwrap();
         let mut waiting = Vec::new();
         let refused = loop {
-            let s = rustix::net::socket_with(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::STREAM,
-                rustix::net::SocketFlags::NONBLOCK,
-                None,
-            )
-            .unwrap();
-            match rustix::net::connect(&s, &rustix::net::SocketAddrUnix::new(&p).unwrap()) {
-                Ok(()) => waiting.push(s),
+            match connect_nonblocking(&p) {
+                Ok(s) => waiting.push(s),
                 Err(e) => break e,
             }
             assert!(
