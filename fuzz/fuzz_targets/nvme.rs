@@ -429,6 +429,9 @@ struct Pending {
     sqe: Sqe,
     /// Must complete (not an AER, its SQ not deleted).
     must: bool,
+    /// Another command of the same id was outstanding with it (a driver's mistake): which
+    /// completion is whose is not known, so its status is not checked.
+    ambiguous: bool,
 }
 
 /// What one step (a ring, a register write, a reset) may have the device write, and what
@@ -893,6 +896,7 @@ impl Host<'_> {
                 sqid: qid,
                 sqe,
                 must: !aer,
+                ambiguous: false,
             });
         }
         if let Some(sq) = self.sqs[q].as_mut() {
@@ -1145,7 +1149,12 @@ impl Host<'_> {
                 c.cid, c.sqid
             );
         };
-        let unique = matching.len() == 1;
+        let unique = matching.len() == 1 && !self.pending[i].ambiguous;
+        if matching.len() > 1 {
+            for &j in &matching {
+                self.pending[j].ambiguous = true;
+            }
+        }
         let p = self.pending.remove(i);
         if !unique {
             // Which of them completed is not known: a queue's creation or deletion among
