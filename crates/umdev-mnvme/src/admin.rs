@@ -302,8 +302,9 @@ impl Ctrl {
             .get_mut(usize::from(qid))
             .and_then(Option::take);
         let sq = sq.ok_or(regs::INVALID_QUEUE_ID)?;
-        // Commands of the queue still running complete to its completion queue, which the
-        // driver deletes only after this one.
+        // Commands of the queue still running (DMA jobs) complete implicitly: no entry of
+        // the queue is posted after this one's.
+        self.sq_deleted(&sq);
         sq.ring.unpin(&a.guest);
         Ok(0)
     }

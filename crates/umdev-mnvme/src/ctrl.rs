@@ -66,6 +66,10 @@ pub(crate) struct Sq {
     pub head: AtomicU32,
     /// The last tail doorbell write.
     pub tail: AtomicU32,
+    /// Set by Delete I/O Submission Queue; held while a completion of the queue is posted,
+    /// so that none is posted once the deletion is done (its commands still running are
+    /// then completed implicitly, as the specification allows, without an entry).
+    pub deleted: Mutex<bool>,
 }
 
 impl Sq {
@@ -77,6 +81,7 @@ impl Sq {
             ring: Region::new(g, base, u64::from(size) * regs::SQE_SIZE),
             head: AtomicU32::new(0),
             tail: AtomicU32::new(0),
+            deleted: Mutex::new(false),
         }
     }
 }
@@ -794,6 +799,10 @@ impl Ctrl {
             status,
         };
         let Some(a) = self.attached() else { return };
+        let deleted = lock(&sq.deleted);
+        if *deleted {
+            return;
+        }
         let mut st = lock(&cq.st);
         if !st.overflow.is_empty() || self.cq_full(&a.guest, &cq, &mut st) {
             st.overflow.push_back(done);
@@ -825,6 +834,19 @@ impl Ctrl {
         cq.posted_tail.store(st.tail, Ordering::Release);
         if cq.unsignalled.fetch_add(1, Ordering::AcqRel) == 0 {
             *lock(&cq.unsignalled_since) = Some(Instant::now());
+        }
+    }
+
+    /// Submission queue `sq` was deleted: no completion of it is posted from now on, and
+    /// those waiting for room in its completion queue are dropped.
+    pub fn sq_deleted(&self, sq: &Sq) {
+        *lock(&sq.deleted) = true;
+        if let Some(cq) = self.cq(sq.cqid) {
+            let mut st = lock(&cq.st);
+            let before = st.overflow.len();
+            st.overflow.retain(|d| d.sqid != sq.id);
+            let dropped = u32::try_from(before - st.overflow.len()).unwrap_or(u32::MAX);
+            cq.backlog.fetch_sub(dropped, Ordering::AcqRel);
         }
     }
 
@@ -1038,6 +1060,62 @@ mod tests {
             assert_eq!((sqid, cid, phase), (0, slot, true));
             assert_eq!(status & 0x7ff, regs::INVALID_QUEUE_ID.field() & 0x7ff);
         }
+        f.close();
+    }
+
+    /// Found reviewing the `nvme` fuzz target: completions of a submission queue that
+    /// waited for room in a full completion queue were posted after the queue's deletion
+    /// had completed (as could those of commands still running in DMA jobs).
+    #[test]
+    fn fuzz_nvme_no_completion_waits_out_its_queues_deletion() {
+        let (_dir, ctrl, mut f, mem) = enabled();
+        let admin_db = regs::DOORBELLS;
+        let (sq1_db, cq1_db) = (regs::DOORBELLS + 8, regs::DOORBELLS + 12);
+        // CQ 1 of 4 entries (3 usable), SQ 1 of 8.
+        mem.write(
+            ASQ,
+            &sqe(regs::admin::CREATE_CQ, 1, 0, IOCQ, (3 << 16) | 1, 1),
+        )
+        .unwrap();
+        let create_sq = sqe(
+            regs::admin::CREATE_SQ,
+            2,
+            0,
+            IOSQ,
+            (7 << 16) | 1,
+            1 | (1 << 16),
+        );
+        mem.write(ASQ + 64, &create_sq).unwrap();
+        ctrl.doorbell(admin_db, 2);
+        f.drain_work();
+        assert_eq!(cqe(&mem, ACQ, 1), (0, 2, true, 0), "SQ 1 created");
+        // Six flushes: three fill CQ 1, three wait for room.
+        for cid in 0..6u16 {
+            mem.write(
+                IOSQ + u64::from(cid) * 64,
+                &sqe(regs::io::FLUSH, cid, 1, 0, 0, 0),
+            )
+            .unwrap();
+        }
+        ctrl.doorbell(sq1_db, 6);
+        f.drain_work();
+        for slot in 0..3 {
+            assert!(cqe(&mem, IOCQ, slot).2, "slot {slot}: {:?}", cqe(&mem, IOCQ, slot));
+        }
+        mem.write(ASQ + 128, &sqe(regs::admin::DELETE_SQ, 9, 0, 0, 1, 0))
+            .unwrap();
+        ctrl.doorbell(admin_db, 3);
+        f.drain_work();
+        assert_eq!(cqe(&mem, ACQ, 2), (0, 9, true, 0), "SQ 1 deleted");
+        // The driver makes room: nothing of SQ 1 may come now.
+        ctrl.doorbell(cq1_db, 3);
+        ctrl.kick();
+        f.drain_work();
+        assert!(
+            !cqe(&mem, IOCQ, 3).2,
+            "a completion of SQ 1 was posted after its deletion: {:?}",
+            cqe(&mem, IOCQ, 3)
+        );
         f.close();
     }
 
