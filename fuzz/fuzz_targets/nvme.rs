@@ -444,6 +444,8 @@ struct Step {
     lists: Vec<(u64, u64)>,
     /// Delete I/O SQ commands rung: (cid, qid).
     deletes: Vec<(u16, u16)>,
+    /// The ids of every admin command rung (a driver may give two the same).
+    admin_cids: Vec<u16>,
     creates: bool,
     /// SQs whose Delete completed (in the log's order).
     deleted: Vec<u16>,
@@ -850,6 +852,9 @@ impl Host<'_> {
     fn admit(&mut self, qid: u16, tail: u32) {
         let q = usize::from(qid);
         for sqe in self.entries(q, tail) {
+            if qid == 0 {
+                self.step.admin_cids.push(sqe.cid);
+            }
             let len = if qid == 0 {
                 match sqe.opcode {
                     admin::IDENTIFY => PAGE,
@@ -1065,7 +1070,10 @@ impl Host<'_> {
                     c.sqid, c.cid
                 );
             }
-            if cqid == 0 && c.sqid == 0 && c.status() == (0, 0) {
+            // A success of the admin queue is a deletion's only if no other admin command
+            // rung had its id (then whose it is is not known).
+            let alone = self.step.admin_cids.iter().filter(|&&x| x == c.cid).count() == 1;
+            if cqid == 0 && c.sqid == 0 && c.status() == (0, 0) && alone {
                 let d: Vec<_> = self.step.deletes.iter().filter(|d| d.0 == c.cid).collect();
                 if let [(_, q)] = d[..] {
                     self.step.deleted.push(*q);
