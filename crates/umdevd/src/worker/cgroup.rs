@@ -28,6 +28,17 @@ fn err(path: &Path, what: &str, e: std::io::Error) -> std::io::Error {
 impl CpuCgroups {
     /// Makes `root` (if missing) and checks it is a cgroup with the cpu controller.
     pub fn open(root: &Path) -> std::io::Result<CpuCgroups> {
+        let not_cgroup = || {
+            std::io::Error::other(format!(
+                "{} is not a cgroup with the cpu controller (cgroup v2 with cpu delegated, or \
+                 under v1's cpu hierarchy)",
+                root.display()
+            ))
+        };
+        // Made only inside a cgroup file system (its parent is a cgroup).
+        if !root.exists() && !root.parent().is_some_and(|p| p.join("cgroup.procs").exists()) {
+            return Err(not_cgroup());
+        }
         match std::fs::create_dir(root) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
@@ -56,11 +67,7 @@ impl CpuCgroups {
                 v2: false,
             }
         } else {
-            return Err(std::io::Error::other(format!(
-                "{} is not a cgroup with the cpu controller (cgroup v2 with cpu delegated, or \
-                 under v1's cpu hierarchy)",
-                root.display()
-            )));
+            return Err(not_cgroup());
         };
         cg.sweep();
         Ok(cg)
