@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use umdev_client::Client;
 use umdev_proto::wire;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device::reg;
 
@@ -78,4 +79,83 @@ pub fn map_memfd(c: &mut Client, iova: u64, size: u64, writable: bool) -> OwnedF
 /// The pattern `seed, seed+1, ...` of `len` bytes.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+}
+
+// ---- dirty page logging (DEVICE_FEATURE 6, 7, 8) ----
+
+/// DEVICE_FEATURE with `flags` and `data` (and `argsz_extra` more bytes announced for the
+/// answer): the answer's body, or the errno.
+pub fn logging_feature(
+    c: &mut Client,
+    flags: u32,
+    argsz_extra: u32,
+    data: &[u8],
+) -> Result<Vec<u8>, i32> {
+    let f = wire::DeviceFeature {
+        argsz: 8 + u32::try_from(data.len()).unwrap() + argsz_extra,
+        flags,
+    };
+    let r = c
+        .request_raw(
+            umdev_proto::Command::DeviceFeature as u16,
+            0,
+            &[f.as_bytes(), data],
+            &[],
+        )
+        .unwrap();
+    match r.header.error() {
+        Some(e) => Err(e),
+        None => Ok(r.body),
+    }
+}
+
+/// DMA_LOGGING_START of `ranges` (none: all memory) at 2 MiB pages; the page size the
+/// device took.
+pub fn logging_start(c: &mut Client, ranges: &[(u64, u64)]) -> u64 {
+    let ctl = wire::DmaLoggingControl {
+        page_size: 1 << 21,
+        num_ranges: u32::try_from(ranges.len()).unwrap(),
+        reserved: 0,
+    };
+    let mut data = ctl.as_bytes().to_vec();
+    for &(iova, length) in ranges {
+        data.extend_from_slice(wire::DmaLoggingRange { iova, length }.as_bytes());
+    }
+    let body = logging_feature(c, wire::DEVICE_FEATURE_SET | 6, 0, &data).unwrap();
+    let (got, _) = wire::DmaLoggingControl::read_from_prefix(&body[8..]).unwrap();
+    assert_eq!(&body[8 + 16..], &data[16..], "ranges echoed");
+    got.page_size
+}
+
+/// DMA_LOGGING_STOP.
+pub fn logging_stop(c: &mut Client) {
+    logging_feature(c, wire::DEVICE_FEATURE_SET | 7, 0, &[]).unwrap();
+}
+
+/// DMA_LOGGING_REPORT; the bitmap as u64 words.
+pub fn logging_report(
+    c: &mut Client,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+) -> Result<Vec<u64>, i32> {
+    let rep = wire::DmaLoggingReport {
+        iova,
+        length,
+        page_size,
+    };
+    let size = umdev_dma::dirty_bitmap_size(length, page_size).unwrap();
+    let extra = u32::try_from(size).unwrap();
+    let body = logging_feature(c, wire::DEVICE_FEATURE_GET | 8, extra, rep.as_bytes())?;
+    let (head, _) = wire::DeviceFeature::read_from_prefix(&body).unwrap();
+    assert_eq!(head.argsz as usize, 8 + 24 + size);
+    assert_eq!(&body[8..32], rep.as_bytes());
+    Ok(words(&body[32..]))
+}
+
+/// A bitmap's bytes as u64 words.
+pub fn words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+        .collect()
 }

@@ -5,69 +5,16 @@
 
 use umdev_client::Client;
 use umdev_proto::{wire, Command};
-use umdev_tests::cmd::{self, map_memfd, PAGE};
+use umdev_tests::cmd::{
+    self, logging_feature as feature, logging_report as report, logging_start as start,
+    logging_stop as stop, map_memfd, words, PAGE,
+};
 use umdev_tests::TestServer;
 use zerocopy::{FromBytes, IntoBytes};
 
 const EINVAL: i32 = 22;
 const BASE: u64 = 0x4000_0000;
 const SIZE: u64 = 8 << 20;
-
-fn feature(c: &mut Client, flags: u32, argsz_extra: u32, data: &[u8]) -> Result<Vec<u8>, i32> {
-    let f = wire::DeviceFeature {
-        argsz: 8 + u32::try_from(data.len()).unwrap() + argsz_extra,
-        flags,
-    };
-    let r = c
-        .request_raw(Command::DeviceFeature as u16, 0, &[f.as_bytes(), data], &[])
-        .unwrap();
-    match r.header.error() {
-        Some(e) => Err(e),
-        None => Ok(r.body),
-    }
-}
-
-fn start(c: &mut Client, ranges: &[(u64, u64)]) -> u64 {
-    let ctl = wire::DmaLoggingControl {
-        page_size: 1 << 21,
-        num_ranges: u32::try_from(ranges.len()).unwrap(),
-        reserved: 0,
-    };
-    let mut data = ctl.as_bytes().to_vec();
-    for &(iova, length) in ranges {
-        data.extend_from_slice(wire::DmaLoggingRange { iova, length }.as_bytes());
-    }
-    let body = feature(c, wire::DEVICE_FEATURE_SET | 6, 0, &data).unwrap();
-    let (got, _) = wire::DmaLoggingControl::read_from_prefix(&body[8..]).unwrap();
-    assert_eq!(&body[8 + 16..], &data[16..], "ranges echoed");
-    got.page_size
-}
-
-fn stop(c: &mut Client) {
-    feature(c, wire::DEVICE_FEATURE_SET | 7, 0, &[]).unwrap();
-}
-
-/// DMA_LOGGING_REPORT; the bitmap as u64 words.
-fn report(c: &mut Client, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, i32> {
-    let rep = wire::DmaLoggingReport {
-        iova,
-        length,
-        page_size,
-    };
-    let size = umdev_dma::dirty_bitmap_size(length, page_size).unwrap();
-    let extra = u32::try_from(size).unwrap();
-    let body = feature(c, wire::DEVICE_FEATURE_GET | 8, extra, rep.as_bytes())?;
-    let (head, _) = wire::DeviceFeature::read_from_prefix(&body).unwrap();
-    assert_eq!(head.argsz as usize, 8 + 24 + size);
-    assert_eq!(&body[8..32], rep.as_bytes());
-    Ok(words(&body[32..]))
-}
-
-fn words(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8)
-        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-        .collect()
-}
 
 /// The naive model: bit k is set iff a dirty 4 KiB page overlaps [iova + k ps, + ps).
 fn model(dirty: &[u64], iova: u64, len: u64, ps: u64) -> Vec<u64> {

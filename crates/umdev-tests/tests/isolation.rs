@@ -471,7 +471,10 @@ fn a_cgroup_path_without_the_cpu_controller_is_refused() {
         dir.path().join("cg").display(),
         mdev::TEST_PARENT
     ));
-    assert!(err.contains("not a cgroup with the cpu controller"), "{err}");
+    assert!(
+        err.contains("not a cgroup with the cpu controller"),
+        "{err}"
+    );
 }
 
 /// `[cgroup]`: each worker in a CPU cgroup of its own, with its parent's weight (or the

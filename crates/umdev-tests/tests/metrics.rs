@@ -60,8 +60,14 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
     // Pins show as a gauge; a refused second client is counted.
     let _m = cmd::map_memfd(&mut c, 0x10_0000, 1 << 20, true);
     assert_eq!(cmd::pin(&mut c, 0x10_0000, 3, 3), 0);
-    // A device copy through the mapped memfd counts on the mapped path.
+    // A device copy through the mapped memfd counts on the mapped path; with dirty logging
+    // on, its page and the three pinned writable are reported dirty (the copy's page is
+    // one of those).
+    cmd::logging_start(&mut c, &[]);
     assert_eq!(cmd::copy_write(&mut c, 0x10_0000, 2048, 1), 0);
+    let bitmap = cmd::logging_report(&mut c, 0x10_0000, 1 << 20, cmd::PAGE).unwrap();
+    assert_eq!(bitmap.iter().map(|w| w.count_ones()).sum::<u32>(), 3, "{bitmap:?}");
+    cmd::logging_stop(&mut c);
     assert!(Client::connect(d.socket(&u)).is_err());
     // Over HTTP too.
     let mut s = UnixStream::connect(d.root().join("state/metrics.sock")).unwrap();
@@ -82,6 +88,11 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
     };
     assert_eq!(bytes("mapped", "write"), Some(2048.0), "{second}");
     assert_eq!(bytes("message", "write"), Some(0.0), "{second}");
+    assert_eq!(
+        sample(&second, "umdev_dirty_pages_reported_total", &[&dev]),
+        Some(3.0),
+        "{second}"
+    );
     assert!(
         sample(&second, "umdev_refusals_total", &["kind=\"second-client\""]).unwrap_or(0.0) >= 1.0,
         "{second}"
