@@ -1100,7 +1100,11 @@ mod tests {
         ctrl.doorbell(sq1_db, 6);
         f.drain_work();
         for slot in 0..3 {
-            assert!(cqe(&mem, IOCQ, slot).2, "slot {slot}: {:?}", cqe(&mem, IOCQ, slot));
+            assert!(
+                cqe(&mem, IOCQ, slot).2,
+                "slot {slot}: {:?}",
+                cqe(&mem, IOCQ, slot)
+            );
         }
         mem.write(ASQ + 128, &sqe(regs::admin::DELETE_SQ, 9, 0, 0, 1, 0))
             .unwrap();

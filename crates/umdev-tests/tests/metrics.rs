@@ -66,7 +66,11 @@ fn counters_move_as_a_client_works_and_refusals_are_counted() {
     cmd::logging_start(&mut c, &[]);
     assert_eq!(cmd::copy_write(&mut c, 0x10_0000, 2048, 1), 0);
     let bitmap = cmd::logging_report(&mut c, 0x10_0000, 1 << 20, cmd::PAGE).unwrap();
-    assert_eq!(bitmap.iter().map(|w| w.count_ones()).sum::<u32>(), 3, "{bitmap:?}");
+    assert_eq!(
+        bitmap.iter().map(|w| w.count_ones()).sum::<u32>(),
+        3,
+        "{bitmap:?}"
+    );
     cmd::logging_stop(&mut c);
     assert!(Client::connect(d.socket(&u)).is_err());
     // Over HTTP too.

@@ -36,7 +36,11 @@ impl CpuCgroups {
             ))
         };
         // Made only inside a cgroup file system (its parent is a cgroup).
-        if !root.exists() && !root.parent().is_some_and(|p| p.join("cgroup.procs").exists()) {
+        if !root.exists()
+            && !root
+                .parent()
+                .is_some_and(|p| p.join("cgroup.procs").exists())
+        {
             return Err(not_cgroup());
         }
         match std::fs::create_dir(root) {
