@@ -82,8 +82,10 @@ for t in "${TARGETS[@]}"; do
     # The kept corpus seeds the run too (libFuzzer reads every directory it is given, and
     # writes new inputs to the first).
     log "$t: ${SECONDS_EACH}s from corpus/$t and kept/$t (log: fuzz/$logf)"
+    # A target's own libFuzzer flags, with the reason, in args/<target>.
+    mapfile -t extra < <(grep -v '^#' "args/$t" 2>/dev/null | grep . || true)
     if ! cargo fuzz run -a "$t" "corpus/$t" "kept/$t" -- -max_total_time="$SECONDS_EACH" \
-        -timeout=10 -print_final_stats=1 >"$logf" 2>&1; then
+        -timeout=10 -print_final_stats=1 "${extra[@]}" >"$logf" 2>&1; then
         if grep -qE 'panicked at|==ERROR|ERROR: libFuzzer' "$logf"; then
             sed -n '/panicked at\|==ERROR\|ERROR: libFuzzer/,$p' "$logf" | head -n 120
         else
