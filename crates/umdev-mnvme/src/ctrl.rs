@@ -1063,6 +1063,18 @@ mod tests {
         f.close();
     }
 
+    /// Creates CQ 1 of 4 entries (through admin slots 0 and 1) and SQ 1 of `sq_entries` on it.
+    fn io_pair(ctrl: &Arc<Ctrl>, f: &mut PciFunction, mem: &Mem, sq_entries: u32) {
+        let create_cq = sqe(regs::admin::CREATE_CQ, 1, 0, IOCQ, (3 << 16) | 1, 1);
+        mem.write(ASQ, &create_cq).unwrap();
+        let size = (sq_entries - 1) << 16;
+        let create_sq = sqe(regs::admin::CREATE_SQ, 2, 0, IOSQ, size | 1, 1 | (1 << 16));
+        mem.write(ASQ + 64, &create_sq).unwrap();
+        ctrl.doorbell(regs::DOORBELLS, 2);
+        f.drain_work();
+        assert_eq!(cqe(mem, ACQ, 1), (0, 2, true, 0), "SQ 1 created");
+    }
+
     /// Found reviewing the `nvme` fuzz target: completions of a submission queue that
     /// waited for room in a full completion queue were posted after the queue's deletion
     /// had completed (as could those of commands still running in DMA jobs).
@@ -1072,23 +1084,7 @@ mod tests {
         let admin_db = regs::DOORBELLS;
         let (sq1_db, cq1_db) = (regs::DOORBELLS + 8, regs::DOORBELLS + 12);
         // CQ 1 of 4 entries (3 usable), SQ 1 of 8.
-        mem.write(
-            ASQ,
-            &sqe(regs::admin::CREATE_CQ, 1, 0, IOCQ, (3 << 16) | 1, 1),
-        )
-        .unwrap();
-        let create_sq = sqe(
-            regs::admin::CREATE_SQ,
-            2,
-            0,
-            IOSQ,
-            (7 << 16) | 1,
-            1 | (1 << 16),
-        );
-        mem.write(ASQ + 64, &create_sq).unwrap();
-        ctrl.doorbell(admin_db, 2);
-        f.drain_work();
-        assert_eq!(cqe(&mem, ACQ, 1), (0, 2, true, 0), "SQ 1 created");
+        io_pair(&ctrl, &mut f, &mem, 8);
         // Six flushes: three fill CQ 1, three wait for room.
         for cid in 0..6u16 {
             mem.write(
@@ -1131,23 +1127,7 @@ mod tests {
         let (_dir, ctrl, mut f, mem) = enabled();
         let admin_db = regs::DOORBELLS;
         let io_db = regs::DOORBELLS + 8;
-        mem.write(
-            ASQ,
-            &sqe(regs::admin::CREATE_CQ, 1, 0, IOCQ, (3 << 16) | 1, 1),
-        )
-        .unwrap();
-        let create_sq = sqe(
-            regs::admin::CREATE_SQ,
-            2,
-            0,
-            IOSQ,
-            (3 << 16) | 1,
-            1 | (1 << 16),
-        );
-        mem.write(ASQ + 64, &create_sq).unwrap();
-        ctrl.doorbell(admin_db, 2);
-        f.drain_work();
-        assert_eq!(cqe(&mem, ACQ, 1), (0, 2, true, 0), "SQ 1 created");
+        io_pair(&ctrl, &mut f, &mem, 4);
 
         // Both rung while the poller is held, so that one pass fetches them.
         ctrl.running.store(false, Ordering::Release);
