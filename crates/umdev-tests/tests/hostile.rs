@@ -339,6 +339,17 @@ fn connections_waiting_on_a_device_are_bounded_by_the_backlog() {
     drop(c);
     let worker = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
     rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
+    // SIGSTOP takes effect asynchronously: until the worker is stopped it may still accept.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('T'))
+    {
+        assert!(Instant::now() < deadline, "the worker did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut waiting = Vec::new();
     let refused = loop {
         match umdev_transport::listen::connect_nonblocking(&d.socket(&a)) {
