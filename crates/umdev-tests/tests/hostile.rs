@@ -338,18 +338,8 @@ fn connections_waiting_on_a_device_are_bounded_by_the_backlog() {
     let (c, pid) = umdev_tests::connect_served(&d.socket(&a)).unwrap();
     drop(c);
     let worker = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
-    rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
-    // SIGSTOP takes effect asynchronously: until the worker is stopped it may still accept.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap()
-        .rsplit(')')
-        .next()
-        .is_some_and(|rest| rest.trim_start().starts_with('T'))
-    {
-        assert!(Instant::now() < deadline, "the worker did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Until it is stopped it may still accept.
+    mdev::stop_process(pid);
     let mut waiting = Vec::new();
     let refused = loop {
         match umdev_transport::listen::connect_nonblocking(&d.socket(&a)) {

@@ -175,7 +175,7 @@ fn a_stuck_worker_delays_only_the_scrape() {
     let (c, pid) = umdev_tests::connect_served(&d.socket(&a)).unwrap();
     drop(c);
     let worker = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
-    rustix::process::kill_process(worker, rustix::process::Signal::STOP).unwrap();
+    mdev::stop_process(pid);
     let root = d.root();
     let scraper = std::thread::spawn(move || {
         let mut s = UnixStream::connect(root.join("state/metrics.sock")).unwrap();

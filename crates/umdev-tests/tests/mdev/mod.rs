@@ -279,6 +279,24 @@ impl Drop for Daemon {
     }
 }
 
+/// Stops process `pid` (SIGSTOP) and returns once it is stopped: the signal takes effect
+/// asynchronously, and until then the process still runs.
+#[allow(dead_code)] // not every suite stops processes
+pub fn stop_process(pid: u32) {
+    let p = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(p, rustix::process::Signal::STOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat[stat.rfind(')').unwrap() + 2..].chars().next();
+        if state == Some('T') {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The parent pid of process `pid`, if it is alive.
 pub fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
