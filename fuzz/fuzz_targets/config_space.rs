@@ -35,11 +35,8 @@ use rustix::event::{eventfd, EventfdFlags};
 #[path = "common.rs"]
 mod common;
 
-use common::{trace, Input, Refuse};
-use umdev_pci::{
-    BarIndex, BarKind, DeviceContext, Errno, IrqData, PciDevice, PciDeviceSpec, PciFunction,
-    CONFIG_REGION,
-};
+use common::{interrupt, trace, Input, Refuse, ToyDevice, REG_DMA_READ, REG_DMA_WRITE};
+use umdev_pci::{BarKind, IrqData, PciDeviceSpec, PciFunction, CONFIG_REGION};
 
 const VENDOR_ID: u16 = 0x1b36;
 const DEVICE_ID: u16 = 0x0011;
@@ -58,11 +55,9 @@ const MSIX_PBA: u64 = 0xc00;
 const MSIX_TABLE_SIZE: u64 = MSIX_VECTORS as u64 * 16;
 const MSIX_PBA_SIZE: u64 = 8;
 
-/// BAR0 doorbells: an 8-byte write starts a DMA (refused, so the write fails with EIO).
-const REG_DMA_READ: u64 = 0x100;
-const REG_DMA_WRITE: u64 = 0x108;
-/// BAR0 doorbell: a 1-byte write raises an interrupt, as operation 6 does.
-const REG_IRQ: u64 = 0x110;
+// BAR0's doorbells are the `ToyDevice`'s (common.rs): its DMA is refused here, so an
+// 8-byte write to REG_DMA_READ or REG_DMA_WRITE fails with EIO; REG_IRQ raises an
+// interrupt, as operation 6 does.
 
 /// Capability ids in the order the framework chains them.
 const CAP_IDS: [u8; 4] = [0x01, 0x05, 0x10, 0x11];
@@ -134,7 +129,13 @@ fn function() -> PciFunction {
         .msix(MSIX_VECTORS, 2, MSIX_TABLE as u32, 2, MSIX_PBA as u32)
         .build()
         .expect("the fuzz device's spec is valid");
-    PciFunction::new(spec, Box::new(Toy::default()))
+    PciFunction::new(
+        spec,
+        Box::new(ToyDevice::new(
+            [BAR0_SIZE as usize, BAR2_SIZE as usize, BAR4_SIZE as usize],
+            &[(MSIX_TABLE, MSIX_TABLE_SIZE), (MSIX_PBA, MSIX_PBA_SIZE)],
+        )),
+    )
 }
 
 /// Region indexes 0..=11 (9 and up do not exist), and `u32::MAX` for 0xff.
@@ -296,18 +297,6 @@ fn efd() -> std::os::fd::OwnedFd {
     eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC).expect("eventfd")
 }
 
-/// Low two bits pick INTx assert, INTx deassert, MSI or MSI-X; the rest is the vector
-/// (out-of-range vectors included: the framework must ignore them).
-fn interrupt(irqs: &umdev_pci::Interrupts, v: u8) {
-    let vector = u32::from(v >> 2);
-    match v & 3 {
-        0 => irqs.set_intx(true),
-        1 => irqs.set_intx(false),
-        2 => irqs.trigger_msi(vector),
-        _ => irqs.trigger_msix(vector),
-    }
-}
-
 /// What no client access may change: the header's read-only registers, the BARs' type
 /// bits and the capability chain.
 struct Fixed {
@@ -388,97 +377,4 @@ fn chain(f: &mut PciFunction) -> Vec<(u8, u8)> {
         at = cfg[usize::from(at) + 1];
     }
     out
-}
-
-/// The device: BARs of plain memory, doorbells in BAR0.
-struct Toy {
-    bars: [Vec<u8>; 3],
-    ctx: Option<DeviceContext>,
-}
-
-impl Default for Toy {
-    fn default() -> Toy {
-        let size = |s: u64| vec![0u8; s as usize];
-        Toy {
-            bars: [size(BAR0_SIZE), size(BAR2_SIZE), size(BAR4_SIZE)],
-            ctx: None,
-        }
-    }
-}
-
-impl Toy {
-    /// The bytes of an access. The framework promises it fits in the BAR and misses the
-    /// MSI-X table and PBA, which it emulates itself.
-    fn span(&mut self, bar: BarIndex, offset: u64, len: usize) -> &mut [u8] {
-        let l = len as u64;
-        if bar.get() == 2 {
-            assert!(
-                !overlaps(offset, l, MSIX_TABLE, MSIX_TABLE_SIZE)
-                    && !overlaps(offset, l, MSIX_PBA, MSIX_PBA_SIZE),
-                "access {offset:#x}+{len:#x} reached the device inside an MSI-X structure"
-            );
-        }
-        let mem = match bar.get() {
-            0 => &mut self.bars[0],
-            2 => &mut self.bars[1],
-            4 => &mut self.bars[2],
-            n => panic!("access to BAR {n}, which the device did not declare"),
-        };
-        let size = mem.len();
-        usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(len)?))
-            .and_then(|r| mem.get_mut(r))
-            .unwrap_or_else(|| panic!("access {offset:#x}+{len:#x} past a {size:#x}-byte BAR"))
-    }
-
-    fn doorbell(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let Some(ctx) = self.ctx.clone() else {
-            return Ok(());
-        };
-        match (offset, data.len()) {
-            (REG_DMA_READ, 8) => {
-                let mut buf = [0u8; 64];
-                ctx.dma.read(0x1000, &mut buf).map_err(|_| Errno::IO)
-            }
-            (REG_DMA_WRITE, 8) => ctx.dma.write(0x1000, &[0x5a; 64]).map_err(|_| Errno::IO),
-            (REG_IRQ, 1) => {
-                interrupt(&ctx.irqs, data[0]);
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-impl PciDevice for Toy {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
-        data.copy_from_slice(self.span(bar, offset, data.len()));
-        Ok(())
-    }
-
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        self.span(bar, offset, data.len()).copy_from_slice(data);
-        if bar.get() == 0 {
-            self.doorbell(offset, data)?;
-        }
-        Ok(())
-    }
-
-    fn reset(&mut self) -> Result<(), Errno> {
-        let ctx = self.ctx.take();
-        *self = Toy::default();
-        self.ctx = ctx;
-        Ok(())
-    }
-
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
-        assert!(self.ctx.is_none(), "opened twice without a close");
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    fn close(&mut self) {
-        self.ctx = None;
-    }
 }

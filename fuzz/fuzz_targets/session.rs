@@ -16,8 +16,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+#[path = "common.rs"]
+mod common;
+
+use common::ToyDevice;
 use libfuzzer_sys::fuzz_target;
-use umdev_pci::{BarIndex, BarKind, DeviceContext, Errno, PciDevice, PciDeviceSpec, PciFunction};
+use umdev_pci::{BarKind, PciDeviceSpec, PciFunction};
 use umdev_proto::{wire, Capabilities, Command, Header, HEADER_SIZE};
 use umdev_server::{Server, ServerConfig};
 use umdev_transport::{Incoming, MemoryTransport, RecvLimits, Transport, TransportError};
@@ -29,15 +33,6 @@ const FD_MARK: &[u8] = b"FD!\n";
 /// Size of each BAR of the device (BAR4, port I/O, is smaller).
 const BAR_SIZE: usize = 4096;
 const IO_BAR_SIZE: usize = 256;
-
-/// BAR0 doorbells: an 8-byte write of an IOVA starts a DMA of [`DMA_LEN`] bytes.
-const REG_DMA_READ: u64 = 0x100;
-const REG_DMA_WRITE: u64 = 0x108;
-/// BAR0 doorbell: a 1-byte write raises an interrupt, see [`Toy::interrupt`].
-const REG_IRQ: u64 = 0x110;
-/// Where DMA data lands in, and comes from, BAR0.
-const DMA_BUF: usize = 0x200;
-const DMA_LEN: usize = 64;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, stream)) = data.split_first() else {
@@ -102,106 +97,10 @@ fn function() -> PciFunction {
         .power_management()
         .build()
         .expect("the fuzz device's spec is valid");
-    PciFunction::new(spec, Box::new(Toy::default()))
-}
-
-/// The device: three BARs of plain memory, doorbells in BAR0.
-struct Toy {
-    bars: [Vec<u8>; 3],
-    ctx: Option<DeviceContext>,
-}
-
-impl Default for Toy {
-    fn default() -> Toy {
-        Toy {
-            bars: [vec![0; BAR_SIZE], vec![0; BAR_SIZE], vec![0; IO_BAR_SIZE]],
-            ctx: None,
-        }
-    }
-}
-
-impl Toy {
-    /// The bytes of an access; the framework promises it fits in the BAR.
-    fn span(&mut self, bar: BarIndex, offset: u64, len: usize) -> &mut [u8] {
-        let mem = match bar.get() {
-            0 => &mut self.bars[0],
-            2 => &mut self.bars[1],
-            4 => &mut self.bars[2],
-            n => panic!("access to BAR {n}, which the device did not declare"),
-        };
-        let size = mem.len();
-        usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(len)?))
-            .and_then(|r| mem.get_mut(r))
-            .unwrap_or_else(|| panic!("access {offset:#x}+{len:#x} past a {size:#x}-byte BAR"))
-    }
-
-    fn doorbell(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let Some(ctx) = self.ctx.clone() else {
-            return Ok(());
-        };
-        match (offset, data.len()) {
-            (REG_DMA_READ, 8) => {
-                let iova = u64::from_le_bytes(data.try_into().map_err(|_| Errno::INVAL)?);
-                let buf = &mut self.bars[0][DMA_BUF..DMA_BUF + DMA_LEN];
-                ctx.dma.read(iova, buf).map_err(|_| Errno::IO)
-            }
-            (REG_DMA_WRITE, 8) => {
-                let iova = u64::from_le_bytes(data.try_into().map_err(|_| Errno::INVAL)?);
-                let buf = &self.bars[0][DMA_BUF..DMA_BUF + DMA_LEN];
-                ctx.dma.write(iova, buf).map_err(|_| Errno::IO)
-            }
-            (REG_IRQ, 1) => {
-                Self::interrupt(&ctx, data[0]);
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Low two bits pick INTx assert, INTx deassert, MSI or MSI-X; the rest is the vector
-    /// (out-of-range vectors included: the framework must ignore them).
-    fn interrupt(ctx: &DeviceContext, v: u8) {
-        let vector = u32::from(v >> 2);
-        match v & 3 {
-            0 => ctx.irqs.set_intx(true),
-            1 => ctx.irqs.set_intx(false),
-            2 => ctx.irqs.trigger_msi(vector),
-            _ => ctx.irqs.trigger_msix(vector),
-        }
-    }
-}
-
-impl PciDevice for Toy {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
-        data.copy_from_slice(self.span(bar, offset, data.len()));
-        Ok(())
-    }
-
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        self.span(bar, offset, data.len()).copy_from_slice(data);
-        if bar.get() == 0 {
-            self.doorbell(offset, data)?;
-        }
-        Ok(())
-    }
-
-    fn reset(&mut self) -> Result<(), Errno> {
-        let ctx = self.ctx.take();
-        *self = Toy::default();
-        self.ctx = ctx;
-        Ok(())
-    }
-
-    fn open(&mut self, ctx: DeviceContext) -> Result<(), Errno> {
-        self.ctx = Some(ctx);
-        Ok(())
-    }
-
-    fn close(&mut self) {
-        self.ctx = None;
-    }
+    PciFunction::new(
+        spec,
+        Box::new(ToyDevice::new([BAR_SIZE, BAR_SIZE, IO_BAR_SIZE], &[])),
+    )
 }
 
 fn version_message(write_multiple: bool) -> Vec<u8> {

@@ -18,7 +18,7 @@ use std::path::Path;
 use umdev_proto::{wire, Capabilities, Command, Header};
 use zerocopy::IntoBytes;
 
-/// Must match `fuzz_targets/session.rs`.
+/// Must match `fuzz_targets/session.rs` and the `ToyDevice` of `fuzz_targets/common.rs`.
 const FD_MARK: &[u8] = b"FD!\n";
 const REG_DMA_READ: u64 = 0x100;
 const REG_DMA_WRITE: u64 = 0x108;
