@@ -12,18 +12,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use umdev_client::Client;
-use umdev_pci::{
-    BarIndex, BarKind, Errno, HandedFds, PciDevice, PciDeviceSpec, PciFunction, StateReader,
-    StateWriter,
-};
+use umdev_pci::{StateReader, StateWriter};
 use umdev_proto::wire;
 use umdev_server::{Package, Server, ServerConfig};
 
-/// The device's own fields. Must match the target.
-const T_REGS: u16 = 1;
-const T_WRITES: u16 = 2;
-const REGS: usize = 256;
-const BAR2_SIZE: usize = 4096;
+#[path = "../../fuzz_targets/handover_device.rs"]
+mod device;
+
+use device::function_of as function;
 
 use umdev_server::handover::tag::*;
 
@@ -138,78 +134,4 @@ fn by_hand(function: &[u8]) -> Vec<u8> {
     let mut v = vec![3];
     v.extend_from_slice(&w.into_payload());
     v
-}
-
-/// Must match the target's.
-fn function() -> PciFunction {
-    let spec = PciDeviceSpec::builder(0x1b36, 0x0010)
-        .class(0xff, 0, 0)
-        .interrupt_pin(1)
-        .bar(
-            0,
-            BarKind::Mem32 {
-                prefetchable: false,
-            },
-            REGS as u64,
-        )
-        .bar(2, BarKind::Mem64 { prefetchable: true }, BAR2_SIZE as u64)
-        .msi(4, true)
-        .msix(8, 2, 0, 2, 0x800)
-        .power_management()
-        .build()
-        .expect("the fuzz device's spec is valid");
-    PciFunction::new(spec, Box::new(Keeper::default()))
-}
-
-/// The target's device, as far as a hand-over sees it.
-struct Keeper {
-    regs: Vec<u8>,
-    writes: u64,
-    bar2: Vec<u8>,
-}
-
-impl Default for Keeper {
-    fn default() -> Keeper {
-        Keeper {
-            regs: vec![0; REGS],
-            writes: 0,
-            bar2: vec![0; BAR2_SIZE],
-        }
-    }
-}
-
-impl Keeper {
-    fn span(&mut self, bar: BarIndex, offset: u64, len: usize) -> Result<&mut [u8], Errno> {
-        let mem = if bar.get() == 0 {
-            &mut self.regs
-        } else {
-            &mut self.bar2
-        };
-        let start = usize::try_from(offset).map_err(|_| Errno::INVAL)?;
-        mem.get_mut(start..start + len).ok_or(Errno::INVAL)
-    }
-}
-
-impl PciDevice for Keeper {
-    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
-        data.copy_from_slice(self.span(bar, offset, data.len())?);
-        Ok(())
-    }
-
-    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        self.span(bar, offset, data.len())?.copy_from_slice(data);
-        if bar.get() == 0 {
-            self.writes += 1;
-        }
-        Ok(())
-    }
-
-    fn hand_over(&mut self, state: &mut StateWriter, _: &mut Vec<OwnedFd>) -> Result<(), Errno> {
-        state.bytes(T_REGS, &self.regs).u64(T_WRITES, self.writes);
-        Ok(())
-    }
-
-    fn take_over(&mut self, _: &StateReader<'_>, _: &mut HandedFds) -> Result<(), Errno> {
-        Err(Errno::NOTSUP)
-    }
 }
