@@ -287,9 +287,7 @@ pub fn stop_process(pid: u32) {
     rustix::process::kill_process(p, rustix::process::Signal::STOP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let state = stat[stat.rfind(')').unwrap() + 2..].chars().next();
-        if state == Some('T') {
+        if proc_stat(pid).is_some_and(|(state, _)| state == "T") {
             return;
         }
         assert!(Instant::now() < deadline, "process {pid} did not stop");
@@ -297,17 +295,21 @@ pub fn stop_process(pid: u32) {
     }
 }
 
-/// The parent pid of process `pid`, if it is alive.
-pub fn ppid(pid: u32) -> Option<u32> {
+/// The state letter and parent pid of process `pid`, if it exists.
+fn proc_stat(pid: u32) -> Option<(String, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let mut f = rest.split(' ');
-    let state = f.next()?;
-    if state == "Z" {
-        return None;
-    }
-    f.next()?.parse().ok()
+    let state = f.next()?.to_owned();
+    Some((state, f.next()?.parse().ok()?))
+}
+
+/// The parent pid of process `pid`, if it is alive.
+pub fn ppid(pid: u32) -> Option<u32> {
+    proc_stat(pid)
+        .filter(|(state, _)| state != "Z")
+        .map(|(_, ppid)| ppid)
 }
 
 /// Every live process whose parent is `parent` and whose command line has `worker`.
